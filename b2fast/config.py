@@ -1,0 +1,297 @@
+"""Typed, validated configuration: one dataclass tree, YAML files, ``--section.field value`` overrides.
+
+Defaults are the reference settings of B²-DiffuRL (Hu et al., CVPR 2025; DESIGN §2). This module
+imports no torch, so ``--help`` and validation are instant and a bad config fails before any
+model loads. Every error names the field, what was given and what is allowed, in one line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A field with its documentation (shown by ``--help`` and the README's config reference)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f("runwayml/stable-diffusion-v1-5",
+                   "hub id or local folder in diffusers layout (unet/, text_encoder/, tokenizer/, "
+                   "vae/, scheduler/); 'b2fast:tiny-sd' builds a tiny random model for smoke tests")
+    revision: str | None = _f(None, "hub revision (branch, tag or commit) when path is a hub id")
+    dtype: str = _f("bfloat16", f"dtype of the frozen base weights, one of {DTYPES}; LoRA weights stay fp32")
+    lora_rank: int = _f(4, "LoRA rank r")
+    lora_alpha: float = _f(4.0, "LoRA alpha (scale = alpha / rank)")
+    lora_targets: list[str] = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet module names that get LoRA")
+
+
+@dataclass
+class PromptConfig:
+    source: str = _f("animal_activity", "built-in prompt set name, or a file: JSON list or one prompt per line")
+    split: str = _f("train", "split of a built-in prompt set: 'train' or 'test'")
+
+
+@dataclass
+class SamplingConfig:
+    num_steps: int = _f(20, "DDIM steps S")
+    guidance_scale: float = _f(5.0, "classifier-free guidance scale w (1 disables the unconditional pass)")
+    eta: float = _f(1.0, "DDIM eta; 0 is deterministic and gives no policy gradient")
+    branches: int = _f(5, "branches K forked from each trunk")
+    prompts_per_batch: int = _f(8, "prompts P per sampling batch (trunk batch size)")
+    batches_per_stage: int = _f(32, "sampling batches per stage; images per stage = batches x P x K")
+    cache_dtype: str = _f("float32", f"dtype of stored latents, one of {DTYPES}; bfloat16 rounds x_t' by up "
+                          "to ~76%% of sigma at the last steps, so it is a labelled low-memory option")
+    logprob_reduction: str = _f("mean", "log-prob over latent elements: 'mean' (DDPO) or 'sum'")
+    unet_batch: int = _f(0, "max images per UNet call while sampling (0 = the whole batch)")
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = _f("linear", "interval schedule: 'linear' (equal plateaus), 'constant', or 'module:function'")
+    num_stages: int = _f(100, "number of stages N")
+    min_interval: int = _f(14, "trained steps L_min at stage 0")
+    max_interval: int = _f(20, "trained steps L_max at the last stage (<= sampling.num_steps)")
+
+
+@dataclass
+class SelectionConfig:
+    history_stages: int = _f(8, "previous stages H whose rewards join the per-prompt statistics")
+    pos_threshold: float = _f(0.5, "keep a group's best branch when its z-score >= this")
+    neg_threshold: float = _f(-0.5, "keep a group's worst branch when its z-score < this")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = _f(1e-4, "AdamW learning rate")
+    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _f(1.0, "gradient-norm clip (0 disables)")
+    clip_range: float = _f(0.1, "PPO ratio clip epsilon")
+    adv_clip: float = _f(5.0, "advantages clamped to [-adv_clip, adv_clip]")
+    pos_weight: float = _f(1.0, "advantage weight beta+ for positive samples")
+    neg_weight: float = _f(1.0, "advantage weight beta- for negative samples")
+    trajectories_per_step: int = _f(128, "trajectories whose interval steps one optimizer step sees")
+    micro_batch: int = _f(8, "(trajectory, step) pairs per UNet forward+backward")
+    epochs: int = _f(2, "passes over the selected trajectories per stage")
+    cfg: bool = _f(True, "apply CFG in the training log-prob, as at sampling time (needed for ratio = 1)")
+
+
+@dataclass
+class RewardConfig:
+    name: str = _f("clipscore", "registered reward name, or 'module:function'")
+    options: dict = _f({}, "keyword options of the reward, e.g. {model_name: ViT-H-14, pretrained: laion2b_s32b_b79k}")
+
+
+@dataclass
+class LogConfig:
+    grid_every: int = _f(1, "write a sample grid PNG every this many stages (0 = never)")
+    grid_images: int = _f(16, "images per sample grid")
+    tensorboard: bool = _f(False, "also log scalars to TensorBoard (needs the tensorboard package)")
+    progress: bool = _f(True, "show progress bars")
+
+
+@dataclass
+class Config:
+    seed: int = _f(0, "random seed: noise, prompt order and LoRA init derive from it")
+    device: str = _f("auto", "'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'")
+    out: str = _f("runs/b2fast", "output directory (metrics, checkpoints, images)")
+    checkpoint_every: int = _f(1, "write a checkpoint every this many stages")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and overriding
+
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    """Convert ``value`` (from YAML or a CLI string) to the field's type, or raise ConfigError."""
+    if isinstance(value, str) and annotation is not str and annotation != (str | None):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"{name}: cannot parse {value!r}") from None
+    if get_origin(annotation) is not None and type(None) in get_args(annotation):
+        if value is None:
+            return None
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads '3e-4' as a string
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    origin = get_origin(annotation) or annotation
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return [str(v) for v in value]
+    if not isinstance(value, origin) or (origin in (int, float) and isinstance(value, bool)):
+        raise ConfigError(f"{name}: expected {origin.__name__}, got {value!r}")
+    return value
+
+
+def _set(cfg: Config, dotted: str, value: Any) -> None:
+    node: Any = cfg
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            where = ".".join(parts[:i]) or "config"
+            known = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+            raise ConfigError(f"{dotted}: unknown field {part!r} in {where}; known: {', '.join(known)}")
+        if i == len(parts) - 1:
+            annotation = get_type_hints(type(node))[part]
+            if dataclasses.is_dataclass(annotation):
+                raise ConfigError(f"{dotted}: is a section; set its fields, e.g. {dotted}.<field>")
+            setattr(node, part, _coerce(value, annotation, dotted))
+        else:
+            node = getattr(node, part)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and name not in ("reward.options",):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def apply_dict(cfg: Config, tree: dict) -> Config:
+    for name, value in _flatten(tree).items():
+        _set(cfg, name, value)
+    return cfg
+
+
+def load_yaml(path: str | Path, cfg: Config | None = None) -> Config:
+    """Read a YAML config over the defaults (or over ``cfg``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: no such file {str(path)!r}")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"--config: {path} is not valid YAML{where}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of sections, got {type(tree).__name__}")
+    return apply_dict(cfg or Config(), tree)
+
+
+def apply_overrides(cfg: Config, args: list[str]) -> Config:
+    """Apply ``--section.field value`` (or ``--section.field=value``) pairs."""
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --train.lr 3e-4")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"{key}: missing value after --{key}")
+            value, i = args[i + 1], i + 1
+        _set(cfg, key, value)
+        i += 1
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(tree: dict) -> Config:
+    return apply_dict(Config(), tree)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def iter_fields(node: Any = None, prefix: str = ""):
+    """Yield ``(dotted name, default, help)`` for every leaf field (for --help and docs)."""
+    node = node if node is not None else Config()
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from iter_fields(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value, f.metadata.get("help", "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: every rule in one place, run before any model loads.
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: got {value!r}, expected {allowed}")
+
+
+def validate(cfg: Config) -> Config:
+    """Raise :class:`ConfigError` naming the first invalid field; return ``cfg`` when all is well."""
+    m, s, sc, sel, t, lg = cfg.model, cfg.sampling, cfg.schedule, cfg.selection, cfg.train, cfg.log
+    _check(bool(m.path), "model.path", m.path, "a hub id or a local folder")
+    _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {DTYPES}")
+    _check(m.lora_rank >= 1, "model.lora_rank", m.lora_rank, "an integer >= 1")
+    _check(m.lora_alpha > 0, "model.lora_alpha", m.lora_alpha, "a number > 0")
+    _check(len(m.lora_targets) > 0, "model.lora_targets", m.lora_targets, "a non-empty list of module names")
+    _check(cfg.prompts.split in ("train", "test"), "prompts.split", cfg.prompts.split, "'train' or 'test'")
+    _check(s.num_steps >= 1, "sampling.num_steps", s.num_steps, "an integer >= 1")
+    _check(s.guidance_scale >= 0, "sampling.guidance_scale", s.guidance_scale, "a number >= 0")
+    _check(0 <= s.eta <= 1, "sampling.eta", s.eta, "a number in [0, 1]")
+    _check(s.branches >= 1, "sampling.branches", s.branches, "an integer >= 1")
+    _check(s.prompts_per_batch >= 1, "sampling.prompts_per_batch", s.prompts_per_batch, "an integer >= 1")
+    _check(s.batches_per_stage >= 1, "sampling.batches_per_stage", s.batches_per_stage, "an integer >= 1")
+    _check(s.cache_dtype in DTYPES, "sampling.cache_dtype", s.cache_dtype, f"one of {DTYPES}")
+    _check(s.logprob_reduction in ("mean", "sum"), "sampling.logprob_reduction", s.logprob_reduction,
+           "'mean' or 'sum'")
+    _check(s.unet_batch >= 0, "sampling.unet_batch", s.unet_batch, "an integer >= 0")
+    _check(sc.num_stages >= 1, "schedule.num_stages", sc.num_stages, "an integer >= 1")
+    _check(1 <= sc.min_interval <= sc.max_interval, "schedule.min_interval", sc.min_interval,
+           f"an integer in [1, schedule.max_interval={sc.max_interval}]")
+    _check(sc.max_interval <= s.num_steps, "schedule.max_interval", sc.max_interval,
+           f"an integer <= sampling.num_steps={s.num_steps}")
+    _check(sel.history_stages >= 0, "selection.history_stages", sel.history_stages, "an integer >= 0")
+    _check(sel.neg_threshold < sel.pos_threshold, "selection.neg_threshold", sel.neg_threshold,
+           f"a number < selection.pos_threshold={sel.pos_threshold}")
+    for name in ("lr", "adam_eps"):
+        _check(getattr(t, name) > 0, f"train.{name}", getattr(t, name), "a number > 0")
+    for name in ("weight_decay", "max_grad_norm", "clip_range", "adv_clip", "pos_weight", "neg_weight"):
+        _check(getattr(t, name) >= 0, f"train.{name}", getattr(t, name), "a number >= 0")
+    for name in ("adam_beta1", "adam_beta2"):
+        _check(0 <= getattr(t, name) < 1, f"train.{name}", getattr(t, name), "a number in [0, 1)")
+    for name in ("trajectories_per_step", "micro_batch", "epochs"):
+        _check(getattr(t, name) >= 1, f"train.{name}", getattr(t, name), "an integer >= 1")
+    _check(bool(cfg.reward.name), "reward.name", cfg.reward.name, "a reward name or 'module:function'")
+    _check(lg.grid_every >= 0, "log.grid_every", lg.grid_every, "an integer >= 0")
+    _check(lg.grid_images >= 1, "log.grid_images", lg.grid_images, "an integer >= 1")
+    _check(cfg.checkpoint_every >= 1, "checkpoint_every", cfg.checkpoint_every, "an integer >= 1")
+    _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
+           "device", cfg.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    return cfg

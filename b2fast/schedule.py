@@ -1,0 +1,93 @@
+"""Schedules: the per-step DDIM scalar table, and the backward-progressive interval schedule.
+
+The step table is computed once from a diffusers scheduler (so any SD scheduler config gives
+the same timesteps and ᾱ that diffusers' own ``DDIMScheduler.step`` would use), in float64,
+and kept on the device in fp32; the ops index it with a device tensor.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from b2fast.reference.ddim import (DIR_COEF, LOG_SIGMA, SIGMA, SQRT_1M_AB, SQRT_AB,
+                                   SQRT_AB_PREV, TABLE_COLUMNS)
+from b2fast.utils import load_callable
+
+
+@dataclass
+class StepTable:
+    """DDIM timesteps t_0 > … > t_{S-1} and the (S, 6) table of per-step scalars."""
+
+    timesteps: torch.Tensor      # (S,) int64, e.g. 951, 901, …, 1 for SD with S = 20
+    table: torch.Tensor          # (S, 6) fp32 (or fp64), columns as in reference.ddim
+    clip_sample_range: float | None
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timesteps.numel())
+
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "StepTable":
+        return StepTable(self.timesteps.to(device), self.table.to(device, dtype),
+                         self.clip_sample_range)
+
+
+def build_step_table(scheduler, num_steps: int, eta: float) -> StepTable:
+    """Per-step scalars of DDIM with ``eta`` on ``scheduler``'s ᾱ and timestep spacing (fp64)."""
+    if scheduler.config.prediction_type != "epsilon":
+        raise ValueError(f"scheduler prediction_type: b2fast supports 'epsilon', got "
+                         f"{scheduler.config.prediction_type!r} (v-prediction models are not supported yet)")
+    scheduler.set_timesteps(num_steps)
+    timesteps = scheduler.timesteps.to(torch.int64).cpu()
+    alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64).cpu()
+    final = float(scheduler.final_alpha_cumprod)
+    stride = scheduler.config.num_train_timesteps // num_steps
+    table = torch.zeros(num_steps, TABLE_COLUMNS, dtype=torch.float64)
+    for i, t in enumerate(timesteps.tolist()):
+        ab = alphas_cumprod[t].item()
+        prev = t - stride
+        ab_prev = alphas_cumprod[prev].item() if prev >= 0 else final
+        variance = (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
+        sigma = eta * math.sqrt(max(variance, 0.0))
+        table[i, SQRT_AB] = math.sqrt(ab)
+        table[i, SQRT_1M_AB] = math.sqrt(1 - ab)
+        table[i, SQRT_AB_PREV] = math.sqrt(ab_prev)
+        table[i, DIR_COEF] = math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0))
+        table[i, SIGMA] = sigma
+        table[i, LOG_SIGMA] = math.log(sigma) if sigma > 0 else 0.0
+    clip = float(scheduler.config.clip_sample_range) if scheduler.config.clip_sample else None
+    return StepTable(timesteps, table, clip)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward progressive interval schedule: stage s → number L_s of trained (last) steps.
+
+IntervalSchedule = Callable[[int, int, int, int], int]
+
+
+def linear_plateaus(stage: int, num_stages: int, min_len: int, max_len: int) -> int:
+    """Reference schedule: L_s = L_min + ⌊s·(L_max − L_min + 1)/N⌋, equal plateaus, capped at L_max."""
+    return min(max_len, min_len + (stage * (max_len - min_len + 1)) // num_stages)
+
+
+def constant_max(stage: int, num_stages: int, min_len: int, max_len: int) -> int:
+    """Whole interval from the start (no progression): plain DDPO-style training of L_max steps."""
+    return max_len
+
+
+BUILTIN_SCHEDULES: dict[str, IntervalSchedule] = {
+    "linear": linear_plateaus,
+    "constant": constant_max,
+}
+
+
+def resolve_schedule(name: str) -> IntervalSchedule:
+    """A built-in schedule name, or ``module:function`` with the signature of ``linear_plateaus``."""
+    if name in BUILTIN_SCHEDULES:
+        return BUILTIN_SCHEDULES[name]
+    if ":" not in name:
+        raise ValueError(f"schedule.kind: unknown schedule {name!r}; use one of "
+                         f"{sorted(BUILTIN_SCHEDULES)} or 'module:function'")
+    return load_callable(name, "schedule.kind")
