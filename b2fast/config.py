@@ -114,6 +114,7 @@ class Config:
     device: str = _f("auto", "'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'")
     out: str = _f("runs/b2fast", "output directory (metrics, checkpoints, images)")
     checkpoint_every: int = _f(1, "write a checkpoint every this many stages")
+    keep_checkpoints: int = _f(3, "keep only the newest this many checkpoints")
     model: ModelConfig = field(default_factory=ModelConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -129,6 +130,8 @@ class Config:
 
 def _coerce(value: Any, annotation: Any, name: str) -> Any:
     """Convert ``value`` (from YAML or a CLI string) to the field's type, or raise ConfigError."""
+    if annotation == (str | None) and value in ("null", "None", "~"):
+        return None
     if isinstance(value, str) and annotation is not str and annotation != (str | None):
         try:
             value = yaml.safe_load(value)
@@ -291,6 +294,7 @@ def validate(cfg: Config) -> Config:
     _check(bool(cfg.reward.name), "reward.name", cfg.reward.name, "a reward name or 'module:function'")
     _check(lg.grid_every >= 0, "log.grid_every", lg.grid_every, "an integer >= 0")
     _check(lg.grid_images >= 1, "log.grid_images", lg.grid_images, "an integer >= 1")
+    _check(cfg.keep_checkpoints >= 1, "keep_checkpoints", cfg.keep_checkpoints, "an integer >= 1")
     _check(cfg.checkpoint_every >= 1, "checkpoint_every", cfg.checkpoint_every, "an integer >= 1")
     _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
            "device", cfg.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")

@@ -1,0 +1,119 @@
+"""Checkpoints: LoRA weights (diffusers format) + optimizer, reward history, RNG and stage.
+
+A checkpoint is a folder ``checkpoints/stage-NNNNNN`` written under a temporary name and
+renamed into place, then named in ``checkpoints/latest`` (also written atomically), so a kill
+at any moment leaves either the previous complete checkpoint or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from b2fast.utils import atomic_write_text
+
+STATE_NAME = "trainer_state.pt"
+LATEST = "latest"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing or unreadable; the message names the path."""
+
+
+@dataclass
+class TrainerState:
+    stage: int              # index of the last completed stage
+    optimizer: dict
+    history: dict
+    rng: dict
+    config: dict
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_lora_folder(policy, folder: str | os.PathLike) -> Path:
+    """Write the LoRA weights alone into ``folder`` (replacing it whole, atomically)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        policy.save_lora(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def save_checkpoint(root: str | os.PathLike, policy, state: TrainerState, keep: int) -> Path:
+    """Write ``root/checkpoints/stage-NNNNNN`` atomically and prune to the ``keep`` newest."""
+    ckpt_dir = Path(root) / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    name = f"stage-{state.stage:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ckpt_dir))
+    try:
+        policy.save_lora(tmp)
+        torch.save(state.__dict__, tmp / STATE_NAME)
+        final = ckpt_dir / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    atomic_write_text(ckpt_dir / LATEST, name + "\n")
+    for old in sorted(ckpt_dir.glob("stage-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder, or a run folder whose ``checkpoints/latest`` names one."""
+    path = Path(path)
+    if (path / STATE_NAME).is_file():
+        return path
+    latest = path / "checkpoints" / LATEST
+    if latest.is_file():
+        ckpt = path / "checkpoints" / latest.read_text().strip()
+        if (ckpt / STATE_NAME).is_file():
+            return ckpt
+        raise CheckpointError(f"--resume: {latest} names {ckpt.name!r}, which is missing or incomplete")
+    raise CheckpointError(f"--resume: {str(path)!r} is neither a checkpoint folder nor a run folder "
+                          "with checkpoints/latest")
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[Path, TrainerState, dict[str, torch.Tensor]]:
+    """Read a checkpoint: its folder, trainer state, and LoRA weights in peft naming."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    ckpt = find_checkpoint(path)
+    try:
+        raw = torch.load(ckpt / STATE_NAME, map_location="cpu", weights_only=False)
+        state = TrainerState(**raw)
+        lora, _ = StableDiffusionPipeline.lora_state_dict(str(ckpt))
+    except Exception as exc:  # any unreadable file is the same problem to the user
+        raise CheckpointError(f"--resume: checkpoint {str(ckpt)!r} is corrupt or incomplete "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
+                              "resume from an earlier checkpoint folder") from None
+    unet = {k.removeprefix("unet."): v for k, v in lora.items() if k.startswith("unet.")}
+    return ckpt, state, convert_unet_state_dict_to_peft(unet)

@@ -1,0 +1,168 @@
+"""The diffusion policy: SD components loaded with diffusers/transformers, LoRA added with peft.
+
+Everything the sampler and the trainer need from the model lives here: prompt embeddings
+(cached, plus the empty prompt for CFG), the ε-prediction for a batch that may mix timesteps,
+VAE decoding to images in [0, 1], the device-side DDIM step table, and the LoRA weights
+(trainable, fp32, saved in the format ``pipe.load_lora_weights`` reads).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from b2fast.config import ModelConfig
+from b2fast.schedule import StepTable, build_step_table
+
+TINY_SD = "b2fast:tiny-sd"
+SD_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+class ModelLoadError(ValueError):
+    """The model path does not hold a loadable SD-layout model; the message says how to fix it."""
+
+
+def resolve_model_path(path: str) -> str:
+    """Map ``b2fast:tiny-sd`` to its built folder; check a local folder's layout up front."""
+    if path == TINY_SD:
+        from b2fast.testing.tiny_sd import cached_tiny_sd
+        return str(cached_tiny_sd())
+    local = Path(path).expanduser()
+    looks_local = path.startswith((".", "/", "~")) or local.exists() or path.count("/") != 1
+    if not looks_local:
+        return path  # a hub id "org/name"
+    if not local.is_dir():
+        raise ModelLoadError(f"model.path: no such folder {path!r}; give a local folder in diffusers "
+                             f"layout ({', '.join(SD_SUBFOLDERS)}) or a hub id like 'org/name'")
+    missing = [s for s in SD_SUBFOLDERS if not (local / s).is_dir()]
+    if missing:
+        raise ModelLoadError(f"model.path: {path!r} is not in diffusers layout: missing subfolder(s) "
+                             f"{', '.join(missing)}")
+    return str(local)
+
+
+def _load(cls, path: str, subfolder: str, **kwargs):
+    try:
+        return cls.from_pretrained(path, subfolder=subfolder, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"model.path: cannot load {subfolder}/ from {path!r} ({reason}); check the "
+                             "path or hub id, and that the weights are downloaded") from None
+
+
+class Policy:
+    """SD UNet (+ LoRA) with its text encoder, tokenizer, VAE and DDIM step table."""
+
+    def __init__(self, cfg: ModelConfig, device: torch.device, num_steps: int, eta: float):
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, cfg.dtype)
+        path = resolve_model_path(cfg.path)
+        kw = {"revision": cfg.revision} if cfg.revision else {}
+        self.tokenizer = _load(CLIPTokenizer, path, "tokenizer", **kw)
+        self.text_encoder = _load(CLIPTextModel, path, "text_encoder", torch_dtype=self.dtype, **kw)
+        self.vae = _load(AutoencoderKL, path, "vae", torch_dtype=self.dtype, **kw)
+        self.unet = _load(UNet2DConditionModel, path, "unet", torch_dtype=self.dtype, **kw)
+        self.scheduler = _load(DDIMScheduler, path, "scheduler", **kw)
+        for module in (self.text_encoder, self.vae, self.unet):
+            module.requires_grad_(False).eval().to(self.device)
+        self.steps: StepTable = build_step_table(self.scheduler, num_steps, eta).to(self.device)
+        self._add_lora(cfg)
+        self._embeddings: dict[str, torch.Tensor] = {}
+
+    # -- LoRA ---------------------------------------------------------------------------------
+    def _add_lora(self, cfg: ModelConfig) -> None:
+        """peft LoRA on the UNet attention projections; LoRA weights in fp32 over a frozen base."""
+        from peft import LoraConfig
+
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                          target_modules=list(cfg.lora_targets))
+        try:
+            self.unet.add_adapter(lora)
+        except ValueError as exc:
+            raise ModelLoadError(f"model.lora_targets: {cfg.lora_targets} do not match UNet modules ({exc})") from None
+        for p in self.unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.unet).items()}
+
+    def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy LoRA weights in place (parameters keep their storage, so captured graphs stay valid)."""
+        from peft.utils import get_peft_model_state_dict
+        own = get_peft_model_state_dict(self.unet)
+        if set(own) != set(state):
+            raise ValueError("LoRA weights do not match this model's adapter (different rank or targets?)")
+        params = dict(self.unet.named_parameters())
+        with torch.no_grad():
+            for name, param in params.items():
+                if param.requires_grad:
+                    key = name.replace(".default", "")
+                    param.copy_(state[key].to(param.dtype))
+
+    def save_lora(self, folder: str | os.PathLike) -> None:
+        """Write LoRA weights as diffusers does, so ``pipe.load_lora_weights(folder)`` reads them."""
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        layers = convert_state_dict_to_diffusers(self.lora_state_dict())
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers,
+                                                  weight_name=LORA_WEIGHTS_NAME, safe_serialization=True)
+
+    # -- text -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, prompts: list[str]) -> torch.Tensor:
+        """(N, 77, D) text embeddings, computed once per distinct prompt and cached."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self._embeddings]
+        if new:
+            length = min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
+            ids = self.tokenizer(new, padding="max_length", max_length=length, truncation=True,
+                                 return_tensors="pt").input_ids.to(self.device)
+            hidden = self.text_encoder(ids)[0]
+            self._embeddings.update(zip(new, hidden))
+        return torch.stack([self._embeddings[p] for p in prompts])
+
+    # -- UNet and VAE ---------------------------------------------------------------------------
+    def predict_eps(self, x: torch.Tensor, step_index: torch.Tensor, cond: torch.Tensor,
+                    guidance_scale: float, use_cfg: bool = True, max_batch: int = 0):
+        """ε-predictions (ε_u or None, ε_c) for latents ``x`` at per-sample steps ``step_index``.
+
+        With CFG the unconditional and conditional halves go through the UNet as one batch.
+        ``max_batch`` > 0 splits the call into chunks of at most that many images.
+        """
+        n = x.shape[0]
+        if max_batch and n > max_batch:
+            parts = [self.predict_eps(x[i:i + max_batch], step_index[i:i + max_batch],
+                                      cond[i:i + max_batch], guidance_scale, use_cfg) for i in range(0, n, max_batch)]
+            uncond = None if parts[0][0] is None else torch.cat([p[0] for p in parts])
+            return uncond, torch.cat([p[1] for p in parts])
+        t = self.steps.timesteps.index_select(0, step_index)
+        x = x.to(self.dtype)
+        if not use_cfg:
+            return None, self.unet(x, t, encoder_hidden_states=cond).sample
+        uncond = self.embed([""]).expand(n, -1, -1)
+        out = self.unet(torch.cat([x, x]), torch.cat([t, t]),
+                        encoder_hidden_states=torch.cat([uncond, cond])).sample
+        eps_uncond, eps_cond = out.chunk(2)
+        return eps_uncond, eps_cond
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, max_batch: int = 0) -> torch.Tensor:
+        """Latents → float32 images (N, 3, H, W) in [0, 1]."""
+        chunks = latents.split(max_batch) if max_batch else (latents,)
+        images = [self.vae.decode(c.to(self.dtype) / self.vae.config.scaling_factor).sample for c in chunks]
+        return (torch.cat(images).float() / 2 + 0.5).clamp(0, 1)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        return (self.unet.config.in_channels, size, size)

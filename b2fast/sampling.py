@@ -1,0 +1,109 @@
+"""Branch-based sampling: a shared trunk, a fork into K branches, then the trained interval.
+
+For P prompts: run the first S − L steps once per prompt (batch P), fork each latent into K
+branches (batch P·K) and run the last L steps for all branches in one UNet call per step.
+Only what training needs is kept: the fork latent once per group, the L latents after each
+interval step per branch, their log-probs, and the final images for the reward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from b2fast import ops
+from b2fast.config import SamplingConfig
+from b2fast.policy import Policy
+
+
+@dataclass
+class TrajectoryBatch:
+    """The interval steps of N = G·K branches; ``x_t``/``x_prev`` rebuild any step's pair."""
+
+    fork_latents: torch.Tensor   # (G, C, H, W) cache dtype: x at the fork, shared by a group
+    latents: torch.Tensor        # (N, L, C, H, W) cache dtype: x_t' after interval step j
+    log_probs: torch.Tensor      # (N, L) fp32: log p_old of interval step j
+    step_indices: torch.Tensor   # (L,) int64: step-table rows of the interval steps
+    group_ids: torch.Tensor      # (N,) int64: trunk (row of fork_latents) of each branch
+    prompt_ids: torch.Tensor     # (N,) int64: index of each branch's prompt in the prompt set
+    prompts: list[str]           # (N,) prompt text of each branch
+    images: torch.Tensor         # (N, 3, H', W') fp32 in [0, 1]: decoded final latents
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def interval_len(self) -> int:
+        return self.latents.shape[1]
+
+    def x_t(self, rows: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Latent *before* interval step j of branch ``rows`` (the fork latent when j = 0)."""
+        before = self.latents[rows, (j - 1).clamp(min=0)]
+        fork = self.fork_latents[self.group_ids[rows]]
+        return torch.where((j == 0).view(-1, 1, 1, 1), fork, before)
+
+    def x_prev(self, rows: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Latent *after* interval step j of branch ``rows``."""
+        return self.latents[rows, j]
+
+    @staticmethod
+    def cat(batches: list["TrajectoryBatch"]) -> "TrajectoryBatch":
+        """Concatenate batches of one stage (same interval), renumbering the groups."""
+        offsets, total = [], 0
+        for b in batches:
+            offsets.append(total)
+            total += b.fork_latents.shape[0]
+        merged = {}
+        for f in fields(TrajectoryBatch):
+            values = [getattr(b, f.name) for b in batches]
+            if f.name == "step_indices":
+                merged[f.name] = values[0]
+            elif f.name == "group_ids":
+                merged[f.name] = torch.cat([v + o for v, o in zip(values, offsets)])
+            elif f.name == "prompts":
+                merged[f.name] = [p for v in values for p in v]
+            else:
+                merged[f.name] = torch.cat(values)
+        return TrajectoryBatch(**merged)
+
+
+def _denoise_step(policy: Policy, x: torch.Tensor, i: int, cond: torch.Tensor, cfg: SamplingConfig,
+                  cache_dtype: torch.dtype, generator: torch.Generator):
+    """One DDIM step of every latent in ``x`` at schedule row i: returns (x_prev, log p)."""
+    step = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+    use_cfg = cfg.guidance_scale != 1.0
+    eps_uncond, eps_cond = policy.predict_eps(x, step, cond, cfg.guidance_scale, use_cfg, cfg.unet_batch)
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+    return ops.ddim_step_with_logprob(eps_uncond, eps_cond, cfg.guidance_scale, x, noise,
+                                      policy.steps.table, step, cache_dtype,
+                                      policy.steps.clip_sample_range, cfg.logprob_reduction)
+
+
+@torch.no_grad()
+def sample_branches(policy: Policy, prompts: list[str], prompt_ids: torch.Tensor, interval_len: int,
+                    cfg: SamplingConfig, generator: torch.Generator) -> TrajectoryBatch:
+    """Trunk → fork → branches for one batch of P prompts; keeps only the interval steps."""
+    S, K, P = policy.steps.num_steps, cfg.branches, len(prompts)
+    if not 1 <= interval_len <= S:
+        raise ValueError(f"interval length must be in [1, {S}], got {interval_len}")
+    cache_dtype = getattr(torch, cfg.cache_dtype)
+    device = policy.device
+    cond = policy.embed(prompts)                                            # (P, 77, D)
+    x = torch.randn((P, *policy.latent_shape), generator=generator, device=device).to(cache_dtype)
+    for i in range(S - interval_len):                                       # shared trunk
+        x, _ = _denoise_step(policy, x, i, cond, cfg, cache_dtype, generator)
+    fork_latents = x
+    x, groups = ops.branch_fork(x, K, cache_dtype)                          # (P·K, C, H, W)
+    cond = cond.repeat_interleave(K, dim=0)
+    latents, log_probs = [], []
+    for i in range(S - interval_len, S):                                    # trained interval
+        x, log_prob = _denoise_step(policy, x, i, cond, cfg, cache_dtype, generator)
+        latents.append(x)
+        log_probs.append(log_prob.float())
+    return TrajectoryBatch(
+        fork_latents=fork_latents, latents=torch.stack(latents, dim=1),
+        log_probs=torch.stack(log_probs, dim=1),
+        step_indices=torch.arange(S - interval_len, S, device=device), group_ids=groups,
+        prompt_ids=prompt_ids.to(device).repeat_interleave(K),
+        prompts=[p for p in prompts for _ in range(K)],
+        images=policy.decode(x, cfg.unet_batch))

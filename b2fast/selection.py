@@ -1,0 +1,185 @@
+"""Per-prompt reward normalisation and best/worst branch selection (DESIGN §2).
+
+Notation (B²-DiffuRL, "Reward normalisation and selection"):
+
+=====================  ==============================================================
+symbol                 here
+=====================  ==============================================================
+r                      ``rewards``: one score per final image of the stage
+H                      ``RewardHistory.history_stages`` (default 8)
+mean_p, std_p          ``RewardHistory.stats(p)``: rewards of prompt p pooled over the
+                       current stage and up to H previous ones; unbiased std
+z                      ``(r − mean_p) / (std_p + 1e-8)``
+τ+, τ−                 ``pos_threshold`` (0.5), ``neg_threshold`` (−0.5)
+branch group           the K branches forked from one trunk: same ``group_ids`` value
+=====================  ==============================================================
+
+The stage loop calls, once per stage and with *all* of that stage's rewards::
+
+    z = normalize_stage(history, prompts, rewards)     # adds the stage, then normalises
+    sel = select(z, group_ids, pos_threshold, neg_threshold)
+
+The history pools in *stages*, not in appearances: rewards a prompt got at stage s are used at
+stage s' only if s' − s <= H, so a prompt that returns after a long absence starts fresh.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+EPS = 1e-8  # added to std_p, as in the paper, so a prompt with equal rewards gives z = 0
+
+
+class RewardHistory:
+    """Rewards per prompt text over the last ``history_stages + 1`` stages.
+
+    Call :meth:`add_stage` exactly once per stage (with every reward of the stage), even when
+    a stage has no rewards: each call advances the stage counter that ages old stages out.
+    ``len(history)`` is the number of stages currently in the window (at most H + 1).
+    """
+
+    def __init__(self, history_stages: int = 8):
+        if not isinstance(history_stages, int) or history_stages < 0:
+            raise ValueError(f"history_stages must be an integer >= 0, got {history_stages!r}")
+        self.history_stages = history_stages
+        self.stages_seen = 0
+        # one dict per stage, oldest first: prompt -> finite rewards of that stage
+        self._stages: deque[dict[str, list[float]]] = deque(maxlen=history_stages + 1)
+
+    @property
+    def window(self) -> int:
+        """Stages pooled: the current one plus up to H previous ones."""
+        return self.history_stages + 1
+
+    def __len__(self) -> int:
+        return len(self._stages)
+
+    def add_stage(self, prompts: Sequence[str], rewards: torch.Tensor) -> None:
+        """Append one stage; NaN rewards (a failed reward call) are ignored."""
+        values = _check_rewards(prompts, rewards).tolist()
+        stage: dict[str, list[float]] = {}
+        for prompt, value in zip(prompts, values):
+            if not math.isnan(value):
+                stage.setdefault(prompt, []).append(value)
+        self._stages.append(stage)  # the deque's maxlen drops the stage older than H
+        self.stages_seen += 1
+
+    def rewards(self, prompt: str) -> list[float]:
+        """All rewards of ``prompt`` in the window, oldest stage first."""
+        return [value for stage in self._stages for value in stage.get(prompt, ())]
+
+    def stats(self, prompt: str) -> tuple[float, float]:
+        """(mean_p, std_p) over the window; std_p = 0 below 2 rewards, mean_p = NaN with none."""
+        pooled = torch.tensor(self.rewards(prompt), dtype=torch.float64)
+        if pooled.numel() == 0:
+            return math.nan, 0.0
+        std = pooled.std(unbiased=True).item() if pooled.numel() > 1 else 0.0
+        return pooled.mean().item(), std
+
+    def state_dict(self) -> dict:
+        """Plain lists/floats only, so a checkpoint can store it as JSON."""
+        return {"history_stages": self.history_stages, "stages_seen": self.stages_seen,
+                "stages": [{p: list(v) for p, v in stage.items()} for stage in self._stages]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict` (also after a JSON round trip); replaces H too."""
+        self.history_stages = int(state["history_stages"])
+        self.stages_seen = int(state["stages_seen"])
+        self._stages = deque(({p: [float(x) for x in v] for p, v in stage.items()}
+                              for stage in state["stages"]), maxlen=self.history_stages + 1)
+
+
+def _check_rewards(prompts: Sequence[str], rewards: torch.Tensor) -> torch.Tensor:
+    """Validate the (prompts, rewards) pair and return the rewards as float64 on the CPU."""
+    if not isinstance(rewards, torch.Tensor) or rewards.ndim != 1:
+        raise ValueError(f"rewards must be a 1-D tensor, got {getattr(rewards, 'shape', type(rewards))}")
+    if isinstance(prompts, str) or len(prompts) != rewards.numel():
+        raise ValueError(f"prompts must be a list of {rewards.numel()} strings (one per reward), "
+                         f"got {type(prompts).__name__} of length {len(prompts)}")
+    return rewards.detach().to("cpu", torch.float64)
+
+
+def normalize(rewards: torch.Tensor, prompts: Sequence[str], history: RewardHistory) -> torch.Tensor:
+    """z = (r − mean_p)/(std_p + 1e-8) with stats from ``history`` as it stands.
+
+    Does not modify ``history``: the current stage must already be in it (see
+    :func:`normalize_stage`). Returns float32 on ``rewards.device``; NaN rewards give NaN z.
+    """
+    r = _check_rewards(prompts, rewards)
+    unique = list(dict.fromkeys(prompts))  # one stats lookup per distinct prompt
+    stats = {p: history.stats(p) for p in unique}
+    mean = torch.tensor([stats[p][0] for p in prompts], dtype=torch.float64)
+    std = torch.tensor([stats[p][1] for p in prompts], dtype=torch.float64)
+    z = (r - mean) / (std + EPS)
+    return z.to(rewards.device, torch.float32)
+
+
+def normalize_stage(history: RewardHistory, prompts: Sequence[str],
+                    rewards: torch.Tensor) -> torch.Tensor:
+    """Add this stage's rewards to ``history``, then return their z-scores (the stage loop's call)."""
+    history.add_stage(prompts, rewards)
+    return normalize(rewards, prompts, history)
+
+
+@dataclass
+class Selection:
+    """Kept branches of one stage, in increasing batch index."""
+    indices: torch.Tensor     # (M,) int64 index into the stage's branch batch
+    advantages: torch.Tensor  # (M,) float32: z of each kept branch
+    n_positive: int
+    n_negative: int
+
+    def __len__(self) -> int:
+        return self.indices.numel()
+
+
+def _group_extreme(z: torch.Tensor, valid: torch.Tensor, group: torch.Tensor, n_groups: int,
+                   largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group: the extreme z over valid samples and the lowest index attaining it.
+
+    Groups without a valid sample get index N (an out-of-range sentinel) and z = ∓inf.
+    """
+    n = z.numel()
+    fill = -math.inf if largest else math.inf
+    masked = torch.where(valid, z, torch.full_like(z, fill))
+    extreme = torch.full((n_groups,), fill, dtype=z.dtype, device=z.device)
+    extreme = extreme.scatter_reduce(0, group, masked, "amax" if largest else "amin")
+    # ties: among the samples equal to the extreme, the lowest batch index wins
+    hit = valid & (z == extreme[group])
+    index = torch.arange(n, device=z.device)
+    candidate = torch.where(hit, index, torch.full_like(index, n))
+    first = torch.full((n_groups,), n, dtype=torch.int64, device=z.device)
+    return extreme, first.scatter_reduce(0, group, candidate, "amin")
+
+
+def select(z: torch.Tensor, group_ids: torch.Tensor, pos_threshold: float = 0.5,
+           neg_threshold: float = -0.5) -> Selection:
+    """Keep each branch group's best branch if z_max >= τ+ and its worst if z_min < τ−.
+
+    NaN z are excluded before choosing; ties go to the lowest batch index. A group whose best
+    and worst are the same sample (one valid branch, or all z equal) keeps it at most once,
+    as a positive when it qualifies as one.
+    """
+    if z.ndim != 1 or group_ids.shape != z.shape:
+        raise ValueError(f"z and group_ids must be 1-D of equal length, got {tuple(z.shape)} "
+                         f"and {tuple(group_ids.shape)}")
+    if group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
+        raise ValueError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
+    z = z.float()
+    valid = ~torch.isnan(z)
+    # 1. arbitrary group labels -> 0..G-1
+    _, group = torch.unique(group_ids.to(z.device), return_inverse=True)
+    n_groups = int(group.max()) + 1 if group.numel() else 0
+    # 2. best and worst branch per group
+    z_max, best = _group_extreme(z, valid, group, n_groups, largest=True)
+    z_min, worst = _group_extreme(z, valid, group, n_groups, largest=False)
+    # 3. thresholds; a sample already kept as a positive is not kept again
+    keep_pos = z_max >= pos_threshold
+    keep_neg = (z_min < neg_threshold) & ~(keep_pos & (worst == best))
+    indices = torch.cat([best[keep_pos], worst[keep_neg]]).sort().values
+    return Selection(indices=indices, advantages=z[indices],
+                     n_positive=int(keep_pos.sum()), n_negative=int(keep_neg.sum()))

@@ -1,0 +1,109 @@
+"""The policy update of one stage: PPO-clip over the kept trajectories' interval steps.
+
+Semantics (DESIGN §2): each epoch shuffles the kept trajectories and, independently per
+trajectory, the order of its interval steps. Trajectories are taken ``trajectories_per_step``
+at a time; one optimizer step sees all (trajectory, step) pairs of those trajectories, fed to
+the UNet ``micro_batch`` pairs per call (pairs of one call may be at different timesteps).
+The loss of an optimizer step is the mean over its pairs, so the micro-batch size changes
+only memory and speed, never the maths.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from b2fast import ops
+from b2fast.algorithms import advantage_weights, ppo_clip_loss
+from b2fast.config import SamplingConfig, TrainConfig
+from b2fast.policy import Policy
+from b2fast.sampling import TrajectoryBatch
+from b2fast.selection import Selection
+
+
+@dataclass
+class UpdateStats:
+    """Sums over (trajectory, step) pairs and optimizer steps; ``summary`` gives the means."""
+    pairs: int = 0
+    loss: float = 0.0
+    clipfrac: float = 0.0
+    approx_kl: float = 0.0
+    grad_norms: list[float] = field(default_factory=list)
+
+    def add(self, n: int, loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
+        self.pairs += n
+        self.loss += float(loss.detach().sum())
+        self.clipfrac += float(stats["clipfrac"]) * n
+        self.approx_kl += float(stats["approx_kl"]) * n
+
+    def summary(self) -> dict[str, float | int | None]:
+        if not self.pairs:
+            return {"loss": None, "clipfrac": None, "approx_kl": None, "grad_norm": None,
+                    "optimizer_steps": 0}
+        return {"loss": self.loss / self.pairs, "clipfrac": self.clipfrac / self.pairs,
+                "approx_kl": self.approx_kl / self.pairs,
+                "grad_norm": sum(self.grad_norms) / len(self.grad_norms),
+                "optimizer_steps": len(self.grad_norms)}
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+
+
+def _pair_log_probs(policy: Policy, batch: TrajectoryBatch, rows: torch.Tensor, j: torch.Tensor,
+                    tcfg: TrainConfig, scfg: SamplingConfig) -> torch.Tensor:
+    """log p_θ(x_t' | x_t) of branch ``rows`` at interval position ``j``, with gradients."""
+    step = batch.step_indices[j]
+    x_t, x_prev = batch.x_t(rows, j), batch.x_prev(rows, j)
+    cond = policy.embed([batch.prompts[r] for r in rows.tolist()])
+    use_cfg = tcfg.cfg and scfg.guidance_scale != 1.0
+    eps_uncond, eps_cond = policy.predict_eps(x_t, step, cond, scfg.guidance_scale, use_cfg)
+    w = scfg.guidance_scale if use_cfg else 1.0
+    return ops.ddim_logprob(eps_uncond, eps_cond, w, x_t, x_prev, policy.steps.table, step,
+                            policy.steps.clip_sample_range, scfg.logprob_reduction)
+
+
+def _optimizer_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: TrajectoryBatch,
+                    rows: torch.Tensor, positions: torch.Tensor, advantages: torch.Tensor,
+                    tcfg: TrainConfig, scfg: SamplingConfig, stats: UpdateStats, progress) -> None:
+    """Accumulate the mean loss over the given (row, position) pairs, then one AdamW step."""
+    n_pairs = rows.numel()
+    for start in range(0, n_pairs, tcfg.micro_batch):
+        r, j = rows[start:start + tcfg.micro_batch], positions[start:start + tcfg.micro_batch]
+        log_prob = _pair_log_probs(policy, batch, r, j, tcfg, scfg)
+        loss, loss_stats = ppo_clip_loss(log_prob, batch.log_probs[r, j].to(log_prob.device),
+                                         advantages[start:start + tcfg.micro_batch], tcfg.clip_range)
+        (loss.sum() / n_pairs).backward()
+        stats.add(r.numel(), loss, loss_stats)
+        progress.update(r.numel())
+    params = policy.lora_parameters()
+    max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    stats.grad_norms.append(float(grad_norm))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def policy_update(policy: Policy, optimizer: torch.optim.Optimizer, batch: TrajectoryBatch,
+                  selection: Selection, tcfg: TrainConfig, scfg: SamplingConfig,
+                  generator: torch.Generator, progress) -> dict:
+    """Train on the selected branches for ``tcfg.epochs`` epochs; returns mean loss statistics."""
+    stats = UpdateStats()
+    kept = selection.indices.cpu()
+    adv = advantage_weights(selection.advantages.float().cpu(), tcfg.adv_clip, tcfg.pos_weight,
+                            tcfg.neg_weight)
+    m, L = kept.numel(), batch.interval_len
+    for _ in range(tcfg.epochs if m else 0):
+        order = torch.randperm(m, generator=generator)                         # trajectories
+        step_order = torch.rand(m, L, generator=generator).argsort(dim=1)      # steps, per trajectory
+        for start in range(0, m, tcfg.trajectories_per_step):
+            chunk = order[start:start + tcfg.trajectories_per_step]            # (T,)
+            # position-major pairs: step_order[k, p] for p in 0..L-1, for k in chunk
+            rows = kept[chunk].repeat(L)                                       # (T·L,)
+            positions = step_order[chunk].T.reshape(-1)                        # (T·L,)
+            pair_adv = adv[chunk].repeat(L)
+            device = batch.latents.device
+            _optimizer_step(policy, optimizer, batch, rows.to(device), positions.to(device),
+                            pair_adv.to(device), tcfg, scfg, stats, progress)
+    return stats.summary()
