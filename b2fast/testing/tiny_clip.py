@@ -11,7 +11,7 @@ from pathlib import Path
 
 TINY_CLIP_NAME = "b2fast-tiny-clip"
 
-# A ViT with 4x4 patches of 8 px and 2-layer towers: ~2 M parameters (almost all in the 49408-token
+# A ViT with 4x4 patches of 8 px and 2-layer towers: 3.4 M parameters (94% in the 49408-token
 # embedding, kept so the real tokenizer fits), created in ~40 ms on a CPU.
 TINY_CLIP_CONFIG = {
     "embed_dim": 32,

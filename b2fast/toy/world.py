@@ -29,9 +29,9 @@ PALETTE = {
     "red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0),
     "yellow": (1.0, 1.0, 0.0), "magenta": (1.0, 0.0, 1.0), "cyan": (0.0, 1.0, 1.0),
 }
-# Size 4 keeps the smallest triangle at ~32 px (shape stays legible); 7 lets two objects sit
-# side by side with the gap on a 32-px canvas.
-SIZE_RANGE = (4.0, 7.0)
+# Below 5 px a digital circle can be an octagon that lacks only its 4 corner pixels (fill 0.94),
+# too close to a square; 7 still lets two objects sit side by side, gap included, on 32 px.
+SIZE_RANGE = (5.0, 7.0)
 BORDER = 1.0          # px kept free between an object's extent and the canvas edge
 GAP = 2.0             # px between two objects' extents, so blur never mixes their colours
 RELATION_MARGIN = 3.0  # px by which a sampled scene satisfies its relation (detector uses 0)

@@ -1,0 +1,158 @@
+"""Prompt sets: b2fast's built-in lists of the paper's three shapes, or a user's file.
+
+B²-DiffuRL evaluates alignment on held-out prompts of the same template as the training prompts
+(Hu et al., CVPR 2025, Sec. 5). The lists below are b2fast's own, with deterministic train/test
+splits so that every run and every rank sees the same prompts:
+
+- ``animal_activity``: "a {animal} {activity}", 45 animals × 3 activities; train = one activity
+  per animal (rotating), test = the other two (45 train, 90 test).
+- ``color_fruit``: "a {colour} {fruit}", 25 fruits and vegetables; train = typical colours,
+  test = atypical ones (40 each).
+- ``spatial``: "a {object} {relation} a {object}", 10 objects × 6 relations; every 4th of the
+  540 combinations is held out for test (405 train, 135 test).
+
+A file is a JSON list of strings (any split gets the whole list), a JSON object
+``{"train": [...], "test": [...]}``, or plain text with one prompt per line ('#' comments and
+blank lines skipped).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+SPLITS = ("train", "test", "all")
+
+ANIMALS = (
+    "cat", "dog", "horse", "cow", "pig", "sheep", "goat", "rabbit", "mouse", "hamster",
+    "squirrel", "fox", "wolf", "bear", "panda", "koala", "lion", "tiger", "leopard", "cheetah",
+    "zebra", "giraffe", "elephant", "rhino", "hippo", "camel", "llama", "kangaroo", "monkey",
+    "gorilla", "raccoon", "hedgehog", "otter", "beaver", "penguin", "owl", "parrot", "duck",
+    "chicken", "frog", "turtle", "crocodile", "octopus", "dolphin", "shark",
+)
+ACTIVITIES = ("washing dishes", "riding a bike", "playing chess")
+
+# fruit or vegetable -> (typical colours, atypical colours). Atypical colours are ones the object
+# is not seen in (a blue banana), so test prompts ask for a composition the model rarely saw.
+COLOR_FRUIT = {
+    "banana": (("yellow", "green"), ("blue", "purple")),
+    "apple": (("red", "green"), ("blue", "white")),
+    "lemon": (("yellow", "green"), ("blue", "pink")),
+    "pear": (("green", "yellow"), ("blue", "purple")),
+    "tomato": (("red", "green"), ("blue", "white")),
+    "grape": (("purple", "green"), ("orange",)),
+    "bell pepper": (("red", "green"), ("blue",)),
+    "cabbage": (("green", "purple"), ("orange",)),
+    "peach": (("orange", "pink"), ("blue",)),
+    "kiwi": (("brown", "green"), ("pink",)),
+    "mango": (("yellow", "green"), ("blue",)),
+    "onion": (("white", "yellow"), ("blue",)),
+    "zucchini": (("green", "yellow"), ("red",)),
+    "avocado": (("green", "black"), ("pink",)),
+    "chili pepper": (("red", "green"), ("blue",)),
+    "carrot": (("orange",), ("blue", "green")),
+    "strawberry": (("red",), ("blue", "black")),
+    "orange": (("orange",), ("blue", "purple")),
+    "watermelon": (("green",), ("purple", "blue")),
+    "pumpkin": (("orange",), ("blue", "purple")),
+    "eggplant": (("purple",), ("yellow", "blue")),
+    "broccoli": (("green",), ("red", "pink")),
+    "cucumber": (("green",), ("red", "purple")),
+    "cherry": (("red",), ("blue", "green")),
+    "coconut": (("brown",), ("pink", "blue")),
+}
+
+OBJECTS = ("cat", "dog", "book", "cup", "chair", "table", "ball", "box", "lamp", "apple")
+RELATIONS = ("on", "under", "behind", "in front of", "to the left of", "to the right of")
+
+
+def _a(word: str) -> str:
+    """'a' or 'an' + word, by first letter (good enough for these lists: 'an owl', 'a cup')."""
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
+def _animal_activity() -> dict[str, list[str]]:
+    train, test = [], []
+    for i, animal in enumerate(ANIMALS):
+        for j, activity in enumerate(ACTIVITIES):
+            (train if j == i % len(ACTIVITIES) else test).append(f"{_a(animal)} {activity}")
+    return {"train": train, "test": test}
+
+
+def _color_fruit() -> dict[str, list[str]]:
+    train = [f"{_a(c)} {fruit}" for fruit, (typical, _) in COLOR_FRUIT.items() for c in typical]
+    test = [f"{_a(c)} {fruit}" for fruit, (_, atypical) in COLOR_FRUIT.items() for c in atypical]
+    return {"train": train, "test": test}
+
+
+def _spatial() -> dict[str, list[str]]:
+    combos = [(a, rel, b) for a in OBJECTS for b in OBJECTS if a != b for rel in RELATIONS]
+    prompts = [f"{_a(a)} {rel} {_a(b)}" for a, rel, b in combos]
+    return {"train": [p for i, p in enumerate(prompts) if i % 4 != 3],
+            "test": [p for i, p in enumerate(prompts) if i % 4 == 3]}
+
+
+_BUILTIN: dict[str, Callable[[], dict[str, list[str]]]] = {
+    "animal_activity": _animal_activity,
+    "color_fruit": _color_fruit,
+    "spatial": _spatial,
+}
+
+
+def available_prompt_sets() -> list[str]:
+    return sorted(_BUILTIN)
+
+
+def _select(sets: dict[str, list[str]], split: str) -> list[str]:
+    return sets["train"] + sets["test"] if split == "all" else list(sets[split])
+
+
+def _parse_file(path: Path, field: str) -> list[str] | dict[str, list[str]]:
+    """Read a prompt file: JSON (list, or {"train", "test"} object) or one prompt per line."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() != ".json":
+        lines = (line.strip() for line in text.splitlines())
+        return [line for line in lines if line and not line.startswith("#")]
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{field}: {path} is not valid JSON ({exc})") from None
+
+    def strings(value: object) -> list[str]:
+        if not isinstance(value, list) or not all(isinstance(p, str) and p.strip() for p in value):
+            raise ValueError(f"{field}: {path} must hold a JSON list of non-empty strings "
+                             'or an object {"train": [...], "test": [...]}')
+        return [p.strip() for p in value]
+
+    if isinstance(data, dict) and data and set(data) <= {"train", "test"}:
+        return {key: strings(value) for key, value in data.items()}
+    return strings(data)
+
+
+def load_prompts(source: str, split: str = "train", section: str = "prompts") -> list[str]:
+    """Prompts of ``split`` ('train', 'test' or 'all') from a built-in set name or a file path.
+
+    Errors are one line and name the config fields ``{section}.source`` / ``{section}.split``.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"{section}.split: expected one of {list(SPLITS)}, got {split!r}")
+    field = f"{section}.source"
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"{field}: expected a built-in prompt set {available_prompt_sets()} or a file path, "
+                         f"got {source!r}")
+    if source in _BUILTIN:
+        return _select(_BUILTIN[source](), split)
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"{field}: {source!r} is neither a built-in prompt set "
+                         f"{available_prompt_sets()} nor an existing file")
+    data = _parse_file(path, field)
+    if isinstance(data, dict):
+        if split != "all" and split not in data:
+            raise ValueError(f"{field}: {path} has no {split!r} list (it has {sorted(data)})")
+        prompts = sum((data[s] for s in ("train", "test") if s in data), []) if split == "all" else data[split]
+    else:
+        prompts = data
+    if not prompts:
+        raise ValueError(f"{field}: {path} holds no prompts")
+    return prompts

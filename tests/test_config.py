@@ -1,0 +1,72 @@
+"""Config tree: defaults, YAML presets, CLI overrides, one-line validation errors."""
+import pytest
+
+from b2fast.config import (Config, ConfigError, apply_overrides, dump_yaml, iter_fields, load_yaml,
+                           validate)
+from b2fast.train import preset_path
+
+
+def test_defaults_are_the_reference_settings():
+    cfg = validate(Config())
+    assert (cfg.sampling.num_steps, cfg.sampling.guidance_scale, cfg.sampling.eta) == (20, 5.0, 1.0)
+    assert (cfg.sampling.branches, cfg.sampling.prompts_per_batch, cfg.sampling.batches_per_stage) == (5, 8, 32)
+    assert (cfg.schedule.min_interval, cfg.schedule.max_interval, cfg.schedule.num_stages) == (14, 20, 100)
+    assert (cfg.selection.history_stages, cfg.selection.pos_threshold, cfg.selection.neg_threshold) == (8, 0.5, -0.5)
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.clip_range) == (1e-4, 1e-4, 0.1)
+    assert (cfg.train.trajectories_per_step, cfg.train.epochs, cfg.model.lora_rank) == (128, 2, 4)
+    assert cfg.model.lora_targets == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert cfg.sampling.cache_dtype in ("float32", "float16")
+
+
+def test_yaml_round_trip_and_overrides(tmp_path):
+    cfg = apply_overrides(Config(), ["--train.lr", "3e-4", "--sampling.branches=3",
+                                     "--reward.options", "{model_name: ViT-B-32}", "--model.revision", "null"])
+    assert cfg.train.lr == 3e-4 and cfg.sampling.branches == 3
+    assert cfg.reward.options == {"model_name": "ViT-B-32"} and cfg.model.revision is None
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_yaml(cfg))
+    assert load_yaml(path) == cfg
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--train.lr", "abc"], "train.lr"),
+    (["--train.lr", "-1"], "train.lr"),
+    (["--train.nope", "1"], "train.nope"),
+    (["--sampling.eta", "1.5"], "sampling.eta"),
+    (["--sampling.branches", "2.5"], "sampling.branches"),
+    (["--sampling.cache_dtype", "int8"], "sampling.cache_dtype"),
+    (["--schedule.max_interval", "30"], "schedule.max_interval"),
+    (["--selection.neg_threshold", "0.7"], "selection.neg_threshold"),
+    (["--train.lr"], "train.lr"),
+    (["stray"], "stray"),
+])
+def test_invalid_values_name_the_field(args, field):
+    with pytest.raises(ConfigError) as info:
+        validate(apply_overrides(Config(), args))
+    message = str(info.value)
+    assert field in message and "\n" not in message
+
+
+def test_bad_yaml_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_yaml(bad)
+    bad.write_text("train:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_yaml(bad)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_yaml(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "sd15_clipscore.yaml"])
+def test_shipped_presets_validate(name):
+    validate(load_yaml(preset_path(name)))
+
+
+def test_every_field_is_documented():
+    for name, _, help_text in iter_fields():
+        assert help_text, f"{name} has no help text"

@@ -1,0 +1,102 @@
+"""Policy loading through the public diffusers path, LoRA, embeddings, errors."""
+import pytest
+import torch
+
+from b2fast.config import ModelConfig
+from b2fast.policy import ModelLoadError, Policy, resolve_model_path
+
+
+def test_lora_is_trainable_fp32_and_starts_as_the_base_model(tiny_policy):
+    params = tiny_policy.lora_parameters()
+    assert params and all(p.dtype == torch.float32 for p in params)
+    n_lora_modules = sum(1 for n, _ in tiny_policy.unet.named_modules() if n.endswith("to_q"))
+    assert len(params) == 2 * 4 * n_lora_modules  # A and B for to_q/k/v/out.0
+    frozen = [p for n, p in tiny_policy.unet.named_parameters() if "lora" not in n]
+    assert not any(p.requires_grad for p in frozen)
+    x = torch.randn(2, *tiny_policy.latent_shape)
+    cond = tiny_policy.embed(["a cat", "a dog"])
+    step = torch.tensor([0, 3])
+    _, with_lora = tiny_policy.predict_eps(x, step, cond, 5.0, use_cfg=False)
+    tiny_policy.unet.disable_adapters()
+    _, base = tiny_policy.predict_eps(x, step, cond, 5.0, use_cfg=False)
+    tiny_policy.unet.enable_adapters()
+    torch.testing.assert_close(with_lora, base)  # gaussian init: lora_B = 0
+
+
+def test_embeddings_are_cached_and_match_fresh_encoding(tiny_policy):
+    first = tiny_policy.embed(["a red fox", "", "a red fox"])
+    assert first.shape[0] == 3 and torch.equal(first[0], first[2])
+    assert set(tiny_policy._embeddings) == {"a red fox", ""}
+    again = tiny_policy.embed(["a red fox"])
+    torch.testing.assert_close(again[0], first[0])
+
+
+def test_cfg_batch_equals_separate_calls(tiny_policy):
+    x = torch.randn(3, *tiny_policy.latent_shape)
+    cond = tiny_policy.embed(["a", "b", "c"])
+    step = torch.tensor([1, 1, 4])
+    eps_u, eps_c = tiny_policy.predict_eps(x, step, cond, 5.0)
+    _, only_c = tiny_policy.predict_eps(x, step, cond, 5.0, use_cfg=False)
+    _, only_u = tiny_policy.predict_eps(x, step, tiny_policy.embed([""] * 3), 5.0, use_cfg=False)
+    torch.testing.assert_close(eps_c, only_c, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eps_u, only_u, rtol=1e-5, atol=1e-5)
+    chunked = tiny_policy.predict_eps(x, step, cond, 5.0, max_batch=2)
+    torch.testing.assert_close(chunked[1], eps_c, rtol=1e-5, atol=1e-5)
+
+
+def test_saved_lora_loads_in_a_diffusers_pipeline(tiny_policy, tiny_sd_path, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    with torch.no_grad():
+        for p in tiny_policy.lora_parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    tiny_policy.save_lora(tmp_path)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None)
+    pipe.load_lora_weights(str(tmp_path))
+    ours = {n.replace(".default", ""): p for n, p in tiny_policy.unet.named_parameters() if p.requires_grad}
+    theirs = {n.replace(".default_0", ""): p for n, p in pipe.unet.named_parameters() if "lora" in n}
+    assert set(ours) == set(theirs)
+    for name, value in ours.items():
+        torch.testing.assert_close(theirs[name].float(), value.detach())
+
+
+def test_lora_state_round_trip(tiny_policy):
+    state = tiny_policy.lora_state_dict()
+    perturbed = {k: v + 1 for k, v in state.items()}
+    before = [p.data_ptr() for p in tiny_policy.lora_parameters()]
+    tiny_policy.load_lora_state_dict(perturbed)
+    assert [p.data_ptr() for p in tiny_policy.lora_parameters()] == before  # in place
+    for k, v in tiny_policy.lora_state_dict().items():
+        torch.testing.assert_close(v, perturbed[k])
+
+
+@pytest.mark.parametrize("path, message", [
+    ("./does-not-exist", "no such folder"),
+    ("a/b/c", "no such folder"),
+])
+def test_missing_model_paths_give_one_line_errors(path, message):
+    with pytest.raises(ModelLoadError, match=message) as info:
+        resolve_model_path(path)
+    assert "\n" not in str(info.value) and "model.path" in str(info.value)
+
+
+def test_folder_without_sd_layout(tmp_path):
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(ModelLoadError, match="missing subfolder"):
+        resolve_model_path(str(tmp_path))
+
+
+def test_corrupt_component_gives_one_line_error(tiny_sd_path, tmp_path):
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_sd_path, broken)
+    (broken / "unet" / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="unet") as info:
+        Policy(ModelConfig(path=str(broken), dtype="float32"), torch.device("cpu"), 10, 1.0)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_lora_targets(tiny_sd_path):
+    with pytest.raises(ModelLoadError, match="lora_targets"):
+        Policy(ModelConfig(path=tiny_sd_path, dtype="float32", lora_targets=["nonexistent_proj"]),
+               torch.device("cpu"), 10, 1.0)

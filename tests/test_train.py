@@ -1,0 +1,97 @@
+"""The stage loop end to end on a tiny model: CLI, outputs, resume, one-line errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from b2fast.config import apply_overrides, load_yaml
+from b2fast.train import main, preset_path
+from b2fast.trainer import Trainer
+
+TINY = ["--sampling.num_steps", "6", "--sampling.branches", "3", "--sampling.prompts_per_batch", "2",
+        "--sampling.batches_per_stage", "2", "--schedule.num_stages", "3", "--schedule.min_interval", "2",
+        "--schedule.max_interval", "4", "--train.micro_batch", "16", "--train.trajectories_per_step", "4",
+        "--train.lr", "1e-2", "--device", "cpu", "--log.progress", "false", "--log.grid_every", "1"]
+
+
+def _cfg(tiny_sd_path, out, *extra):
+    cfg = load_yaml(preset_path("default.yaml"))
+    return apply_overrides(cfg, [*TINY, "--model.path", tiny_sd_path, "--out", str(out), *extra])
+
+
+def test_cli_runs_three_stages_and_writes_outputs(tiny_sd_path, tmp_path):
+    out = tmp_path / "run"
+    assert main([*TINY, "--model.path", tiny_sd_path, "--out", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records] == [0, 1, 2]
+    assert [r["interval_len"] for r in records] == [2, 3, 4]
+    for key in ("reward_mean", "reward_std", "n_selected", "loss", "clipfrac", "approx_kl",
+                "grad_norm", "seconds"):
+        assert key in records[0]
+    assert any(r["n_selected"] > 0 and r["loss"] is not None for r in records)
+    assert len(list((out / "images").glob("stage-*.png"))) == 3
+    assert (out / "reward_curve.png").stat().st_size > 0
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "checkpoints" / "latest").read_text().strip() == "stage-000002"
+    assert (out / "config.yaml").is_file()
+    assert not list(out.rglob(".*.tmp")) and not list((out / "checkpoints").glob(".stage-*"))
+
+
+def _lora(trainer):
+    return {k: v.clone() for k, v in trainer.policy.lora_state_dict().items()}
+
+
+def test_resume_after_interruption_gives_identical_weights(tiny_sd_path, tmp_path):
+    full = Trainer(_cfg(tiny_sd_path, tmp_path / "full"))
+    full.run()
+    interrupted = Trainer(_cfg(tiny_sd_path, tmp_path / "cut"))
+    for stage in range(2):          # the process dies after stage 1's checkpoint
+        interrupted.run_stage(stage)
+    (tmp_path / "cut" / "metrics.jsonl").open("a").write('{"stage": 2, "partial": true}\n')
+    resumed = Trainer(_cfg(tiny_sd_path, tmp_path / "cut"), resume=str(tmp_path / "cut"))
+    assert resumed.start_stage == 2
+    resumed.run()
+    a, b = _lora(full), _lora(resumed)
+    assert a.keys() == b.keys()
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)  # training moved the weights
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    stages = [json.loads(line)["stage"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert stages == [0, 1, 2]
+
+
+def _run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "b2fast.train", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--train.lr", "-3"], "train.lr"),
+    (["--sampling.branchez", "3"], "sampling.branchez"),
+    (["--config", "no-such-file.yaml"], "no such file"),
+    (["--model.path", "./no/such/model"], "model.path"),
+    (["--reward.name", "no_such_reward"], "reward.name"),
+    (["--prompts.source", "no_such_set"], "prompts"),
+])
+def test_bad_input_gives_one_line_error(args, fragment, tmp_path):
+    result = _run_cli(*args, "--out", str(tmp_path / "x"), "--device", "cpu")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_corrupt_checkpoint_gives_one_line_error(tiny_sd_path, tmp_path):
+    out = tmp_path / "run"
+    assert main([*TINY, "--schedule.num_stages", "1", "--model.path", tiny_sd_path, "--out", str(out)]) == 0
+    (out / "checkpoints" / "stage-000000" / "trainer_state.pt").write_bytes(b"garbage")
+    result = _run_cli("--resume", str(out))
+    assert result.returncode == 2 and "corrupt" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_lists_config_fields():
+    result = _run_cli("--help")
+    assert result.returncode == 0
+    assert "--train.lr" in result.stdout and "--sampling.cache_dtype" in result.stdout
