@@ -56,7 +56,7 @@ class SamplingConfig:
     prompts_per_batch: int = _f(8, "prompts P per sampling batch (trunk batch size)")
     batches_per_stage: int = _f(32, "sampling batches per stage; images per stage = batches x P x K")
     cache_dtype: str = _f("float32", f"dtype of stored latents, one of {DTYPES}; bfloat16 rounds x_t' by up "
-                          "to ~76%% of sigma at the last steps, so it is a labelled low-memory option")
+                          "to ~76% of sigma at the last steps, so it is a labelled low-memory option")
     logprob_reduction: str = _f("mean", "log-prob over latent elements: 'mean' (DDPO) or 'sum'")
     unet_batch: int = _f(0, "max images per UNet call while sampling (0 = the whole batch)")
 

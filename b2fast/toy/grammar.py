@@ -17,8 +17,8 @@ checkable.
 Splits hold out *combinations*, never words, so a test prompt only recombines words seen in
 training. Both rules are fixed (no random state), so every machine gets the same lists:
 
-1. ``HELD_OUT_OBJECTS`` (3 of the 18 colour–shape pairs, one per colour and per shape) never
-   appear in any training prompt of any template, so the binding itself is unseen.
+1. ``HELD_OUT_OBJECTS`` (3 of the 18 colour–shape pairs, one per shape, in three different
+   colours) appear in no training prompt of any template, so the binding itself is unseen.
 2. Of the remaining two-object and spatial combinations, the ``COMBO_HOLDOUT_PERCENT`` with the
    smallest CRC-32 hash are held out too: unseen compositions of seen objects. A spatial
    combination is its layout, so "A left of B" and "B right of A" share a split.

@@ -1,0 +1,83 @@
+"""The package imports without its extension, reports its backends, and refuses unusable ones."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import b2fast
+from b2fast import ops
+
+
+def test_import_and_version():
+    assert isinstance(b2fast.__version__, str) and b2fast.__version__.count(".") == 2
+
+
+def test_backends_report_every_op():
+    report = b2fast.backends()
+    assert isinstance(report, dict)
+    assert set(report) == {"cfg_combine", "ddim_step_with_logprob", "ddim_logprob", "branch_fork"}
+    for op, line in report.items():
+        assert line.split()[0] in ops.KNOWN_BACKENDS, (op, line)
+
+
+def test_extension_matches_package_when_built():
+    if ops._C is None:
+        pytest.skip(f"extension not built: {ops._C_ERROR}")
+    import torch
+    assert ops._C.__version__ == b2fast.__version__
+    assert ops._C.torch_version == torch.__version__.split("+")[0]
+    assert isinstance(ops._C.has_cuda(), bool)
+
+
+def test_forcing_an_unknown_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="backend: unknown name 'fast'; allowed: cuda, triton, cpp, torch"):
+        ops.set_backend("fast")
+
+
+def test_forcing_an_unavailable_backend_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="backend 'triton' is not available: no Triton kernels"):
+        ops.set_backend("triton")
+    assert ops.get_backend() is None
+
+
+def test_use_backend_restores_the_previous_choice():
+    with ops.use_backend("torch"):
+        assert ops.backend_for("ddim_step_with_logprob") == "torch"
+    assert ops.get_backend() is None
+
+
+def _run_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def test_env_forced_backend_fails_at_first_call_not_at_import():
+    code = ("import torch, b2fast.ops as o\n"
+            "x = torch.zeros(1, 4)\n"
+            "o.branch_fork(x, 2, torch.float32)\n")
+    proc = _run_python(code, B2FAST_BACKEND="cuda")
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "backend 'cuda' (forced by B2FAST_BACKEND) is not available" in last, proc.stderr
+
+
+def test_import_survives_a_broken_extension():
+    """A b2fast._C that raises on import (e.g. built against another torch) only warns."""
+    code = ("import sys, warnings, importlib.abc\n"
+            "class Broken(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name == 'b2fast._C': raise ImportError('undefined symbol: _ZN3c10')\n"
+            "sys.meta_path.insert(0, Broken())\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    import b2fast, b2fast.ops\n"
+            "print(b2fast.backends()['ddim_step_with_logprob'])\n"
+            "print(sum('b2fast._C not loaded' in str(x.message) for x in w))\n")
+    proc = _run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    backend_line, warnings_count = proc.stdout.strip().splitlines()[-2:]
+    assert backend_line.startswith("torch (cpp: b2fast._C not loaded (ImportError: undefined")
+    assert warnings_count == "1"
