@@ -76,7 +76,8 @@ def want_cuda(cuda_sources: list[str]) -> bool:
 def openmp_flags() -> list[str]:
     """-fopenmp where torch parallelises with OpenMP: at::parallel_for is inline in the headers
     and runs serially when the extension is compiled without it."""
-    return ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else []
+    linux_omp = sys.platform.startswith("linux") and torch.backends.openmp.is_available()
+    return ["-fopenmp"] if linux_omp else []
 
 
 def extension():
@@ -92,10 +93,9 @@ def extension():
         return CppExtension("b2fast._C", cpp, extra_compile_args={"cxx": cxx},
                             extra_link_args=link)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
-    macro = ["-DB2FAST_WITH_CUDA"]
+    nvcc = ["-O3", f"-DB2FAST_VERSION={version}", "-DB2FAST_WITH_CUDA"]
     return CUDAExtension("b2fast._C", cpp + cu, extra_link_args=link,
-                         extra_compile_args={"cxx": cxx + macro,
-                                             "nvcc": ["-O3", f"-DB2FAST_VERSION={version}"] + macro})
+                         extra_compile_args={"cxx": cxx + ["-DB2FAST_WITH_CUDA"], "nvcc": nvcc})
 
 
 setup(

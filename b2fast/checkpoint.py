@@ -101,19 +101,14 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
                           "with checkpoints/latest")
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[Path, TrainerState, dict[str, torch.Tensor]]:
-    """Read a checkpoint: its folder, trainer state, and LoRA weights in peft naming."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_unet_state_dict_to_peft
-
+def load_checkpoint(path: str | os.PathLike, policy) -> tuple[Path, TrainerState]:
+    """Read a checkpoint into ``policy`` (LoRA weights); return its folder and trainer state."""
     ckpt = find_checkpoint(path)
     try:
-        raw = torch.load(ckpt / STATE_NAME, map_location="cpu", weights_only=False)
-        state = TrainerState(**raw)
-        lora, _ = StableDiffusionPipeline.lora_state_dict(str(ckpt))
+        state = TrainerState(**torch.load(ckpt / STATE_NAME, map_location="cpu", weights_only=False))
+        policy.load_lora(ckpt)
     except Exception as exc:  # any unreadable file is the same problem to the user
+        reason = str(exc).splitlines()[0][:120] if str(exc) else ""
         raise CheckpointError(f"--resume: checkpoint {str(ckpt)!r} is corrupt or incomplete "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
-                              "resume from an earlier checkpoint folder") from None
-    unet = {k.removeprefix("unet."): v for k, v in lora.items() if k.startswith("unet.")}
-    return ckpt, state, convert_unet_state_dict_to_peft(unet)
+                              f"({type(exc).__name__}: {reason}); resume from an earlier checkpoint folder") from None
+    return ckpt, state

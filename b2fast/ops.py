@@ -54,7 +54,7 @@ _forced_by = ""
 
 
 def _extension_op(op: str):
-    """Call ``torch.ops.b2fast.<op>`` (the same wrapper serves its CPU and CUDA kernels)."""
+    """``torch.ops.b2fast.<op>``: one registered op serves both its CPU and CUDA kernels."""
     return getattr(torch.ops.b2fast, op)
 
 
@@ -114,21 +114,29 @@ def _kernel_missing(op: str, name: str, device_type: str) -> str | None:
     return None
 
 
-def _choose(op: str, device: torch.device) -> str:
-    """The backend that runs ``op`` on ``device`` now (raises if a forced one cannot)."""
+# Evaluated once while torch.compile traces (its checks call into C++), so a compiled caller
+# keeps the backend chosen at compile time.
+@torch.compiler.assume_constant_result
+def _choose(op: str, device_type: str) -> str:
+    """The backend that runs ``op`` on ``device_type`` now (raises if a forced one cannot)."""
     if _forced is not None:
         why = _backend_unavailable(_forced)
         if why is None and _forced in _IMPLS[op]:
-            why = _kernel_missing(op, _forced, device.type)
+            why = _kernel_missing(op, _forced, device_type)
         if why is not None:
             raise RuntimeError(f"b2fast.ops.{op}: backend {_forced!r} (forced by {_forced_by}) "
                                f"is not available: {why}")
         return _forced if _forced in _IMPLS[op] else "torch"
     for name in KNOWN_BACKENDS:
         if name in _IMPLS[op] and _backend_unavailable(name) is None \
-                and _kernel_missing(op, name, device.type) is None:
+                and _kernel_missing(op, name, device_type) is None:
             return name
     raise AssertionError("unreachable: the torch reference serves every op")
+
+
+def _impl(op: str, tensor: torch.Tensor):
+    """The implementation of ``op`` for tensors on ``tensor``'s device."""
+    return _IMPLS[op][_choose(op, tensor.device.type)]
 
 
 def set_backend(name: str | None) -> None:
@@ -138,7 +146,8 @@ def set_backend(name: str | None) -> None:
         _forced, _forced_by = None, ""
         return
     if name not in KNOWN_BACKENDS:
-        raise ValueError(f"backend: unknown name {name!r}; allowed: {', '.join(KNOWN_BACKENDS)}, auto")
+        raise ValueError(f"backend: unknown name {name!r}; allowed: "
+                         f"{', '.join(KNOWN_BACKENDS)}, auto")
     why = _backend_unavailable(name)
     if why is not None:
         raise RuntimeError(f"backend {name!r} is not available: {why}")
@@ -165,14 +174,15 @@ def get_backend() -> str | None:
 
 def backend_for(op: str, device: torch.device | str = "cpu") -> str:
     """Name of the backend that ``op`` runs on for tensors on ``device``."""
-    return _choose(op, torch.device(device))
+    return _choose(op, torch.device(device).type)
 
 
 def available_backends(op: str, device: torch.device | str = "cpu") -> list[str]:
     """Every backend that can run ``op`` on ``device`` (tests parametrise over these)."""
     device_type = torch.device(device).type
-    return [name for name in KNOWN_BACKENDS if name in _IMPLS[op]
-            and _backend_unavailable(name) is None and _kernel_missing(op, name, device_type) is None]
+    return [name for name in KNOWN_BACKENDS
+            if name in _IMPLS[op] and _backend_unavailable(name) is None
+            and _kernel_missing(op, name, device_type) is None]
 
 
 def backends(device: torch.device | str | None = None) -> dict[str, str]:
@@ -183,7 +193,7 @@ def backends(device: torch.device | str | None = None) -> dict[str, str]:
     device = torch.device(device)
     report = {}
     for op, impls in _IMPLS.items():
-        chosen = _choose(op, device)
+        chosen = _choose(op, device.type)
         better = KNOWN_BACKENDS[:KNOWN_BACKENDS.index(chosen)]
         reasons = [f"{name}: {_backend_unavailable(name) or _kernel_missing(op, name, device.type)}"
                    for name in better if name in impls and _SERVES[name] == device.type]
@@ -241,7 +251,7 @@ def _check_dtype(op: str, name: str, dtype) -> None:
 def cfg_combine(eps_uncond: torch.Tensor | None, eps_cond: torch.Tensor,
                 guidance_scale: float) -> torch.Tensor:
     """ε̂ = ε_u + w·(ε_c − ε_u); ε_c when ``eps_uncond`` is None."""
-    return _IMPLS["cfg_combine"][_choose("cfg_combine", eps_cond.device)](
+    return _impl("cfg_combine", eps_cond)(
         eps_uncond, eps_cond, guidance_scale)
 
 
@@ -259,7 +269,7 @@ def ddim_step_with_logprob(eps_uncond: torch.Tensor | None, eps_cond: torch.Tens
     _check_step_args(op, eps_uncond, eps_cond, x_t, noise, "noise", table, step_index,
                      clip_sample_range, reduction)
     _check_dtype(op, "cache_dtype", cache_dtype)
-    return _IMPLS[op][_choose(op, eps_cond.device)](
+    return _impl(op, eps_cond)(
         eps_uncond, eps_cond, guidance_scale, x_t, noise, table, step_index, cache_dtype,
         clip_sample_range, reduction)
 
@@ -272,7 +282,7 @@ def ddim_logprob(eps_uncond: torch.Tensor | None, eps_cond: torch.Tensor, guidan
     op = "ddim_logprob"
     _check_step_args(op, eps_uncond, eps_cond, x_t, x_prev, "x_prev", table, step_index,
                      clip_sample_range, reduction)
-    return _IMPLS[op][_choose(op, eps_cond.device)](
+    return _impl(op, eps_cond)(
         eps_uncond, eps_cond, guidance_scale, x_t, x_prev, table, step_index, clip_sample_range,
         reduction)
 
@@ -284,4 +294,4 @@ def branch_fork(latents: torch.Tensor, branches: int,
     if isinstance(branches, bool) or not isinstance(branches, int) or branches < 1:
         raise ValueError(f"{op}: branches must be an int >= 1, got {branches!r}")
     _check_dtype(op, "cache_dtype", cache_dtype)
-    return _IMPLS[op][_choose(op, latents.device)](latents, branches, cache_dtype)
+    return _impl(op, latents)(latents, branches, cache_dtype)

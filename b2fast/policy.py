@@ -17,6 +17,7 @@ from b2fast.schedule import StepTable, build_step_table
 
 TINY_SD = "b2fast:tiny-sd"
 SD_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
+OPTIONAL_SUBFOLDERS = ("vae",)  # without a VAE the UNet works in pixel space (the toy world)
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -36,7 +37,7 @@ def resolve_model_path(path: str) -> str:
     if not local.is_dir():
         raise ModelLoadError(f"model.path: no such folder {path!r}; give a local folder in diffusers "
                              f"layout ({', '.join(SD_SUBFOLDERS)}) or a hub id like 'org/name'")
-    missing = [s for s in SD_SUBFOLDERS if not (local / s).is_dir()]
+    missing = [s for s in SD_SUBFOLDERS if s not in OPTIONAL_SUBFOLDERS and not (local / s).is_dir()]
     if missing:
         raise ModelLoadError(f"model.path: {path!r} is not in diffusers layout: missing subfolder(s) "
                              f"{', '.join(missing)}")
@@ -65,11 +66,13 @@ class Policy:
         kw = {"revision": cfg.revision} if cfg.revision else {}
         self.tokenizer = _load(CLIPTokenizer, path, "tokenizer", **kw)
         self.text_encoder = _load(CLIPTextModel, path, "text_encoder", torch_dtype=self.dtype, **kw)
-        self.vae = _load(AutoencoderKL, path, "vae", torch_dtype=self.dtype, **kw)
+        pixel_space = Path(path).is_dir() and not (Path(path) / "vae").is_dir()
+        self.vae = None if pixel_space else _load(AutoencoderKL, path, "vae", torch_dtype=self.dtype, **kw)
         self.unet = _load(UNet2DConditionModel, path, "unet", torch_dtype=self.dtype, **kw)
         self.scheduler = _load(DDIMScheduler, path, "scheduler", **kw)
         for module in (self.text_encoder, self.vae, self.unet):
-            module.requires_grad_(False).eval().to(self.device)
+            if module is not None:
+                module.requires_grad_(False).eval().to(self.device)
         self.steps: StepTable = build_step_table(self.scheduler, num_steps, eta).to(self.device)
         self._add_lora(cfg)
         self._embeddings: dict[str, torch.Tensor] = {}
@@ -108,6 +111,15 @@ class Policy:
                 if param.requires_grad:
                     key = name.replace(".default", "")
                     param.copy_(state[key].to(param.dtype))
+
+    def load_lora(self, folder: str | os.PathLike) -> None:
+        """Load LoRA weights written by :meth:`save_lora` (or any diffusers SD LoRA of this shape)."""
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_unet_state_dict_to_peft
+
+        state, _ = StableDiffusionPipeline.lora_state_dict(str(folder))
+        unet = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+        self.load_lora_state_dict(convert_unet_state_dict_to_peft(unet))
 
     def save_lora(self, folder: str | os.PathLike) -> None:
         """Write LoRA weights as diffusers does, so ``pipe.load_lora_weights(folder)`` reads them."""
@@ -157,7 +169,9 @@ class Policy:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, max_batch: int = 0) -> torch.Tensor:
-        """Latents → float32 images (N, 3, H, W) in [0, 1]."""
+        """Latents → float32 images (N, 3, H, W) in [0, 1] (pixel-space models: x/2 + 1/2)."""
+        if self.vae is None:
+            return (latents.float() / 2 + 0.5).clamp(0, 1)
         chunks = latents.split(max_batch) if max_batch else (latents,)
         images = [self.vae.decode(c.to(self.dtype) / self.vae.config.scaling_factor).sample for c in chunks]
         return (torch.cat(images).float() / 2 + 0.5).clamp(0, 1)

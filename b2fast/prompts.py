@@ -10,6 +10,8 @@ splits so that every run and every rank sees the same prompts:
   test = atypical ones (40 each).
 - ``spatial``: "a {object} {relation} a {object}", 10 objects × 6 relations; every 4th of the
   540 combinations is held out for test (405 train, 135 test).
+- ``toy``, ``toy_attribute``, ``toy_two_object``, ``toy_spatial``: the toy world's coloured-shape
+  prompts (:mod:`b2fast.toy.grammar`), all templates or one, with its held-out combinations.
 
 A file is a JSON list of strings (any split gets the whole list), a JSON object
 ``{"train": [...], "test": [...]}``, or plain text with one prompt per line ('#' comments and
@@ -92,10 +94,23 @@ def _spatial() -> dict[str, list[str]]:
             "test": [p for i, p in enumerate(prompts) if i % 4 == 3]}
 
 
+def _toy(template: str | None) -> Callable[[], dict[str, list[str]]]:
+    """The toy world's prompts (b2fast.toy.grammar): one template, or all three."""
+    def sets() -> dict[str, list[str]]:
+        from b2fast.toy.grammar import TEMPLATES, prompts
+        templates = TEMPLATES if template is None else (template,)
+        return {split: [p for t in templates for p in prompts(t, split)] for split in ("train", "test")}
+    return sets
+
+
 _BUILTIN: dict[str, Callable[[], dict[str, list[str]]]] = {
     "animal_activity": _animal_activity,
     "color_fruit": _color_fruit,
     "spatial": _spatial,
+    "toy": _toy(None),
+    "toy_attribute": _toy("attribute"),
+    "toy_two_object": _toy("two_object"),
+    "toy_spatial": _toy("spatial"),
 }
 
 

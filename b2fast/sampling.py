@@ -107,3 +107,16 @@ def sample_branches(policy: Policy, prompts: list[str], prompt_ids: torch.Tensor
         prompt_ids=prompt_ids.to(device).repeat_interleave(K),
         prompts=[p for p in prompts for _ in range(K)],
         images=policy.decode(x, cfg.unet_batch))
+
+
+@torch.no_grad()
+def generate(policy: Policy, prompts: list[str], cfg: SamplingConfig,
+             generator: torch.Generator) -> torch.Tensor:
+    """Plain sampling of the whole chain, one independent x_T per prompt: images (N, 3, H, W)."""
+    cache_dtype = getattr(torch, cfg.cache_dtype)
+    cond = policy.embed(prompts)
+    x = torch.randn((len(prompts), *policy.latent_shape), generator=generator,
+                    device=policy.device).to(cache_dtype)
+    for i in range(policy.steps.num_steps):
+        x, _ = _denoise_step(policy, x, i, cond, cfg, cache_dtype, generator)
+    return policy.decode(x, cfg.unet_batch)

@@ -67,8 +67,7 @@ class Trainer:
         self.tensorboard = TensorBoardLogger(self.out) if cfg.log.tensorboard else None
 
     def _resume(self, path: str) -> None:
-        ckpt, state, lora = load_checkpoint(path)
-        self.policy.load_lora_state_dict(lora)
+        ckpt, state = load_checkpoint(path, self.policy)
         self.optimizer.load_state_dict(state.optimizer)
         self.history.load_state_dict(state.history)
         set_rng_state(state.rng)

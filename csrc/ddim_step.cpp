@@ -86,7 +86,8 @@ void run_step(const StepArgs<acc_t>& a, int64_t batch) {
     for (int64_t job = begin; job < end; ++job) {
       const int64_t b = job / a.blocks;
       const int64_t lo = (job % a.blocks) * kBlock;
-      a.partial[job] = step_block<in_t, out_t, acc_t>(a, b, lo, std::min(a.per_sample, lo + kBlock));
+      const int64_t hi = std::min(a.per_sample, lo + kBlock);
+      a.partial[job] = step_block<in_t, out_t, acc_t>(a, b, lo, hi);
     }
   });
 }
@@ -130,8 +131,8 @@ void check_ddim_step_args(const std::optional<at::Tensor>& eps_uncond,
               eps_cond.scalar_type(), " is not supported; ", floats);
   const auto device = eps_cond.device();
   auto check_like_eps = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.sym_sizes() == eps_cond.sym_sizes(), op, name, " must have the shape of eps_cond ",
-                eps_cond.sym_sizes(), ", got ", t.sym_sizes());
+    TORCH_CHECK(t.sym_sizes() == eps_cond.sym_sizes(), op, name,
+                " must have the shape of eps_cond ", eps_cond.sym_sizes(), ", got ", t.sym_sizes());
     TORCH_CHECK(is_supported_float(t.scalar_type()), op, name, " dtype ", t.scalar_type(),
                 " is not supported; ", floats);
     TORCH_CHECK(t.device() == device, op, name, " is on ", t.device(),
@@ -141,13 +142,15 @@ void check_ddim_step_args(const std::optional<at::Tensor>& eps_uncond,
   check_like_eps(x_t, "x_t");
   check_like_eps(noise, "noise");
   TORCH_CHECK(table.dim() == 2 && table.sym_size(1) == kTableColumns, op,
-              "table must be (S, 6) (see b2fast.schedule.build_step_table), got ", table.sym_sizes());
+              "table must be (S, 6) (see b2fast.schedule.build_step_table), got ",
+              table.sym_sizes());
   TORCH_CHECK(table.scalar_type() == at::kFloat || table.scalar_type() == at::kDouble, op,
               "table dtype ", table.scalar_type(), " is not supported; allowed: float32, float64");
   TORCH_CHECK(table.device() == device, op, "table is on ", table.device(), " but eps_cond is on ",
               device, "; all tensors must share one device");
   TORCH_CHECK(step_index.dim() == 1 && step_index.sym_size(0) == eps_cond.sym_size(0), op,
-              "step_index must be (B,) = (", eps_cond.sym_size(0), ",), got ", step_index.sym_sizes());
+              "step_index must be (B,) = (", eps_cond.sym_size(0), ",), got ",
+              step_index.sym_sizes());
   TORCH_CHECK(step_index.scalar_type() == at::kLong, op, "step_index dtype ",
               step_index.scalar_type(), " is not supported; allowed: int64");
   TORCH_CHECK(step_index.device() == device, op, "step_index is on ", step_index.device(),
@@ -155,7 +158,8 @@ void check_ddim_step_args(const std::optional<at::Tensor>& eps_uncond,
   TORCH_CHECK(is_supported_float(out_dtype), op, "out_dtype ", out_dtype,
               " is not supported; ", floats);
   TORCH_CHECK(!clip_sample_range.has_value() || *clip_sample_range > 0.0, op,
-              "clip_sample_range must be None (no clip) or > 0, got ", clip_sample_range.value_or(0.0));
+              "clip_sample_range must be None (no clip) or > 0, got ",
+              clip_sample_range.value_or(0.0));
 }
 
 std::tuple<at::Tensor, at::Tensor> ddim_step_with_logprob_cpu(
@@ -165,8 +169,8 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_with_logprob_cpu(
     std::optional<double> clip_sample_range, bool reduce_mean) {
   check_ddim_step_args(eps_uncond, eps_cond, x_t, noise, table, step_index, out_dtype,
                        clip_sample_range);
-  TORCH_CHECK(eps_cond.device().is_cpu(), "ddim_step_with_logprob_cpu: tensors must be on CPU, got ",
-              eps_cond.device());
+  TORCH_CHECK(eps_cond.device().is_cpu(),
+              "ddim_step_with_logprob_cpu: tensors must be on CPU, got ", eps_cond.device());
   const at::ScalarType compute = ddim_compute_dtype(eps_cond);
   // Inputs that share one dtype are read as they are (fp16/bf16 widened per element); mixed
   // dtypes are first converted to the compute dtype, exactly as the reference's .to(compute).

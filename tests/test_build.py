@@ -33,7 +33,8 @@ def test_extension_matches_package_when_built():
 
 
 def test_forcing_an_unknown_backend_is_a_clear_error():
-    with pytest.raises(ValueError, match="backend: unknown name 'fast'; allowed: cuda, triton, cpp, torch"):
+    allowed = "allowed: cuda, triton, cpp, torch, auto"
+    with pytest.raises(ValueError, match=f"backend: unknown name 'fast'; {allowed}"):
         ops.set_backend("fast")
 
 
@@ -75,9 +76,14 @@ def test_import_survives_a_broken_extension():
             "    warnings.simplefilter('always')\n"
             "    import b2fast, b2fast.ops\n"
             "print(b2fast.backends()['ddim_step_with_logprob'])\n"
-            "print(sum('b2fast._C not loaded' in str(x.message) for x in w))\n")
+            "print(sum('b2fast._C not loaded' in str(x.message) for x in w))\n"
+            "try:\n"
+            "    b2fast.ops.set_backend('cpp')\n"
+            "except RuntimeError as e:\n"
+            "    print(e)\n")
     proc = _run_python(code)
     assert proc.returncode == 0, proc.stderr
-    backend_line, warnings_count = proc.stdout.strip().splitlines()[-2:]
+    backend_line, warnings_count, error = proc.stdout.strip().splitlines()[-3:]
     assert backend_line.startswith("torch (cpp: b2fast._C not loaded (ImportError: undefined")
     assert warnings_count == "1"
+    assert error.startswith("backend 'cpp' is not available: b2fast._C not loaded")

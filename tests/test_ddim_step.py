@@ -17,7 +17,8 @@ from b2fast.schedule import build_step_table
 
 OP = "ddim_step_with_logprob"
 LIVE = ops.available_backends(OP, "cpu")
-needs_cpp = pytest.mark.skipif("cpp" not in LIVE, reason=f"cpp backend not live: {ops.backends('cpu')[OP]}")
+needs_cpp = pytest.mark.skipif("cpp" not in LIVE,
+                               reason=f"cpp backend not live: {ops.backends('cpu')[OP]}")
 # Stable Diffusion 1.x scheduler config (its scheduler_config.json), clip_sample off.
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
           beta_schedule="scaled_linear", set_alpha_to_one=False, steps_offset=1,
@@ -75,7 +76,10 @@ def truth_logprob(x_prev, mu, sigma, reduction="mean"):
 def make_inputs(shape, dtype, num_steps, seed, cfg=True):
     """Fresh random ε halves, latents ~2σ like SD's, noise, and a per-sample mix of steps."""
     g = torch.Generator().manual_seed(seed)
-    rand = lambda scale=1.0: (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)  # noqa: E731
+
+    def rand(scale=1.0):
+        return (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+
     eps_u = rand() if cfg else None
     eps_c, x_t, noise = rand(), rand(2.0), rand()
     step = torch.randint(0, num_steps, (shape[0],), generator=g)
@@ -93,7 +97,8 @@ def test_truth_and_ops_match_diffusers_ddim_step(backend, num_steps):
     sched = DDIMScheduler(**SD)
     sched.set_timesteps(num_steps)
     eps_u, eps_c, x_t, noise, step = make_inputs((6, 4, 8, 8), torch.float64, num_steps, seed=1)
-    x_prev, _ = ops.ddim_step_with_logprob(eps_u, eps_c, 7.5, x_t, noise, table, step, torch.float64)
+    x_prev, _ = ops.ddim_step_with_logprob(eps_u, eps_c, 7.5, x_t, noise, table, step,
+                                           torch.float64)
     _, _, x_truth = truth_step(eps_u, eps_c, 7.5, x_t, noise, ab_t[step], ab_prev[step], 1.0)
     eps = eps_u + 7.5 * (eps_c - eps_u)
     for b, i in enumerate(step.tolist()):
@@ -198,18 +203,30 @@ def test_deterministic_and_all_outputs_written(backend):
     """Poisoned outputs (deterministic mode fills torch.empty with NaN) and run-to-run equality,
     across thread counts (the C++ reduction uses fixed blocks, not per-thread partials)."""
     table, _, _ = schedule(20, eta=1.0, table_dtype=torch.float32)
-    inputs = make_inputs((3, 4, 67, 67), torch.float32, 20, seed=7)  # 17,956 > one 4,096 block
+    eps_u, eps_c, x_t, noise, step = make_inputs((3, 4, 67, 67), torch.float32, 20, seed=7)
+    args = (eps_u, eps_c, 5.0, x_t, noise, table, step, torch.float16)  # 17,956 > 4,096 elements
     threads = torch.get_num_threads()
     try:
         torch.use_deterministic_algorithms(True)
-        first = ops.ddim_step_with_logprob(*inputs[:2], 5.0, *inputs[2:4], table, inputs[4], torch.float16)
+        first = ops.ddim_step_with_logprob(*args)
         torch.set_num_threads(1)
-        second = ops.ddim_step_with_logprob(*inputs[:2], 5.0, *inputs[2:4], table, inputs[4], torch.float16)
+        second = ops.ddim_step_with_logprob(*args)
     finally:
         torch.use_deterministic_algorithms(False)
         torch.set_num_threads(threads)
     assert torch.isfinite(first[0]).all() and torch.isfinite(first[1]).all()
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_step_traces_under_torch_compile_fullgraph(backend):
+    """No graph break from backend choice or the op (CUDA-graph capture needs whole graphs)."""
+    torch._dynamo.reset()  # the backend is baked in at trace time: drop graphs of other backends
+    table, _, _ = schedule(20, eta=1.0, table_dtype=torch.float32)
+    eps_u, eps_c, x_t, noise, step = make_inputs((3, 4, 5, 7), torch.float32, 20, seed=10)
+    args = (eps_u, eps_c, 5.0, x_t, noise, table, step, torch.float16)
+    compiled = torch.compile(ops.ddim_step_with_logprob, backend="aot_eager", fullgraph=True)
+    for got, want in zip(compiled(*args), ops.ddim_step_with_logprob(*args)):
+        assert torch.equal(got, want)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,7 +293,8 @@ def test_branch_fork(cache_dtype):
     latents = torch.randn(3, 4, 5, 7)
     forked, groups = ops.branch_fork(latents, 5, cache_dtype)
     assert forked.shape == (15, 4, 5, 7) and forked.dtype == cache_dtype
-    assert groups.dtype == torch.int64 and groups.tolist() == [g for g in range(3) for _ in range(5)]
+    assert groups.dtype == torch.int64
+    assert groups.tolist() == [g for g in range(3) for _ in range(5)]
     for row in range(15):  # branch g*K + k is a copy of trunk g
         assert torch.equal(forked[row], latents[row // 5].to(cache_dtype))
     with pytest.raises(ValueError, match="branches must be an int >= 1"):

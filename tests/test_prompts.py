@@ -31,7 +31,18 @@ def test_animal_activity_has_one_train_activity_per_animal():
 
 
 def test_available_prompt_sets():
-    assert available_prompt_sets() == ["animal_activity", "color_fruit", "spatial"]
+    assert available_prompt_sets() == sorted(["animal_activity", "color_fruit", "spatial", "toy",
+                                              "toy_attribute", "toy_two_object", "toy_spatial"])
+
+
+def test_toy_sets_are_the_grammar_splits():
+    from b2fast.toy.grammar import prompts as toy_prompts
+    for template in ("attribute", "two_object", "spatial"):
+        for split in ("train", "test"):
+            assert load_prompts(f"toy_{template}", split) == toy_prompts(template, split)
+    train, test = load_prompts("toy", "train"), load_prompts("toy", "test")
+    assert len(train) == sum(len(toy_prompts(t, "train")) for t in ("attribute", "two_object", "spatial"))
+    assert not set(train) & set(test)
 
 
 def test_text_file_skips_blank_lines_and_comments(tmp_path):

@@ -39,7 +39,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def build_clip_tokenizer(folder: str | os.PathLike, words: Sequence[str] = ()):
+def build_clip_tokenizer(folder: str | os.PathLike, words: Sequence[str] = (), max_length: int = 77):
     """Write and return a CLIPTokenizer with byte symbols plus one merge chain per word."""
     from transformers import CLIPTokenizer
 
@@ -59,7 +59,8 @@ def build_clip_tokenizer(folder: str | os.PathLike, words: Sequence[str] = ()):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (folder / "merges.txt").write_text("".join(f"{m}\n" for m in ["#version: 0.2", *dict.fromkeys(merges)]))
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                              model_max_length=max_length)
     tokenizer.save_pretrained(folder)
     return tokenizer
 

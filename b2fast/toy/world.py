@@ -130,7 +130,8 @@ def _acceptable(scene: Scene, spec: PromptSpec) -> bool:
 
 def sample_scene(spec: PromptSpec | str, rng: np.random.Generator) -> Scene:
     """A random scene satisfying ``spec``: objects in prompt order, non-overlapping, with any
-    relation met by ``RELATION_MARGIN`` px (rejection sampling; ~10 tries for spatial)."""
+    relation met by ``RELATION_MARGIN`` px. Rejection sampling: about 10 tries for two objects
+    and 40 with a relation, ~0.3 ms a scene, cheap next to anything that consumes it."""
     if isinstance(spec, str):
         spec = parse(spec)
     for _ in range(MAX_TRIES):

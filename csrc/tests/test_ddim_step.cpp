@@ -60,15 +60,17 @@ Expected scalar_step(const at::Tensor& eu, const at::Tensor& ec, double w, const
   auto dbl = [](const at::Tensor& t) { return t.to(at::kDouble).contiguous(); };
   const at::Tensor c = dbl(ec), x = dbl(xt), n = dbl(z), s = dbl(stored);
   const at::Tensor u = eu.defined() ? dbl(eu) : at::Tensor();
-  const auto tab = table.to(at::kDouble).accessor<double, 2>();
+  const double* up = u.defined() ? u.data_ptr<double>() : nullptr;
+  const double *cp = c.data_ptr<double>(), *xp = x.data_ptr<double>();
+  const at::Tensor table64 = table.to(at::kDouble);
+  const auto tab = table64.accessor<double, 2>();
   Expected out{std::vector<double>(ec.numel()), std::vector<double>(batch)};
   for (int64_t b = 0; b < batch; ++b) {
     const auto* row = &tab[idx[b].item<int64_t>()][0];
     double sum = 0.0;
     for (int64_t k = b * per; k < (b + 1) * per; ++k) {
-      const double cc = c.data_ptr<double>()[k];
-      const double eps = u.defined() ? u.data_ptr<double>()[k] + w * (cc - u.data_ptr<double>()[k]) : cc;
-      const double x0 = (x.data_ptr<double>()[k] - row[b2fast::kSqrt1mAb] * eps) / row[b2fast::kSqrtAb];
+      const double eps = up ? up[k] + w * (cp[k] - up[k]) : cp[k];
+      const double x0 = (xp[k] - row[b2fast::kSqrt1mAb] * eps) / row[b2fast::kSqrtAb];
       const double mu = row[b2fast::kSqrtAbPrev] * x0 + row[b2fast::kDirCoef] * eps;
       const double sigma = row[b2fast::kSigma];
       out.x_prev[k] = mu + sigma * n.data_ptr<double>()[k];
@@ -102,8 +104,7 @@ void check_case(const std::vector<int64_t>& shape, at::ScalarType dtype, bool cf
       cfg ? std::optional<at::Tensor>(eu) : std::nullopt, ec, 5.0, xt, z, tab, idx, dtype,
       std::nullopt, true);
   const Expected want = scalar_step(eu, ec, 5.0, xt, z, tab, idx, x_prev);
-  const std::string name = std::string(c10::toString(dtype)) + " " + c10::str(shape) +
-                           (cfg ? " cfg" : " no-cfg");
+  const std::string name = c10::str(dtype, " ", c10::IntArrayRef(shape), cfg ? " cfg" : " no-cfg");
   expect(rel_err(x_prev, want.x_prev) < tol, name + ": x_prev vs scalar loop");
   expect(rel_err(log_prob, want.log_prob) < tol, name + ": log_prob vs scalar loop");
   expect(log_prob[0].item<double>() == 0.0, name + ": sigma = 0 gives log_prob 0");

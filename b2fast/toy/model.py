@@ -1,0 +1,70 @@
+"""The toy world's text-to-image model, in the same diffusers layout as Stable Diffusion.
+
+Pixel space, no VAE: the UNet denoises the 32×32 RGB canvas itself. That keeps the reward
+exact (the detector reads exactly what the sampler produced, with no decoder in between), saves
+pretraining a second model, and at 3×32×32 the "latent" is no larger than SD's 4×64×64 would be
+per unit of detail. The text side is a 2-layer CLIP text encoder over a word-level CLIP BPE
+vocabulary built from the prompt grammar, so every word of the toy language is one token.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from b2fast.testing.tiny_sd import build_clip_tokenizer
+from b2fast.toy.grammar import COLOURS, RELATIONS, SHAPES
+from b2fast.toy.world import CANVAS
+
+TEXT_LENGTH = 16  # the longest toy prompt, "a red circle left of a blue square", is 10 tokens
+SCHEDULER = dict(  # cosine betas suit 32×32 pixels; spacing and offset as in SD's scheduler
+    num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True,
+    clip_sample_range=1.0, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+    prediction_type="epsilon",
+)
+UNET = dict(
+    sample_size=CANVAS, in_channels=3, out_channels=3, layers_per_block=1,
+    block_out_channels=(32, 64, 64), norm_num_groups=16, cross_attention_dim=64,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=16,
+)
+
+
+def vocabulary() -> list[str]:
+    """Every word the toy grammar uses."""
+    words = {"a", "and", *COLOURS, *SHAPES}
+    for relation in RELATIONS:
+        words.update(relation.split())
+    return sorted(words)
+
+
+def build_toy_model(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Random-initialised toy model saved in diffusers layout (unet/, text_encoder/, tokenizer/, scheduler/)."""
+    import torch
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(folder / "tokenizer", vocabulary(), max_length=TEXT_LENGTH)
+    UNet2DConditionModel(**UNET).save_pretrained(folder / "unet")
+    text_config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                 num_attention_heads=4, num_hidden_layers=2,
+                                 max_position_embeddings=TEXT_LENGTH, projection_dim=64,
+                                 bos_token_id=len(tokenizer) - 2, eos_token_id=len(tokenizer) - 1,
+                                 pad_token_id=len(tokenizer) - 1)
+    CLIPTextModel(text_config).save_pretrained(folder / "text_encoder")
+    DDIMScheduler(**SCHEDULER).save_pretrained(folder / "scheduler")
+    write_model_index(folder)
+    return folder
+
+
+def write_model_index(folder: Path) -> None:
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": [None, None],
+             "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
+             "safety_checker": [None, None], "feature_extractor": [None, None],
+             "requires_safety_checker": False}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
