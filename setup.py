@@ -103,7 +103,7 @@ setup(
     # b2fast/* plus the top-level kernels/ folder (Triton), installed as b2fast.kernels.
     packages=find_packages(include=["b2fast", "b2fast.*"]) + ["b2fast.kernels"],
     package_dir={"b2fast.kernels": "kernels"},
-    package_data={"b2fast": ["configs/*.yaml"]},
+    package_data={"b2fast": ["configs/*.yaml", "toy/pretrained/*", "toy/pretrained/*/*"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
     zip_safe=False,

@@ -101,6 +101,16 @@ class RewardConfig:
 
 
 @dataclass
+class EvalConfig:
+    enabled: bool = _f(False, "evaluate alignment before training and after it, and print the table")
+    prompt_sets: list[str] = _f([], "prompt sets to evaluate (empty: the toy templates for a toy run, "
+                                "else prompts.source)")
+    splits: list[str] = _f(["train", "test"], "splits of each prompt set to evaluate")
+    images_per_prompt: int = _f(4, "images per prompt (same seeds before and after)")
+    prompts_per_set: int = _f(12, "prompts per set and split, spread evenly over the list (0 = all)")
+
+
+@dataclass
 class LogConfig:
     grid_every: int = _f(1, "write a sample grid PNG every this many stages (0 = never)")
     grid_images: int = _f(16, "images per sample grid")
@@ -122,6 +132,7 @@ class Config:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -292,6 +303,11 @@ def validate(cfg: Config) -> Config:
     for name in ("trajectories_per_step", "micro_batch", "epochs"):
         _check(getattr(t, name) >= 1, f"train.{name}", getattr(t, name), "an integer >= 1")
     _check(bool(cfg.reward.name), "reward.name", cfg.reward.name, "a reward name or 'module:function'")
+    ev = cfg.eval
+    _check(all(sp in ("train", "test") for sp in ev.splits) and bool(ev.splits), "eval.splits", ev.splits,
+           "a non-empty list of 'train' / 'test'")
+    _check(ev.images_per_prompt >= 1, "eval.images_per_prompt", ev.images_per_prompt, "an integer >= 1")
+    _check(ev.prompts_per_set >= 0, "eval.prompts_per_set", ev.prompts_per_set, "an integer >= 0")
     _check(lg.grid_every >= 0, "log.grid_every", lg.grid_every, "an integer >= 0")
     _check(lg.grid_images >= 1, "log.grid_images", lg.grid_images, "an integer >= 1")
     _check(cfg.keep_checkpoints >= 1, "keep_checkpoints", cfg.keep_checkpoints, "an integer >= 1")

@@ -43,11 +43,11 @@ def image_grid(images: torch.Tensor, columns: int = 0) -> np.ndarray:
     return grid
 
 
-def save_grid(path: str | Path, images: torch.Tensor, min_size: int = 256) -> None:
+def save_grid(path: str | Path, images: torch.Tensor, min_size: int = 256, columns: int = 0) -> None:
     """Write a PNG grid, upscaled with nearest neighbour so tiny images stay visible."""
     from PIL import Image
 
-    grid = Image.fromarray(image_grid(images))
+    grid = Image.fromarray(image_grid(images, columns))
     scale = max(1, min_size // max(grid.size))
     if scale > 1:
         grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)

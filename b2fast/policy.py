@@ -16,6 +16,7 @@ from b2fast.config import ModelConfig
 from b2fast.schedule import StepTable, build_step_table
 
 TINY_SD = "b2fast:tiny-sd"
+TOY = "b2fast:toy"  # the pretrained toy-world model shipped inside the package
 SD_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
 OPTIONAL_SUBFOLDERS = ("vae",)  # without a VAE the UNet works in pixel space (the toy world)
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -30,6 +31,9 @@ def resolve_model_path(path: str) -> str:
     if path == TINY_SD:
         from b2fast.testing.tiny_sd import cached_tiny_sd
         return str(cached_tiny_sd())
+    if path == TOY:
+        from b2fast.toy.model import pretrained_path
+        return str(pretrained_path())
     local = Path(path).expanduser()
     looks_local = path.startswith((".", "/", "~")) or local.exists() or path.count("/") != 1
     if not looks_local:

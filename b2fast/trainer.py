@@ -7,6 +7,7 @@ L_s steps → log, grid, checkpoint. All randomness is drawn from generators see
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 from b2fast.checkpoint import (TrainerState, load_checkpoint, rng_state, save_checkpoint,
                                save_lora_folder, set_rng_state)
 from b2fast.config import Config, dump_yaml, to_dict, validate
+from b2fast.evaluation import EvalRow, default_eval_sets, evaluate_sets, format_rows
 from b2fast.outputs import TensorBoardLogger, log_metrics, plot_reward_curve, save_grid, truncate_metrics
 from b2fast.policy import Policy
 from b2fast.prompts import load_prompts
@@ -130,9 +132,31 @@ class Trainer:
         if self.tensorboard:
             self.tensorboard.log(record)
 
+    # -- before/after evaluation ------------------------------------------------------------------
+    def evaluate(self, label: str) -> list[EvalRow]:
+        """Alignment table of the current weights (fixed seeds); grid of each set's first prompt."""
+        ev = self.cfg.eval
+        images: dict = {}
+        rows = evaluate_sets(self.policy, ev.prompt_sets or default_eval_sets(self.cfg.prompts.source),
+                             ev.splits, self.reward, self.cfg.sampling, ev.images_per_prompt,
+                             ev.prompts_per_set, self.cfg.seed, images)
+        first = torch.cat([v[:ev.images_per_prompt] for v in images.values()])
+        save_grid(self.out / "images" / f"{label}.png", first, columns=ev.images_per_prompt)
+        return rows
+
+    def _evaluation_before(self) -> list[EvalRow]:
+        """Evaluate the starting weights once; a resumed run reads the stored result."""
+        path = self.out / "eval_before.json"
+        if path.is_file():
+            return [EvalRow(**r) for r in json.loads(path.read_text())]
+        rows = self.evaluate("before")
+        atomic_write_text(path, json.dumps([r.as_dict() for r in rows], indent=1))
+        return rows
+
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> list[dict]:
         records = []
+        before = self._evaluation_before() if self.cfg.eval.enabled else None
         stages = range(self.start_stage, self.cfg.schedule.num_stages)
         for stage in tqdm(stages, desc="stages", disable=not self.cfg.log.progress):
             record = self.run_stage(stage)
@@ -140,6 +164,12 @@ class Trainer:
             tqdm.write(_summary_line(record))
         plot_reward_curve(self.out)
         save_lora_folder(self.policy, self.out / "lora")
+        if before is not None:
+            after = self.evaluate("after")
+            atomic_write_text(self.out / "eval.json", json.dumps(
+                {"before": [r.as_dict() for r in before], "after": [r.as_dict() for r in after]}, indent=1))
+            print("\nalignment before and after training (same seeds):\n"
+                  + format_rows({"before": before, "after": after}))
         if self.tensorboard:
             self.tensorboard.close()
         return records

@@ -10,15 +10,15 @@ from b2fast.config import apply_overrides, load_yaml
 from b2fast.train import main, preset_path
 from b2fast.trainer import Trainer
 
-TINY = ["--sampling.num_steps", "6", "--sampling.branches", "3", "--sampling.prompts_per_batch", "2",
+TINY = ["--config", str(preset_path("tiny_sd_jpeg.yaml")), "--sampling.num_steps", "6", "--sampling.branches", "3", "--sampling.prompts_per_batch", "2",
         "--sampling.batches_per_stage", "2", "--schedule.num_stages", "3", "--schedule.min_interval", "2",
         "--schedule.max_interval", "4", "--train.micro_batch", "16", "--train.trajectories_per_step", "4",
         "--train.lr", "1e-2", "--device", "cpu", "--log.progress", "false", "--log.grid_every", "1"]
 
 
 def _cfg(tiny_sd_path, out, *extra):
-    cfg = load_yaml(preset_path("default.yaml"))
-    return apply_overrides(cfg, [*TINY, "--model.path", tiny_sd_path, "--out", str(out), *extra])
+    cfg = load_yaml(preset_path("tiny_sd_jpeg.yaml"))
+    return apply_overrides(cfg, [*TINY[2:], "--model.path", tiny_sd_path, "--out", str(out), *extra])
 
 
 def test_cli_runs_three_stages_and_writes_outputs(tiny_sd_path, tmp_path):
