@@ -107,14 +107,20 @@ def save_tiny_sd(folder: str | os.PathLike, seed: int = 0, sample_size: int = 8,
     tiny_text_encoder(len(tokenizer)).save_pretrained(folder / "text_encoder")
     tiny_vae().save_pretrained(folder / "vae")
     DDIMScheduler(**SD_SCHEDULER).save_pretrained(folder / "scheduler")
+    write_model_index(folder, with_vae=True)
+    return folder
+
+
+def write_model_index(folder: Path, with_vae: bool) -> None:
+    """model_index.json, so ``StableDiffusionPipeline.from_pretrained(folder)`` also works."""
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"] if with_vae else [None, None],
              "text_encoder": ["transformers", "CLIPTextModel"],
              "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
              "safety_checker": [None, None], "feature_extractor": [None, None],
              "requires_safety_checker": False}
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    return folder
+    (Path(folder) / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
 def cached_tiny_sd(seed: int = 0) -> Path:

@@ -8,11 +8,10 @@ vocabulary built from the prompt grammar, so every word of the toy language is o
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from b2fast.testing.tiny_sd import build_clip_tokenizer
+from b2fast.testing.tiny_sd import build_clip_tokenizer, write_model_index
 from b2fast.toy.grammar import COLOURS, RELATIONS, SHAPES
 from b2fast.toy.world import CANVAS
 
@@ -68,15 +67,5 @@ def build_toy_model(folder: str | os.PathLike, seed: int = 0) -> Path:
                                  pad_token_id=len(tokenizer) - 1)
     CLIPTextModel(text_config).save_pretrained(folder / "text_encoder")
     DDIMScheduler(**SCHEDULER).save_pretrained(folder / "scheduler")
-    write_model_index(folder)
+    write_model_index(folder, with_vae=False)
     return folder
-
-
-def write_model_index(folder: Path) -> None:
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": [None, None],
-             "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
-             "safety_checker": [None, None], "feature_extractor": [None, None],
-             "requires_safety_checker": False}
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))

@@ -1,0 +1,278 @@
+"""``python -m b2fast.eval``: score base and LoRA weights on prompt sets, with the same seeds.
+
+    python -m b2fast.eval                                   # the toy model on the three toy sets
+    python -m b2fast.eval --lora runs/x                     # base vs the run's trained LoRA
+    python -m b2fast.eval --model b2fast:tiny-sd --prompts my_prompts.txt --reward jpeg_compressibility
+    python -m b2fast.eval --lora runs/x --out runs/x/eval   # also write eval.json, eval.csv, grids
+
+The policy is loaded once; the base column is sampled with the fresh adapter (LoRA B = 0, so
+exactly the base model), then the LoRA is loaded and the same seeds are sampled again, so the
+two columns differ only by the LoRA. Bad arguments stop before any model loads, with a
+one-line message naming the argument (exit code 2).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+from b2fast.config import DTYPES, ModelConfig, SamplingConfig
+
+DEFAULT_MODEL = "b2fast:toy"
+DEFAULT_SETS = ("toy_attribute", "toy_two_object", "toy_spatial")  # = evaluation.TOY_SETS, without torch
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"              # = policy.LORA_WEIGHTS_NAME
+
+
+class ArgumentError(ValueError):
+    """A command-line argument is invalid; the message names it."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one 'error:' line from main, instead of usage + SystemExit
+        raise ArgumentError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m b2fast.eval", formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="Sample fixed-seed images per prompt from the base weights (and, with --lora, the\n"
+                            "trained weights, same seeds) and report the mean reward, the success rate\n"
+                            "(reward >= 1) and the diversity per prompt set and split.",
+                epilog="examples:\n" + __doc__.split("\n\n")[1])  # the usage lines of the docstring
+    add = p.add_argument
+    add("--model", help="hub id, diffusers folder, 'b2fast:tiny-sd' or 'b2fast:toy' (default: the model of "
+                        f"the --lora run when it has a config.yaml, else {DEFAULT_MODEL!r})")
+    add("--lora", metavar="DIR", help="LoRA folder (holding pytorch_lora_weights.safetensors), checkpoint "
+                                      "folder, or run folder of b2fast.train (its lora/, else its latest checkpoint)")
+    add("--prompts", nargs="+", default=list(DEFAULT_SETS), metavar="SET_OR_FILE",
+        help="built-in prompt set names and/or prompt files (default: %(default)s)")
+    add("--splits", nargs="+", default=["train", "test"], metavar="SPLIT",
+        help="splits of each set: train, test or all; a plain-list file gives its whole list to each (default: %(default)s)")
+    add("--reward", default="toy_align", help="registered reward name or 'module:function' (default: %(default)s)")
+    add("--reward-options", default="", metavar="MAPPING",
+        help="reward keyword options as a YAML/JSON mapping, e.g. '{quality: 80}'")
+    add("--images-per-prompt", type=int, default=4, metavar="N", help="images per prompt (default: %(default)s)")
+    add("--prompts-per-set", type=int, default=12, metavar="N",
+        help="prompts per set and split, spread evenly over the list; 0 = all (default: %(default)s)")
+    add("--seed", type=int, default=0, help="noise seed, shared by both columns (default: %(default)s)")
+    add("--num-steps", type=int, default=20, metavar="S", help="DDIM steps (default: %(default)s)")
+    add("--guidance-scale", type=float, default=5.0, metavar="W", help="CFG scale (default: %(default)s)")
+    add("--eta", type=float, default=1.0, help="DDIM eta (default: %(default)s)")
+    add("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N' (default: %(default)s)")
+    add("--dtype", default="float32", help=f"base weights dtype, one of {', '.join(DTYPES)} (default: %(default)s)")
+    add("--out", metavar="DIR", help="write eval.json, eval.csv and grid_<set>_<split>_<column>.png here "
+                                     "(default: print the table only)")
+    return p
+
+
+def _require(ok: bool, name: str, value, allowed: str) -> None:
+    if not ok:
+        raise ArgumentError(f"{name}: got {value!r}, expected {allowed}")
+
+
+def validate_args(a: argparse.Namespace) -> argparse.Namespace:
+    """Range checks of the plain arguments (paths, sets and rewards are checked when resolved)."""
+    _require(a.images_per_prompt >= 1, "--images-per-prompt", a.images_per_prompt, "an integer >= 1")
+    _require(a.prompts_per_set >= 0, "--prompts-per-set", a.prompts_per_set, "an integer >= 0 (0 = all)")
+    _require(a.num_steps >= 1, "--num-steps", a.num_steps, "an integer >= 1")
+    _require(a.guidance_scale >= 0, "--guidance-scale", a.guidance_scale, "a number >= 0")
+    _require(0 <= a.eta <= 1, "--eta", a.eta, "a number in [0, 1]")
+    _require(a.dtype in DTYPES, "--dtype", a.dtype, f"one of {DTYPES}")
+    _require(a.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", a.device) is not None,
+             "--device", a.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    for split in a.splits:
+        _require(split in ("train", "test", "all"), "--splits", split, "'train', 'test' or 'all'")
+    return a
+
+
+def parse_reward_options(text: str) -> dict:
+    if not text.strip():
+        return {}
+    try:
+        options = yaml.safe_load(text)  # JSON is YAML
+    except yaml.YAMLError:
+        options = None
+    _require(isinstance(options, dict), "--reward-options", text, "a YAML/JSON mapping like '{quality: 80}'")
+    return options
+
+
+def resolve_lora(path: str) -> Path:
+    """The folder holding the LoRA weights file, for a LoRA, checkpoint or run folder."""
+    folder = Path(path).expanduser()
+    if folder.is_file() and folder.name == LORA_WEIGHTS_NAME:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ArgumentError(f"--lora: no such folder {path!r}")
+    latest = folder / "checkpoints" / "latest"
+    candidates = [folder, folder / "lora"]
+    if latest.is_file():
+        candidates.append(folder / "checkpoints" / latest.read_text().strip())
+    for candidate in candidates:
+        if (candidate / LORA_WEIGHTS_NAME).is_file():
+            return candidate
+    raise ArgumentError(f"--lora: {path!r} holds no {LORA_WEIGHTS_NAME}, lora/ or checkpoints/latest; give a "
+                        "LoRA folder, a checkpoint folder or a run folder of b2fast.train")
+
+
+def run_model_section(lora: Path) -> dict:
+    """The ``model`` section of the run that wrote ``lora`` (run/lora, run/checkpoints/stage-N), or {}."""
+    for folder in (lora, lora.parent, lora.parent.parent):
+        config = folder / "config.yaml"
+        if config.is_file():
+            try:
+                tree = yaml.safe_load(config.read_text(encoding="utf-8"))
+            except yaml.YAMLError:
+                return {}
+            model = tree.get("model") if isinstance(tree, dict) else None
+            return model if isinstance(model, dict) else {}
+    return {}
+
+
+def model_config(args: argparse.Namespace, lora: Path | None) -> ModelConfig:
+    """--model and --dtype, with the LoRA's rank/alpha/targets taken from its run when known."""
+    run = run_model_section(lora) if lora else {}
+    cfg = ModelConfig(path=args.model or run.get("path") or DEFAULT_MODEL, dtype=args.dtype)
+    for name in ("lora_rank", "lora_alpha", "lora_targets"):
+        if name in run:
+            setattr(cfg, name, run[name])
+    return cfg
+
+
+def plan_sets(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
+    """(label, split, prompts) per prompt set and split; a file's label is its file name stem."""
+    from b2fast.evaluation import pick_prompts
+    from b2fast.prompts import available_prompt_sets, load_prompts
+
+    plan = []
+    for source in args.prompts:
+        builtin = source in available_prompt_sets()
+        _require(builtin or Path(source).is_file(), "--prompts", source,
+                 f"a built-in prompt set {available_prompt_sets()} or an existing file")
+        label = source if builtin else re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source).stem)
+        for split in args.splits:
+            prompts = pick_prompts(load_prompts(source, split, section="prompts"), args.prompts_per_set)
+            plan.append((label, split, prompts))
+    return plan
+
+
+def evaluate_column(policy, plan, reward, cfg: SamplingConfig, args, column: str, out: Path | None) -> list:
+    """One EvalRow per (set, split); with ``out``, a grid per (set, split): one row per prompt."""
+    from b2fast.evaluation import EvalRow, evaluate_prompts
+
+    rows = []
+    for label, split, prompts in plan:
+        score, success, div, images = evaluate_prompts(policy, prompts, reward, cfg, args.images_per_prompt, args.seed)
+        rows.append(EvalRow(label, split, len(prompts), images.shape[0], score, success, div))
+        if out is not None:
+            save_rows_grid(out / f"grid_{label}_{split}_{column}.png", images, args.images_per_prompt)
+    return rows
+
+
+def save_rows_grid(path: Path, images, columns: int, min_size: int = 256) -> None:
+    """PNG grid with ``columns`` images per row (one prompt per row), nearest-upscaled if tiny."""
+    from PIL import Image
+
+    from b2fast.outputs import image_grid
+    from b2fast.utils import atomic_write
+
+    grid = Image.fromarray(image_grid(images, columns))
+    scale = max(1, min_size // max(grid.size))
+    if scale > 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+
+
+def write_results(out: Path, columns: dict, plan, arguments: dict) -> None:
+    """eval.json (arguments, prompts, rows per column) and eval.csv (one line per set/split/column)."""
+    from b2fast.utils import atomic_write_text
+
+    record = {"arguments": arguments,
+              "prompts": [{"prompt_set": label, "split": split, "prompts": prompts} for label, split, prompts in plan],
+              "columns": {name: [r.as_dict() for r in rows] for name, rows in columns.items()}}
+    atomic_write_text(out / "eval.json", json.dumps(record, indent=2) + "\n")
+    fields = ["prompt_set", "split", "column", "n_prompts", "n_images", "score", "success", "diversity"]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for i in range(len(plan)):
+        for name, rows in columns.items():
+            writer.writerow({**rows[i].as_dict(), "column": name})
+    atomic_write_text(out / "eval.csv", text.getvalue())
+
+
+def prepare(argv: list[str]):
+    """argv → (args, ModelConfig, LoRA folder or None, plan, reward options); no model loaded."""
+    args = validate_args(_parser().parse_args(argv))
+    lora = resolve_lora(args.lora) if args.lora else None
+    options = parse_reward_options(args.reward_options)
+    return args, model_config(args, lora), lora, plan_sets(args), options
+
+
+def load_models(args, model_cfg: ModelConfig, lora: Path | None, options: dict):
+    """(device, reward, policy with base weights, trained LoRA state or None); LoRA errors here."""
+    import torch
+
+    from b2fast.policy import Policy, resolve_model_path
+    from b2fast.rewards import build_reward
+    from b2fast.trainer import resolve_device
+
+    device = resolve_device(args.device)
+    resolve_model_path(model_cfg.path)  # a bad path fails here, before the reward model loads
+    reward = build_reward(args.reward, options, device)
+    torch.manual_seed(args.seed)  # adapter init; its B = 0, so the base column is the base model
+    policy = Policy(model_cfg, device, args.num_steps, args.eta)
+    if lora is None:
+        return device, reward, policy, None
+    base = policy.lora_state_dict()
+    try:
+        policy.load_lora(lora)
+    except Exception as exc:  # mismatched or corrupt weights are the same problem to the user
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise ArgumentError(f"--lora: cannot load {str(lora)!r} into {model_cfg.path!r} ({reason})") from None
+    trained = policy.lora_state_dict()
+    policy.load_lora_state_dict(base)
+    return device, reward, policy, trained
+
+
+def evaluate(args, policy, reward, trained: dict | None, plan) -> dict:
+    """{"base": rows} and, with a LoRA, {"trained": rows}: the same seeds for both columns."""
+    cfg = SamplingConfig(num_steps=args.num_steps, guidance_scale=args.guidance_scale, eta=args.eta)
+    out = Path(args.out) if args.out else None
+    columns = {"base": evaluate_column(policy, plan, reward, cfg, args, "base", out)}
+    if trained is not None:
+        policy.load_lora_state_dict(trained)
+        columns["trained"] = evaluate_column(policy, plan, reward, cfg, args, "trained", out)
+    return columns
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args, model_cfg, lora, plan, options = prepare(argv)
+        from b2fast import backends
+        print(f"b2fast: backends {backends()}")
+        device, reward, policy, trained = load_models(args, model_cfg, lora, options)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except (ValueError, FileNotFoundError) as exc:  # bad argument, model, LoRA, prompts or reward
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from b2fast.evaluation import format_rows
+
+    print(f"model {model_cfg.path}" + (f", LoRA {lora}" if lora else "") + f", device {device}")
+    columns = evaluate(args, policy, reward, trained, plan)
+    print(format_rows(columns))
+    if args.out:
+        arguments = {**vars(args), "model": model_cfg.path, "lora": str(lora) if lora else None}
+        write_results(Path(args.out), columns, plan, arguments)
+        print(f"wrote eval.json, eval.csv and grids to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
