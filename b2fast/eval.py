@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from b2fast.config import DTYPES, ModelConfig, SamplingConfig
+from b2fast.config import DTYPES, Config, ModelConfig, SamplingConfig, apply_dict
 
 DEFAULT_MODEL = "b2fast:toy"
 DEFAULT_SETS = ("toy_attribute", "toy_two_object", "toy_spatial")  # = evaluation.TOY_SETS, without torch
@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--prompts", nargs="+", default=list(DEFAULT_SETS), metavar="SET_OR_FILE",
         help="built-in prompt set names and/or prompt files (default: %(default)s)")
     add("--splits", nargs="+", default=["train", "test"], metavar="SPLIT",
-        help="splits of each set: train, test or all; a plain-list file gives its whole list to each (default: %(default)s)")
+        help="splits of each set: train, test or all; a file holding one plain list gives it to every split "
+             "(default: %(default)s)")
     add("--reward", default="toy_align", help="registered reward name or 'module:function' (default: %(default)s)")
     add("--reward-options", default="", metavar="MAPPING",
         help="reward keyword options as a YAML/JSON mapping, e.g. '{quality: 80}'")
@@ -134,12 +135,12 @@ def run_model_section(lora: Path) -> dict:
 
 
 def model_config(args: argparse.Namespace, lora: Path | None) -> ModelConfig:
-    """--model and --dtype, with the LoRA's rank/alpha/targets taken from its run when known."""
+    """--model and --dtype, with the LoRA's rank/alpha/targets (and model) from its run when known."""
     run = run_model_section(lora) if lora else {}
-    cfg = ModelConfig(path=args.model or run.get("path") or DEFAULT_MODEL, dtype=args.dtype)
-    for name in ("lora_rank", "lora_alpha", "lora_targets"):
-        if name in run:
-            setattr(cfg, name, run[name])
+    keep = ("lora_rank", "lora_alpha", "lora_targets") + (() if args.model else ("path", "revision"))
+    cfg = apply_dict(Config(), {"model": {k: run[k] for k in keep if k in run}}).model  # type-checked
+    cfg.path = args.model or run.get("path") or DEFAULT_MODEL
+    cfg.dtype = args.dtype
     return cfg
 
 

@@ -38,7 +38,7 @@ def pretrained_path() -> Path:
     folder = Path(str(resources.files("b2fast.toy") / "pretrained"))
     if not (folder / "unet").is_dir():
         raise ValueError(f"model.path: the toy model is not installed at {folder.name}/; "
-                                "train one with `python -m b2fast.toy.pretrain --out DIR` and pass --model.path DIR")
+                                "train one with `python -m b2fast.toy.pretrain --out DIR` and give DIR as the model path")
     return folder
 
 
