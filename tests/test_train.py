@@ -95,3 +95,17 @@ def test_help_lists_config_fields():
     result = _run_cli("--help")
     assert result.returncode == 0
     assert "--train.lr" in result.stdout and "--sampling.cache_dtype" in result.stdout
+
+
+def test_tensorboard_logging_or_a_clear_error(tmp_path):
+    from b2fast.outputs import TensorBoardLogger
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="log.tensorboard"):
+            TensorBoardLogger(tmp_path)
+        return
+    logger = TensorBoardLogger(tmp_path)
+    logger.log({"stage": 0, "reward_mean": 0.5, "loss": None})
+    logger.close()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
