@@ -50,13 +50,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_lora_folder(policy, folder: str | os.PathLike) -> Path:
-    """Write the LoRA weights alone into ``folder`` (replacing it whole, atomically)."""
-    folder = Path(folder)
+def _write_folder(folder: Path, fill) -> Path:
+    """Call ``fill(tmp)`` on a temporary sibling folder, then put it in place of ``folder``."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        policy.save_lora(tmp)
+        fill(tmp)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -65,21 +64,21 @@ def save_lora_folder(policy, folder: str | os.PathLike) -> Path:
     return folder
 
 
+def save_lora_folder(policy, folder: str | os.PathLike) -> Path:
+    """Write the LoRA weights alone into ``folder`` (replacing it whole, atomically)."""
+    return _write_folder(Path(folder), policy.save_lora)
+
+
 def save_checkpoint(root: str | os.PathLike, policy, state: TrainerState, keep: int) -> Path:
     """Write ``root/checkpoints/stage-NNNNNN`` atomically and prune to the ``keep`` newest."""
     ckpt_dir = Path(root) / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     name = f"stage-{state.stage:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ckpt_dir))
-    try:
+
+    def fill(tmp: Path) -> None:
         policy.save_lora(tmp)
         torch.save(state.__dict__, tmp / STATE_NAME)
-        final = ckpt_dir / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    final = _write_folder(ckpt_dir / name, fill)
     atomic_write_text(ckpt_dir / LATEST, name + "\n")
     for old in sorted(ckpt_dir.glob("stage-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
