@@ -36,7 +36,8 @@ from setuptools import find_packages, setup
 
 try:
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    from torch.utils import cpp_extension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 except ImportError:
     sys.exit("b2fast: torch must be installed before building b2fast; install torch, then run "
              "`pip install --no-build-isolation -e .`")
@@ -54,6 +55,25 @@ def read_version() -> str:
 def sources(pattern: str) -> list[str]:
     """Sorted source paths relative to setup.py, as setuptools requires."""
     return sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(pattern))
+
+
+def find_cuda_home() -> str | None:
+    """The CUDA toolkit root.  torch guesses it from the first nvcc on PATH, which is wrong when
+    that nvcc is a wrapper script (/usr/local/bin/nvcc gives /usr/local, where libcudart is not);
+    as in CMakeLists.txt, take the first of torch's guess, $CUDA_HOME, $CUDA_PATH and
+    /usr/local/cuda that holds include/cuda_runtime.h."""
+    guess = cpp_extension.CUDA_HOME
+    if torch.version.cuda is None:
+        return guess
+    candidates = (guess, os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda")
+    for root in candidates:
+        if root and (Path(root) / "include" / "cuda_runtime.h").exists():
+            return root
+    return guess
+
+
+# torch's include, library and nvcc paths all derive from cpp_extension.CUDA_HOME.
+CUDA_HOME = cpp_extension.CUDA_HOME = find_cuda_home()
 
 
 def want_cuda(cuda_sources: list[str]) -> bool:

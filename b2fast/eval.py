@@ -23,10 +23,11 @@ from pathlib import Path
 import yaml
 
 from b2fast.config import DTYPES, Config, ModelConfig, SamplingConfig, apply_dict
+from b2fast.prompts import TOY_SETS
+from b2fast.utils import LORA_WEIGHTS_NAME
 
 DEFAULT_MODEL = "b2fast:toy"
-DEFAULT_SETS = ("toy_attribute", "toy_two_object", "toy_spatial")  # = evaluation.TOY_SETS, without torch
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"              # = policy.LORA_WEIGHTS_NAME
+DEFAULT_SETS = TOY_SETS
 
 
 class ArgumentError(ValueError):
@@ -164,28 +165,15 @@ def plan_sets(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
 def evaluate_column(policy, plan, reward, cfg: SamplingConfig, args, column: str, out: Path | None) -> list:
     """One EvalRow per (set, split); with ``out``, a grid per (set, split): one row per prompt."""
     from b2fast.evaluation import EvalRow, evaluate_prompts
+    from b2fast.outputs import save_grid
 
     rows = []
     for label, split, prompts in plan:
         score, success, div, images = evaluate_prompts(policy, prompts, reward, cfg, args.images_per_prompt, args.seed)
         rows.append(EvalRow(label, split, len(prompts), images.shape[0], score, success, div))
         if out is not None:
-            save_rows_grid(out / f"grid_{label}_{split}_{column}.png", images, args.images_per_prompt)
+            save_grid(out / f"grid_{label}_{split}_{column}.png", images, columns=args.images_per_prompt)
     return rows
-
-
-def save_rows_grid(path: Path, images, columns: int, min_size: int = 256) -> None:
-    """PNG grid with ``columns`` images per row (one prompt per row), nearest-upscaled if tiny."""
-    from PIL import Image
-
-    from b2fast.outputs import image_grid
-    from b2fast.utils import atomic_write
-
-    grid = Image.fromarray(image_grid(images, columns))
-    scale = max(1, min_size // max(grid.size))
-    if scale > 1:
-        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
-    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 def write_results(out: Path, columns: dict, plan, arguments: dict) -> None:

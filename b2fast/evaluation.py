@@ -13,11 +13,10 @@ import torch.nn.functional as F
 
 from b2fast.config import SamplingConfig
 from b2fast.policy import Policy
-from b2fast.prompts import load_prompts
+from b2fast.prompts import TOY_SETS, load_prompts
 from b2fast.rewards import Reward, score_images
 from b2fast.sampling import generate
 
-TOY_SETS = ("toy_attribute", "toy_two_object", "toy_spatial")
 
 
 @dataclass

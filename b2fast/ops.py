@@ -6,18 +6,20 @@ Backends, best first (DESIGN §3):
 name       what                                                        serves tensors on
 =========  ==========================================================  ================
 ``cuda``   CUDA kernels of the compiled extension ``b2fast._C``        cuda
-``triton`` Triton kernels in ``b2fast.kernels`` (none yet)             cuda
+``triton`` Triton kernels in ``b2fast.kernels``                       cuda (cpu: tests)
 ``cpp``    C++ CPU kernels of ``b2fast._C``                            cpu
 ``torch``  the plain-PyTorch reference (:mod:`b2fast.reference`)      any
 =========  ==========================================================  ================
 
 By default each call takes the best backend that has a kernel for the op on the tensors'
-device, else the reference. ``B2FAST_BACKEND=<name>`` or :func:`set_backend` forces one backend
+device, else the reference. Under ``TRITON_INTERPRET=1`` the Triton kernels also run on CPU
+tensors (slowly, for tests); they are then used on the CPU only when forced. ``B2FAST_BACKEND=<name>`` or :func:`set_backend` forces one backend
 (ops it has no kernel for at all use the reference); if the forced backend cannot serve a call,
 the call raises a one-line error saying why. :func:`backends` says what is live.
 
 The compiled ops are reached as ``torch.ops.b2fast.<op>``, have Meta kernels and pass
 ``torch.library.opcheck``. The step index stays a device tensor: no op reads it on the host.
+``cfg_combine`` has no kernel of its own: every kernel fuses it into the step it feeds.
 """
 from __future__ import annotations
 
@@ -53,28 +55,106 @@ _forced: str | None = None
 _forced_by = ""
 
 
-def _extension_op(op: str):
-    """``torch.ops.b2fast.<op>``: one registered op serves both its CPU and CUDA kernels."""
-    return getattr(torch.ops.b2fast, op)
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
-def _ddim_step_compiled(eps_uncond, eps_cond, guidance_scale, x_t, noise, table, step_index,
-                        cache_dtype, clip_sample_range, reduction):
-    clip = None if clip_sample_range is None else float(clip_sample_range)
-    return _extension_op("ddim_step_with_logprob")(
-        eps_uncond, eps_cond, float(guidance_scale), x_t, noise, table, step_index, cache_dtype,
-        clip, reduction == "mean")
+@functools.lru_cache(maxsize=None)
+def _load_triton() -> str:
+    """Register the Triton kernels as ``torch.ops.b2fast_triton.*``; returns why not, or ''.
+    Runs on first use: triton is optional and slow to import."""
+    try:
+        import b2fast.kernels.library  # noqa: F401
+    except Exception as exc:  # not installed, or no working backend for this platform
+        return f"Triton kernels not importable ({type(exc).__name__}: {exc}); `pip install triton`"
+    _register_logprob_autograd("b2fast_triton")
+    return ""
 
 
-# op → backend → implementation with the op's public signature.
+# Each kernel backend registers the same op schemas (csrc/*.h) in its own namespace.
+_NAMESPACES = {"cuda": "b2fast", "cpp": "b2fast", "triton": "b2fast_triton"}
+
+
+def _registered(backend: str, op: str):
+    """``torch.ops.<namespace>.<op>`` of a kernel backend."""
+    return getattr(getattr(torch.ops, _NAMESPACES[backend]), op)
+
+
+def _clip(clip_sample_range) -> float | None:
+    return None if clip_sample_range is None else float(clip_sample_range)
+
+
+def _ddim_step_kernel(backend: str):
+    def call(eps_uncond, eps_cond, guidance_scale, x_t, noise, table, step_index, cache_dtype,
+             clip_sample_range, reduction):
+        return _registered(backend, "ddim_step_with_logprob")(
+            eps_uncond, eps_cond, float(guidance_scale), x_t, noise, table, step_index,
+            cache_dtype, _clip(clip_sample_range), reduction == "mean")
+    return call
+
+
+def _ddim_logprob_kernel(backend: str):
+    def call(eps_uncond, eps_cond, guidance_scale, x_t, x_prev, table, step_index,
+             clip_sample_range, reduction):
+        return _registered(backend, "ddim_logprob")(
+            eps_uncond, eps_cond, float(guidance_scale), x_t, x_prev, table, step_index,
+            _clip(clip_sample_range), reduction == "mean")
+    return call
+
+
+def _branch_fork_kernel(backend: str):
+    def call(latents, branches, out, group_ids):
+        _registered(backend, "branch_fork_out")(latents, branches, out, group_ids)
+    return call
+
+
+def _branch_fork_reference(latents, branches, out, group_ids):
+    forked, groups = reference.branch_fork(latents, branches, out.dtype)
+    out.copy_(forked)
+    group_ids.copy_(groups)
+
+
+def _register_logprob_autograd(namespace: str) -> None:
+    """Make ``<namespace>::ddim_logprob`` differentiable through its backward kernel, which
+    recomputes μ from the saved inputs (nothing else is kept for backward)."""
+    backward_op = getattr(getattr(torch.ops, namespace), "ddim_logprob_backward")
+
+    def setup_context(ctx, inputs, output):
+        eps_uncond, eps_cond, w, x_t, x_prev, table, step_index, clip, reduce_mean = inputs
+        ctx.has_uncond = eps_uncond is not None
+        ctx.save_for_backward(eps_uncond if ctx.has_uncond else eps_cond, eps_cond, x_t, x_prev,
+                              table, step_index)
+        ctx.scalars = (w, clip, reduce_mean)
+
+    def backward(ctx, grad_log_prob):
+        eps_uncond, eps_cond, x_t, x_prev, table, step_index = ctx.saved_tensors
+        w, clip, reduce_mean = ctx.scalars
+        grad_uncond, grad_cond = backward_op(
+            grad_log_prob.contiguous(), eps_uncond if ctx.has_uncond else None, eps_cond, w,
+            x_t, x_prev, table, step_index, clip, reduce_mean)
+        return (grad_uncond if ctx.has_uncond else None, grad_cond) + (None,) * 7
+
+    torch.library.register_autograd(f"{namespace}::ddim_logprob", backward,
+                                    setup_context=setup_context)
+
+
+if _C is not None and torch._C._dispatch_has_kernel("b2fast::ddim_logprob_backward"):
+    _register_logprob_autograd("b2fast")
+
+
+# op → backend → implementation with the op's public signature (branch_fork: its out= form).
 _IMPLS = {
     "cfg_combine": {"torch": reference.cfg_combine},
-    "ddim_step_with_logprob": {"cuda": _ddim_step_compiled, "cpp": _ddim_step_compiled,
+    "ddim_step_with_logprob": {**{b: _ddim_step_kernel(b) for b in ("cuda", "triton", "cpp")},
                                "torch": reference.ddim_step_with_logprob},
-    # Training log-prob: the reference is autograd-exact (its gradient is elementwise).
-    "ddim_logprob": {"torch": reference.ddim_logprob},
-    "branch_fork": {"torch": reference.branch_fork},
+    "ddim_logprob": {**{b: _ddim_logprob_kernel(b) for b in ("cuda", "triton", "cpp")},
+                     "torch": reference.ddim_logprob},
+    "branch_fork": {**{b: _branch_fork_kernel(b) for b in ("cuda", "triton", "cpp")},
+                    "torch": _branch_fork_reference},
 }
+# Name of the registered op behind each op (cpp/cuda backends).
+_REGISTERED = {"ddim_step_with_logprob": "ddim_step_with_logprob",
+               "ddim_logprob": "ddim_logprob", "branch_fork": "branch_fork_out"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,7 +168,7 @@ def _backend_unavailable(name: str) -> str | None:
     if name == "torch":
         return None
     if name == "triton":
-        return "no Triton kernels in b2fast.kernels yet"
+        return _load_triton() or None
     if _C is None:
         return _C_ERROR
     if name == "cuda" and not _C.has_cuda():
@@ -98,18 +178,32 @@ def _backend_unavailable(name: str) -> str | None:
     return None
 
 
+def _serves(name: str, device_type: str, forced: bool) -> bool:
+    """Does kernel backend ``name`` run on ``device_type``?  The Triton interpreter runs on the
+    CPU, but only for a forced choice: it is far slower than the C++ kernels."""
+    if name == "triton" and device_type == "cpu":
+        return forced and _triton_interpreting()
+    return _SERVES[name] == device_type
+
+
 @functools.lru_cache(maxsize=None)
-def _kernel_missing(op: str, name: str, device_type: str) -> str | None:
+def _kernel_missing(op: str, name: str, device_type: str, forced: bool = False) -> str | None:
     """Why backend ``name`` has no kernel for ``op`` on ``device_type``, or None if it has one."""
     if name == "torch":
         return None
     if name not in _IMPLS[op]:
         return f"no {name} kernel for {op}"
-    if _SERVES[name] != device_type:
-        return f"{name} serves {_SERVES[name]} tensors, got {device_type}"
+    if not _serves(name, device_type, forced):
+        hint = " (set TRITON_INTERPRET=1 to run them on the CPU)" if name == "triton" else ""
+        return f"{name} serves {_SERVES[name]} tensors, got {device_type}{hint}"
+    if name == "triton" and device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is visible"
     if name in ("cpp", "cuda"):
         key = _DISPATCH_KEYS[device_type]
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"b2fast::{op}", key):
+        registered = f"b2fast::{_REGISTERED[op]}"
+        if not torch._C._dispatch_has_kernel(registered):
+            return f"b2fast._C has no op {registered} (rebuild: pip install --no-build-isolation -e .)"
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(registered, key):
             return f"b2fast._C has no {key} kernel for {op}"
     return None
 
@@ -122,13 +216,14 @@ def _choose(op: str, device_type: str) -> str:
     if _forced is not None:
         why = _backend_unavailable(_forced)
         if why is None and _forced in _IMPLS[op]:
-            why = _kernel_missing(op, _forced, device_type)
+            why = _kernel_missing(op, _forced, device_type, forced=True)
         if why is not None:
             raise RuntimeError(f"b2fast.ops.{op}: backend {_forced!r} (forced by {_forced_by}) "
                                f"is not available: {why}")
         return _forced if _forced in _IMPLS[op] else "torch"
     for name in KNOWN_BACKENDS:
-        if name in _IMPLS[op] and _backend_unavailable(name) is None \
+        if name in _IMPLS[op] and (name == "torch" or _serves(name, device_type, False)) \
+                and _backend_unavailable(name) is None \
                 and _kernel_missing(op, name, device_type) is None:
             return name
     raise AssertionError("unreachable: the torch reference serves every op")
@@ -178,11 +273,11 @@ def backend_for(op: str, device: torch.device | str = "cpu") -> str:
 
 
 def available_backends(op: str, device: torch.device | str = "cpu") -> list[str]:
-    """Every backend that can run ``op`` on ``device`` (tests parametrise over these)."""
+    """Every backend that can run ``op`` on ``device`` when forced (tests parametrise over these)."""
     device_type = torch.device(device).type
     return [name for name in KNOWN_BACKENDS
             if name in _IMPLS[op] and _backend_unavailable(name) is None
-            and _kernel_missing(op, name, device_type) is None]
+            and _kernel_missing(op, name, device_type, forced=True) is None]
 
 
 def backends(device: torch.device | str | None = None) -> dict[str, str]:
@@ -287,11 +382,30 @@ def ddim_logprob(eps_uncond: torch.Tensor | None, eps_cond: torch.Tensor, guidan
         reduction)
 
 
-def branch_fork(latents: torch.Tensor, branches: int,
-                cache_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P, C, H, W) → ((P·K, C, H, W) in ``cache_dtype``, group id of each branch (P·K,) int64)."""
+def branch_fork(latents: torch.Tensor, branches: int, cache_dtype: torch.dtype,
+                out: torch.Tensor | None = None,
+                group_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, C, H, W) → ((P·K, C, H, W) in ``cache_dtype``, group id of each branch (P·K,) int64).
+
+    Branch ``g*K + k`` is branch k of trunk g. Pass ``out``/``group_ids`` to write into
+    preallocated buffers (nothing is allocated then: CUDA-graph friendly).
+    """
     op = "branch_fork"
     if isinstance(branches, bool) or not isinstance(branches, int) or branches < 1:
         raise ValueError(f"{op}: branches must be an int >= 1, got {branches!r}")
     _check_dtype(op, "cache_dtype", cache_dtype)
-    return _impl(op, latents)(latents, branches, cache_dtype)
+    if latents.ndim < 1:
+        raise ValueError(f"{op}: latents must be (P, ...), got a 0-d tensor")
+    shape = (latents.shape[0] * branches, *latents.shape[1:])
+    if out is None:
+        out = torch.empty(shape, dtype=cache_dtype, device=latents.device)
+    elif tuple(out.shape) != shape or out.dtype != cache_dtype or out.device != latents.device:
+        raise ValueError(f"{op}: out must be {shape} {cache_dtype} on {latents.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    if group_ids is None:
+        group_ids = torch.empty(shape[0], dtype=torch.int64, device=latents.device)
+    elif tuple(group_ids.shape) != shape[:1] or group_ids.dtype != torch.int64:
+        raise ValueError(f"{op}: group_ids must be int64 of shape ({shape[0]},), got "
+                         f"{group_ids.dtype} of shape {tuple(group_ids.shape)}")
+    _impl(op, latents)(latents, branches, out, group_ids)
+    return out, group_ids

@@ -14,12 +14,12 @@ import torch
 
 from b2fast.config import ModelConfig
 from b2fast.schedule import StepTable, build_step_table
+from b2fast.utils import LORA_WEIGHTS_NAME
 
 TINY_SD = "b2fast:tiny-sd"
 TOY = "b2fast:toy"  # the pretrained toy-world model shipped inside the package
 SD_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
 OPTIONAL_SUBFOLDERS = ("vae",)  # without a VAE the UNet works in pixel space (the toy world)
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
 class ModelLoadError(ValueError):

@@ -94,6 +94,10 @@ def _spatial() -> dict[str, list[str]]:
             "test": [p for i, p in enumerate(prompts) if i % 4 == 3]}
 
 
+# The toy world's three templates, one prompt set each (what a toy run evaluates by default).
+TOY_SETS = ("toy_attribute", "toy_two_object", "toy_spatial")
+
+
 def _toy(template: str | None) -> Callable[[], dict[str, list[str]]]:
     """The toy world's prompts (b2fast.toy.grammar): one template, or all three."""
     def sets() -> dict[str, list[str]]:

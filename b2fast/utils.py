@@ -8,6 +8,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+# File name of LoRA weights, as diffusers' load_lora_weights expects it.
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
 
 def load_callable(spec: str, field: str) -> Callable:
     """Import ``module:function`` and return the function, with a one-line error naming ``field``."""

@@ -6,6 +6,11 @@ import os
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter; it must be
+# switched on before triton is first imported (b2fast.ops imports it lazily).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from b2fast import ops
+from b2fast import ops, reference
 from b2fast.schedule import build_step_table
 
 OP = "ddim_step_with_logprob"
@@ -26,14 +26,37 @@ SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # Rounding of one value stored in each dtype, plus fp32 compute: the bound on relative error.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+# Every kernel backend on the device it serves (Triton on the CPU through TRITON_INTERPRET=1,
+# see conftest.py); CUDA ones run on a GPU machine and skip, saying why, elsewhere.
+BACKENDS = [("torch", "cpu"), ("cpp", "cpu"), ("triton", "cpu"),
+            ("torch", "cuda"), ("cuda", "cuda"), ("triton", "cuda")]
 
 
-@pytest.fixture(params=["torch", "cpp"])
+class Backend:
+    """A forced backend and the device its tensors live on."""
+
+    def __init__(self, name: str, device: str):
+        self.name, self.device = name, torch.device(device)
+
+    def __eq__(self, other) -> bool:  # `backend == "torch"` reads naturally in tests
+        return self.name == other
+
+    def to(self, *tensors):
+        moved = tuple(None if t is None else t.to(self.device) for t in tensors)
+        return moved if len(moved) > 1 else moved[0]
+
+
+@pytest.fixture(params=BACKENDS, ids=[f"{n}-{d}" for n, d in BACKENDS])
 def backend(request):
-    if request.param not in LIVE:
-        pytest.skip(f"{request.param} backend not live: {ops.backends('cpu')[OP]}")
-    with ops.use_backend(request.param):
-        yield request.param
+    name, device = request.param
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    for op in ops._IMPLS:
+        if name in ops._IMPLS[op] and name not in ops.available_backends(op, device):
+            pytest.skip(f"{name} backend not live for {op} on {device}: "
+                        f"{ops._backend_unavailable(name) or ops._kernel_missing(op, name, device, True)}")
+    with ops.use_backend(name):
+        yield Backend(name, device)
 
 
 def rel_err(actual: torch.Tensor, truth: torch.Tensor) -> float:
@@ -97,8 +120,9 @@ def test_truth_and_ops_match_diffusers_ddim_step(backend, num_steps):
     sched = DDIMScheduler(**SD)
     sched.set_timesteps(num_steps)
     eps_u, eps_c, x_t, noise, step = make_inputs((6, 4, 8, 8), torch.float64, num_steps, seed=1)
-    x_prev, _ = ops.ddim_step_with_logprob(eps_u, eps_c, 7.5, x_t, noise, table, step,
-                                           torch.float64)
+    x_prev, _ = ops.ddim_step_with_logprob(*backend.to(eps_u, eps_c), 7.5,
+                                           *backend.to(x_t, noise, table, step), torch.float64)
+    x_prev = x_prev.cpu()
     _, _, x_truth = truth_step(eps_u, eps_c, 7.5, x_t, noise, ab_t[step], ab_prev[step], 1.0)
     eps = eps_u + 7.5 * (eps_c - eps_u)
     for b, i in enumerate(step.tolist()):
@@ -112,8 +136,8 @@ def test_truth_and_ops_match_diffusers_ddim_step(backend, num_steps):
 def test_logprob_matches_torch_normal(backend):
     table, ab_t, ab_prev = schedule(20, eta=1.0)
     eps_u, eps_c, x_t, noise, step = make_inputs((5, 4, 9, 9), torch.float64, 20, seed=2)
-    x_prev, log_prob = ops.ddim_step_with_logprob(eps_u, eps_c, 5.0, x_t, noise, table, step,
-                                                  torch.float64)
+    x_prev, log_prob = (t.cpu() for t in ops.ddim_step_with_logprob(
+        *backend.to(eps_u, eps_c), 5.0, *backend.to(x_t, noise, table, step), torch.float64))
     mu, sigma, _ = truth_step(eps_u, eps_c, 5.0, x_t, noise, ab_t[step], ab_prev[step], 1.0)
     expected = torch.distributions.Normal(mu, sigma).log_prob(x_prev).flatten(1).mean(1)
     assert log_prob.dtype == torch.float64
@@ -132,8 +156,8 @@ def test_step_vs_float64_truth(backend, shape, in_dtype, cache_dtype):
     table_dtype = torch.float64 if in_dtype == torch.float64 else torch.float32
     table, ab_t, ab_prev = schedule(20, eta=1.0, table_dtype=table_dtype)
     eps_u, eps_c, x_t, noise, step = make_inputs(shape, in_dtype, 20, seed=sum(shape))
-    x_prev, log_prob = ops.ddim_step_with_logprob(eps_u, eps_c, 5.0, x_t, noise, table, step,
-                                                  cache_dtype)
+    x_prev, log_prob = (t.cpu() for t in ops.ddim_step_with_logprob(
+        *backend.to(eps_u, eps_c), 5.0, *backend.to(x_t, noise, table, step), cache_dtype))
     mu, sigma, x_truth = truth_step(eps_u, eps_c, 5.0, x_t, noise, ab_t[step], ab_prev[step], 1.0)
     compute = torch.float64 if in_dtype == torch.float64 else torch.float32
     assert x_prev.dtype == cache_dtype and x_prev.shape == shape
@@ -148,8 +172,9 @@ def test_step_vs_float64_truth(backend, shape, in_dtype, cache_dtype):
 def test_step_reduction_and_no_cfg(backend, reduction, cfg):
     table, ab_t, ab_prev = schedule(20, eta=1.0, table_dtype=torch.float32)
     eps_u, eps_c, x_t, noise, step = make_inputs((3, 4, 9, 9), torch.float32, 20, seed=3, cfg=cfg)
-    x_prev, log_prob = ops.ddim_step_with_logprob(eps_u, eps_c, 3.0, x_t, noise, table, step,
-                                                  torch.float32, reduction=reduction)
+    x_prev, log_prob = (t.cpu() for t in ops.ddim_step_with_logprob(
+        *backend.to(eps_u, eps_c), 3.0, *backend.to(x_t, noise, table, step), torch.float32,
+        reduction=reduction))
     mu, sigma, x_truth = truth_step(eps_u, eps_c, 3.0, x_t, noise, ab_t[step], ab_prev[step], 1.0)
     assert rel_err(x_prev, x_truth) < 1e-5
     assert rel_err(log_prob, truth_logprob(x_prev, mu, sigma, reduction)) < 1e-5
@@ -158,8 +183,10 @@ def test_step_reduction_and_no_cfg(backend, reduction, cfg):
 def test_step_clip_sample(backend):
     table, ab_t, ab_prev = schedule(20, eta=1.0)
     eps_u, eps_c, x_t, noise, step = make_inputs((4, 4, 8, 8), torch.float64, 20, seed=4)
-    x_prev, _ = ops.ddim_step_with_logprob(eps_u, eps_c, 5.0, x_t, noise, table, step,
-                                           torch.float64, clip_sample_range=1.0)
+    x_prev, _ = ops.ddim_step_with_logprob(*backend.to(eps_u, eps_c), 5.0,
+                                           *backend.to(x_t, noise, table, step), torch.float64,
+                                           clip_sample_range=1.0)
+    x_prev = x_prev.cpu()
     a, ap = (v[step].reshape(-1, 1, 1, 1) for v in (ab_t, ab_prev))
     eps = eps_u + 5.0 * (eps_c - eps_u)
     x0 = ((x_t - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1.0, 1.0)
@@ -171,14 +198,19 @@ def test_step_clip_sample(backend):
 def test_eta_zero_is_deterministic_with_zero_logprob(backend):
     table, ab_t, ab_prev = schedule(20, eta=0.0, table_dtype=torch.float32)
     eps_u, eps_c, x_t, noise, step = make_inputs((4, 4, 8, 8), torch.float32, 20, seed=5)
+    mu, _, _ = truth_step(eps_u, eps_c, 5.0, x_t, noise, ab_t[step], ab_prev[step], 0.0)
+    eps_u, eps_c, x_t, noise, table, step = backend.to(eps_u, eps_c, x_t, noise, table, step)
     x_prev, log_prob = ops.ddim_step_with_logprob(eps_u, eps_c, 5.0, x_t, noise, table, step,
                                                   torch.float32)
-    mu, _, _ = truth_step(eps_u, eps_c, 5.0, x_t, noise, ab_t[step], ab_prev[step], 0.0)
     assert torch.isfinite(x_prev).all() and torch.isfinite(log_prob).all()
     assert torch.equal(log_prob, torch.zeros_like(log_prob))
-    assert rel_err(x_prev, mu) < 1e-5
+    assert rel_err(x_prev.cpu(), mu) < 1e-5
+    eps_u.requires_grad_(True)
+    eps_c.requires_grad_(True)
     relogp = ops.ddim_logprob(eps_u, eps_c, 5.0, x_t, x_prev, table, step)
     assert torch.equal(relogp, torch.zeros_like(relogp))
+    grads = torch.autograd.grad(relogp.sum(), (eps_u, eps_c))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)  # σ = 0: no NaN, no signal
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,7 +221,9 @@ def test_eta_zero_is_deterministic_with_zero_logprob(backend):
 @pytest.mark.parametrize("num_steps", [20, 50])
 def test_logprob_recorded_on_stored_sample(backend, cache_dtype, num_steps):
     table, _, _ = schedule(num_steps, eta=1.0, table_dtype=torch.float32)
-    eps_u, eps_c, x_t, noise, step = make_inputs((8, 4, 16, 16), torch.float32, num_steps, seed=6)
+    eps_u, eps_c, x_t, noise, step = backend.to(
+        *make_inputs((8, 4, 16, 16), torch.float32, num_steps, seed=6))
+    table = backend.to(table)
     x_prev, log_prob = ops.ddim_step_with_logprob(eps_u, eps_c, 5.0, x_t, noise, table, step,
                                                   cache_dtype)
     recomputed = ops.ddim_logprob(eps_u, eps_c, 5.0, x_t, x_prev, table, step)
@@ -204,6 +238,7 @@ def test_deterministic_and_all_outputs_written(backend):
     across thread counts (the C++ reduction uses fixed blocks, not per-thread partials)."""
     table, _, _ = schedule(20, eta=1.0, table_dtype=torch.float32)
     eps_u, eps_c, x_t, noise, step = make_inputs((3, 4, 67, 67), torch.float32, 20, seed=7)
+    eps_u, eps_c, x_t, noise, table, step = backend.to(eps_u, eps_c, x_t, noise, table, step)
     args = (eps_u, eps_c, 5.0, x_t, noise, table, step, torch.float16)  # 17,956 > 4,096 elements
     threads = torch.get_num_threads()
     try:
@@ -223,6 +258,7 @@ def test_step_traces_under_torch_compile_fullgraph(backend):
     torch._dynamo.reset()  # the backend is baked in at trace time: drop graphs of other backends
     table, _, _ = schedule(20, eta=1.0, table_dtype=torch.float32)
     eps_u, eps_c, x_t, noise, step = make_inputs((3, 4, 5, 7), torch.float32, 20, seed=10)
+    eps_u, eps_c, x_t, noise, table, step = backend.to(eps_u, eps_c, x_t, noise, table, step)
     args = (eps_u, eps_c, 5.0, x_t, noise, table, step, torch.float16)
     compiled = torch.compile(ops.ddim_step_with_logprob, backend="aot_eager", fullgraph=True)
     for got, want in zip(compiled(*args), ops.ddim_step_with_logprob(*args)):
@@ -288,14 +324,154 @@ def test_ddim_logprob_gradcheck_float64():
     assert torch.autograd.gradcheck(fn, (eps_u, eps_c))
 
 
+def reference_grads(eps_u, eps_c, w, x_t, x_prev, table, step, clip, reduction, weight):
+    """d(Σ weight·log p)/d(ε_u, ε_c) by autograd through the reference, in float64."""
+    leaves = [None if t is None else t.detach().double().requires_grad_(True) for t in (eps_u, eps_c)]
+    log_prob = reference.ddim_logprob(leaves[0], leaves[1], w, x_t.double(), x_prev.double(),
+                                      table.double(), step, clip, reduction)
+    grads = torch.autograd.grad((log_prob * weight.double()).sum(), [t for t in leaves if t is not None])
+    return log_prob.detach(), ([None] if eps_u is None else []) + list(grads)
+
+
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cfg, clip, reduction", [(True, None, "mean"), (False, None, "mean"),
+                                                  (True, 1.0, "mean"), (True, None, "sum")])
+@pytest.mark.parametrize("shape", [(1, 4, 8, 8), (5, 3, 5, 7)])
+def test_logprob_forward_backward_vs_float64_autograd(backend, in_dtype, cfg, clip, reduction, shape):
+    """The training op: log p and both ε gradients against float64 autograd of the reference,
+    with η = 0 rows (σ = 0) mixed in; gradients come back in the ε dtype."""
+    table, _, _ = schedule(20, eta=1.0, table_dtype=torch.float32)
+    table[::3] = schedule(20, eta=0.0, table_dtype=torch.float32)[0][::3]  # σ = 0 every third step
+    eps_u, eps_c, x_t, noise, step = make_inputs(shape, in_dtype, 20, seed=11 + shape[0], cfg=cfg)
+    if shape[0] > 1:
+        step[0] = 0  # a σ = 0 row beside stochastic ones
+    x_prev, _ = reference.ddim_step_with_logprob(eps_u, eps_c, 4.0, x_t, noise, table, step,
+                                                 torch.bfloat16, clip, reduction)
+    weight = torch.randn(shape[0], generator=torch.Generator().manual_seed(shape[0]))
+    truth_lp, truth_grads = reference_grads(eps_u, eps_c, 4.0, x_t, x_prev, table, step, clip,
+                                            reduction, weight)
+
+    leaves = [None if t is None else t.clone().requires_grad_(True) for t in backend.to(eps_u, eps_c)]
+    log_prob = ops.ddim_logprob(leaves[0], leaves[1], 4.0, *backend.to(x_t, x_prev, table, step),
+                                clip, reduction)
+    log_prob.backward(backend.to(weight))
+    tol = TOL[torch.float32] if in_dtype == torch.float32 else TOL[in_dtype]
+    assert log_prob.dtype == torch.float32
+    assert rel_err(log_prob.detach().cpu(), truth_lp) < 1e-5
+    deterministic = step.to(log_prob.device) % 3 == 0
+    assert torch.isfinite(log_prob).all() and (log_prob[deterministic] == 0).all()
+    for leaf, truth in zip(leaves, truth_grads):
+        if leaf is None:
+            continue
+        assert leaf.grad.dtype == in_dtype and leaf.grad.shape == shape
+        assert torch.isfinite(leaf.grad).all()
+        assert (leaf.grad[deterministic] == 0).all()  # σ = 0: no gradient, no NaN
+        assert rel_err(leaf.grad.cpu(), truth) < max(tol, 2e-5)
+
+
+def test_ddim_logprob_gradcheck_float64_every_backend(backend):
+    """The differentiable op passes gradcheck wherever it runs in float64."""
+    table, _, _ = schedule(20, eta=1.0)
+    eps_u, eps_c, x_t, noise, step = make_inputs((2, 2, 3, 3), torch.float64, 20, seed=12)
+    x_prev, _ = reference.ddim_step_with_logprob(eps_u, eps_c, 5.0, x_t, noise, table, step,
+                                                 torch.float64)
+    eps_u, eps_c, x_t, x_prev, table, step = backend.to(eps_u, eps_c, x_t, x_prev, table, step)
+    fn = lambda u, c: ops.ddim_logprob(u, c, 5.0, x_t, x_prev, table, step, 1.5)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (eps_u.requires_grad_(True), eps_c.requires_grad_(True)))
+
+
+def test_same_sample_gives_same_bits_in_any_batch(backend):
+    """Batch invariance: a sample's outputs do not depend on the batch it is embedded in."""
+    table, _, _ = schedule(20, eta=1.0, table_dtype=torch.float32)
+    shape = (6, 4, 33, 31)  # > one reduction block per sample for every backend
+    eps_u, eps_c, x_t, noise, step = backend.to(*make_inputs(shape, torch.bfloat16, 20, seed=13))
+    table = backend.to(table)
+
+    def run(rows):
+        x_prev, log_prob = ops.ddim_step_with_logprob(eps_u[rows], eps_c[rows], 5.0, x_t[rows],
+                                                      noise[rows], table, step[rows], torch.float16)
+        u, c = (t[rows].clone().requires_grad_(True) for t in (eps_u, eps_c))
+        train_lp = ops.ddim_logprob(u, c, 5.0, x_t[rows], x_prev, table, step[rows])
+        train_lp.sum().backward()
+        return x_prev, log_prob, train_lp.detach(), u.grad, c.grad
+
+    whole = run(slice(0, 6))
+    for rows in (slice(2, 3), slice(1, 4), slice(2, 6)):
+        part = run(rows)
+        for got, full in zip(part, whole):
+            assert torch.equal(got, full[rows])
+
+
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_branch_fork(cache_dtype):
-    latents = torch.randn(3, 4, 5, 7)
-    forked, groups = ops.branch_fork(latents, 5, cache_dtype)
-    assert forked.shape == (15, 4, 5, 7) and forked.dtype == cache_dtype
+@pytest.mark.parametrize("shape, branches", [((3, 4, 5, 7), 5), ((1, 4, 8, 8), 1), ((2, 3), 4)])
+def test_branch_fork(backend, cache_dtype, shape, branches):
+    latents = backend.to(torch.randn(shape))
+    forked, groups = ops.branch_fork(latents, branches, cache_dtype)
+    P = shape[0]
+    assert forked.shape == (P * branches, *shape[1:]) and forked.dtype == cache_dtype
     assert groups.dtype == torch.int64
-    assert groups.tolist() == [g for g in range(3) for _ in range(5)]
-    for row in range(15):  # branch g*K + k is a copy of trunk g
-        assert torch.equal(forked[row], latents[row // 5].to(cache_dtype))
+    assert groups.tolist() == [g for g in range(P) for _ in range(branches)]
+    for row in range(P * branches):  # branch g*K + k is a copy of trunk g
+        assert torch.equal(forked[row], latents[row // branches].to(cache_dtype))
+    # into poisoned preallocated buffers: every element written, the buffers themselves returned
+    out = torch.full_like(forked, float("nan"))
+    ids = torch.full_like(groups, -7)
+    got, got_ids = ops.branch_fork(latents, branches, cache_dtype, out=out, group_ids=ids)
+    assert got is out and got_ids is ids
+    assert torch.equal(out, forked) and torch.equal(ids, groups)
+
+
+def test_branch_fork_rejects_bad_arguments():
+    latents = torch.randn(3, 4, 5, 7)
     with pytest.raises(ValueError, match="branches must be an int >= 1"):
-        ops.branch_fork(latents, 0, cache_dtype)
+        ops.branch_fork(latents, 0, torch.float32)
+    with pytest.raises(ValueError, match=r"out must be \(6, 4, 5, 7\) torch.float16"):
+        ops.branch_fork(latents, 2, torch.float16, out=torch.empty(6, 4, 5, 7))
+    with pytest.raises(ValueError, match="group_ids must be int64"):
+        ops.branch_fork(latents, 2, torch.float32, group_ids=torch.empty(6, dtype=torch.int32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_step_replays_in_a_cuda_graph(name):
+    """A whole sampling step (fork + DDIM step) captured once, replayed on new inputs copied into
+    its static buffers, gives what eager calls give: no host sync, no stray allocation."""
+    if name not in ops.available_backends(OP, "cuda"):
+        pytest.skip(f"{name} backend not live on cuda")
+    table, _, _ = schedule(20, eta=1.0, table_dtype=torch.float32)
+    static = [t.cuda() for t in make_inputs((2, 4, 16, 16), torch.bfloat16, 20, seed=14)]
+    table = table.cuda()
+    with ops.use_backend(name):
+        def step_fn():
+            x, _ = ops.branch_fork(static[2], 3, torch.float16)
+            u, c, z = (t.repeat_interleave(3, 0) for t in (static[0], static[1], static[3]))
+            return ops.ddim_step_with_logprob(u, c, 5.0, x, z, table, static[4].repeat_interleave(3),
+                                              torch.float16)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step_fn()  # warm-up (autotuning, lazy init) outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step_fn()
+        for seed in (15, 16):
+            for buf, new in zip(static, make_inputs((2, 4, 16, 16), torch.bfloat16, 20, seed=seed)):
+                buf.copy_(new)
+            graph.replay()
+            eager = step_fn()
+            assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
+
+
+@needs_cpp
+@pytest.mark.parametrize("cfg, clip", [(True, None), (False, None), (True, 1.0)])
+def test_cpp_training_ops_pass_opcheck(cfg, clip):
+    eps_u, eps_c, w, x_t, noise, table, step, *_ = _op_args(cfg=cfg)
+    x_prev = noise.to(torch.float16)
+    torch.library.opcheck(torch.ops.b2fast.ddim_logprob.default,
+                          (eps_u, eps_c, w, x_t, x_prev, table, step, clip, True))
+    grad = torch.randn(eps_c.shape[0])
+    torch.library.opcheck(torch.ops.b2fast.ddim_logprob_backward.default,
+                          (grad, eps_u, eps_c, w, x_t, x_prev, table, step, clip, False))
+    out, ids = torch.empty(9, 4, 5, 7, dtype=torch.float16), torch.empty(9, dtype=torch.int64)
+    torch.library.opcheck(torch.ops.b2fast.branch_fork_out.default, (eps_c, 3, out, ids))

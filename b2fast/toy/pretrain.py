@@ -138,7 +138,8 @@ def train(args: argparse.Namespace, device: torch.device, folder: Path) -> dict:
 def measure_alignment(folder: Path, device: torch.device, args: argparse.Namespace) -> list[dict]:
     """toy_align success and score per template and split, with the card's fixed seed."""
     from b2fast.config import ModelConfig, SamplingConfig
-    from b2fast.evaluation import TOY_SETS, evaluate_sets
+    from b2fast.evaluation import evaluate_sets
+    from b2fast.prompts import TOY_SETS
     from b2fast.policy import Policy
     from b2fast.rewards import build_reward
 

@@ -12,41 +12,13 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include "../ddim_step.h"
+#include "test_common.h"
 
 namespace {
 
-int failures = 0;
-
-void expect(bool ok, const std::string& what) {
-  std::printf("%s %s\n", ok ? "ok  " : "FAIL", what.c_str());
-  if (!ok) ++failures;
-}
-
-// (S, 6) table of DDIM with η = eta over SD's scaled-linear betas (0.00085 → 0.012, 1000 steps).
-at::Tensor make_table(int64_t num_steps, double eta) {
-  std::vector<double> ab(1000);
-  double prod = 1.0;
-  for (int i = 0; i < 1000; ++i) {
-    const double root = std::sqrt(0.00085) + (std::sqrt(0.012) - std::sqrt(0.00085)) * i / 999.0;
-    prod *= 1.0 - root * root;
-    ab[i] = prod;
-  }
-  at::Tensor table = at::zeros({num_steps, b2fast::kTableColumns}, at::kDouble);
-  auto t = table.accessor<double, 2>();
-  const int64_t stride = 1000 / num_steps;
-  for (int64_t i = 0; i < num_steps; ++i) {
-    const int64_t step = (num_steps - 1 - i) * stride + 1;  // "leading", steps_offset 1
-    const double a = ab[step], ap = step - stride >= 0 ? ab[step - stride] : ab[0];
-    const double sigma = eta * std::sqrt((1 - ap) / (1 - a) * (1 - a / ap));
-    t[i][b2fast::kSqrtAb] = std::sqrt(a);
-    t[i][b2fast::kSqrt1mAb] = std::sqrt(1 - a);
-    t[i][b2fast::kSqrtAbPrev] = std::sqrt(ap);
-    t[i][b2fast::kDirCoef] = std::sqrt(std::max(1 - ap - sigma * sigma, 0.0));
-    t[i][b2fast::kSigma] = sigma;
-    t[i][b2fast::kLogSigma] = sigma > 0 ? std::log(sigma) : 0.0;
-  }
-  return table;
-}
+using b2fast_test::expect;
+using b2fast_test::make_table;
+using b2fast_test::rel_err;
 
 struct Expected {
   std::vector<double> x_prev, log_prob;
@@ -80,16 +52,6 @@ Expected scalar_step(const at::Tensor& eu, const at::Tensor& ec, double w, const
     out.log_prob[b] = sum / static_cast<double>(per);
   }
   return out;
-}
-
-double rel_err(const at::Tensor& actual, const std::vector<double>& truth) {
-  const at::Tensor a = actual.to(at::kDouble).contiguous().reshape({-1});
-  double num = 0.0, den = 0.0;
-  for (size_t i = 0; i < truth.size(); ++i) {
-    num = std::max(num, std::abs(a.data_ptr<double>()[i] - truth[i]));
-    den = std::max(den, std::abs(truth[i]));
-  }
-  return den > 0 ? num / den : num;
 }
 
 void check_case(const std::vector<int64_t>& shape, at::ScalarType dtype, bool cfg, double tol) {
@@ -136,6 +98,7 @@ int main() {
   check_case({3, 4, 9, 9}, at::kFloat, false, 1e-5);
   check_case({1, 3, 5, 7}, at::kDouble, true, 1e-12);
   check_registration_and_errors();
+  const int failures = b2fast_test::failures;
   std::printf("%s (%d failures)\n", failures ? "FAILED" : "PASSED", failures);
   return failures ? 1 : 0;
 }

@@ -1,0 +1,158 @@
+"""``python -m b2fast.bench kernels``: runs on the CPU, reports every live backend, writes JSON.
+
+Speed is never asserted here (DESIGN §5): only that the suite runs, covers every op × live
+backend, and reports positive, finite numbers in the documented formats.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from b2fast import bench, bench_kernels, ops
+
+CASE_OPS = {"ddim_step_with_logprob": "ddim_step_with_logprob", "ddim_logprob_fwd": "ddim_logprob",
+            "ddim_logprob_fwd_bwd": "ddim_logprob", "branch_fork": "branch_fork"}
+TOP_FIELDS = {"suite", "date", "device", "device_type", "torch", "cuda", "b2fast", "threads",
+              "eps_dtype", "cache_dtype", "noise_dtype", "steps", "branches", "warmup", "repeats",
+              "timer", "backends", "copy", "records"}
+RECORD_FIELDS = {"case", "op", "backend", "shape", "label", "bytes", "ms", "ms_p20", "ms_p80",
+                 "gbps", "pct_of_copy", "speedup_vs_torch"}
+
+
+def run_main(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = bench.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def table_rows(report: str) -> list[list[str]]:
+    """The body rows of the Markdown table, as lists of stripped cells."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in report.splitlines() if line.startswith("| ")]
+    assert rows and rows[0][0] == "op", report
+    return rows[1:]
+
+
+def expected_backends(op: str) -> list[str]:
+    """torch (the baseline) and every other backend live on the CPU, triton excepted."""
+    live = ops.available_backends(op, "cpu")
+    return ["torch"] + [b for b in live if b not in ("torch", "triton")]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "kernels.json"
+    code, out, err = run_main(["kernels", "--quick", "--device", "cpu", "--json", str(path)])
+    assert code == 0, err
+    return out, err, json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_table_has_a_row_per_case_and_live_backend(quick_run):
+    out, _, _ = quick_run
+    rows = table_rows(out)
+    got = {(r[0], r[1]) for r in rows}
+    want = {(case, b) for case, op in CASE_OPS.items() for b in expected_backends(op)}
+    assert got == want and len(rows) == len(want)
+    assert "copy bandwidth" in out and torch.__version__ in out
+    assert bench_kernels.device_name(torch.device("cpu")) in out.splitlines()[0]
+
+
+def test_table_numbers_are_positive_and_finite(quick_run):
+    for row in table_rows(quick_run[0]):
+        for cell in row[3:]:  # ms, GB/s, % of copy, × vs torch
+            value = float(cell)
+            assert math.isfinite(value) and value > 0, row
+        if row[1] == "torch":
+            assert float(row[6]) == 1.0
+
+
+def test_json_has_the_documented_fields(quick_run):
+    out, _, doc = quick_run
+    assert set(doc) == TOP_FIELDS
+    assert doc["suite"] == "kernels" and doc["device_type"] == "cpu"
+    assert doc["eps_dtype"] == "float32" and doc["cache_dtype"] == "float16"
+    assert doc["copy"]["gbps"] > 0 and doc["copy"]["bytes"] == 2 * 16 * 2 ** 20
+    assert len(doc["records"]) == len(table_rows(out))
+    for r in doc["records"]:
+        assert set(r) == RECORD_FIELDS, r
+        assert CASE_OPS[r["case"]] == r["op"] and r["bytes"] > 0
+        for key in ("ms", "ms_p20", "ms_p80", "gbps", "pct_of_copy", "speedup_vs_torch"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert r["ms_p20"] <= r["ms"] <= r["ms_p80"]
+
+
+def test_step_bytes_are_counted_as_documented(quick_run):
+    """ε halves fp32 + x_t fp16 + noise fp32 + table + step index, write x_prev fp16 + log p."""
+    step = next(r for r in quick_run[2]["records"] if r["case"] == "ddim_step_with_logprob")
+    B, n = step["shape"][0], math.prod(step["shape"])
+    assert step["bytes"] == n * (4 + 4 + 2 + 4 + 2) + B * (8 + 4) + 20 * 6 * 4
+
+
+def test_progress_goes_to_stderr_one_line_per_measurement(quick_run):
+    _, err, doc = quick_run
+    lines = [line for line in err.splitlines() if " ms " in line]
+    assert len(lines) == len(doc["records"])
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["kernels", "--help"]])
+def test_help_exits_zero(argv):
+    code, out, _ = run_main(argv)
+    assert code == 0 and "kernels" in out
+
+
+def test_help_imports_no_torch():
+    """--help is instant: the CLI module parses arguments without importing torch."""
+    code = "import sys; from b2fast.bench import main; rc = main(['kernels', '--help']); " \
+           "assert rc == 0 and 'torch' not in sys.modules, sorted(sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "--cache-dtype" in done.stdout
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["kernels", "--device", "tpu"], "--device"),
+    (["kernels", "--dtype", "int8"], "--dtype"),
+    (["kernels", "--shapes", "4x4"], "--shapes"),
+    (["kernels", "--backends", "tpu"], "--backends"),
+    (["kernels", "--repeats", "0"], "--repeats"),
+    (["benchmarks"], "SUITE"),
+])
+def test_bad_option_exits_with_one_line_error(argv, names):
+    code, out, err = run_main(argv)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and names in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when no CUDA is visible")
+def test_cuda_without_a_gpu_is_a_one_line_error():
+    code, _, err = run_main(["kernels", "--device", "cuda", "--quick"])
+    assert code == 2 and err.strip() == "error: --device: got 'cuda' but no CUDA device is visible"
+
+
+def test_shape_options_resolve_without_torch_work():
+    args = bench.parse_args(["kernels", "--batch", "8", "--large"])
+    assert args.shapes == [(8, 4, 64, 64), (8, 4, 128, 128)]
+    args = bench.parse_args(["kernels", "--shapes", "3x2x5x7", "--ops", "branch_fork"])
+    assert args.shapes == [(3, 2, 5, 7)] and args.ops == ["branch_fork"]
+
+
+def test_a_failing_backend_gives_a_failed_row_and_exit_code_1(monkeypatch, tmp_path):
+    """A kernel that raises costs its row, not the run; the torch baseline still reports."""
+    monkeypatch.setattr(bench_kernels, "backends_to_run", lambda op, device, requested:
+                        ["torch", "no-such-backend"])
+    path = tmp_path / "k.json"
+    code, out, err = run_main(["kernels", "--quick", "--device", "cpu", "--ops", "branch_fork",
+                               "--json", str(path)])
+    assert code == 1
+    rows = table_rows(out)
+    assert [r[1] for r in rows] == ["torch", "no-such-backend"] and "failed" in rows[1][3]
+    records = json.loads(path.read_text(encoding="utf-8"))["records"]
+    assert "error" in records[1] and records[0]["ms"] > 0
