@@ -15,6 +15,10 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 
+# Kernel backends of b2fast.ops (kept here too so the config stays torch-free).
+BACKENDS = ("auto", "cuda", "triton", "cpp", "torch")
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
@@ -122,6 +126,8 @@ class LogConfig:
 class Config:
     seed: int = _f(0, "random seed: noise, prompt order and LoRA init derive from it")
     device: str = _f("auto", "'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'")
+    backend: str = _f("auto", "kernel backend of the fused ops: 'auto' (fastest available), 'cuda', "
+                              "'triton', 'cpp' or 'torch' (the B2FAST_BACKEND variable sets the default)")
     out: str = _f("runs/b2fast", "output directory (metrics, checkpoints, images)")
     checkpoint_every: int = _f(1, "write a checkpoint every this many stages")
     keep_checkpoints: int = _f(3, "keep only the newest this many checkpoints")
@@ -310,6 +316,7 @@ def validate(cfg: Config) -> Config:
     _check(ev.prompts_per_set >= 0, "eval.prompts_per_set", ev.prompts_per_set, "an integer >= 0")
     _check(lg.grid_every >= 0, "log.grid_every", lg.grid_every, "an integer >= 0")
     _check(lg.grid_images >= 1, "log.grid_images", lg.grid_images, "an integer >= 1")
+    _check(cfg.backend in BACKENDS, "backend", cfg.backend, f"one of {BACKENDS}")
     _check(cfg.keep_checkpoints >= 1, "keep_checkpoints", cfg.keep_checkpoints, "an integer >= 1")
     _check(cfg.checkpoint_every >= 1, "checkpoint_every", cfg.checkpoint_every, "an integer >= 1")
     _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),

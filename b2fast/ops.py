@@ -234,8 +234,9 @@ def _impl(op: str, tensor: torch.Tensor):
     return _IMPLS[op][_choose(op, tensor.device.type)]
 
 
-def set_backend(name: str | None) -> None:
-    """Force every op onto backend ``name``; ``None`` or ``"auto"`` restores the default choice."""
+def set_backend(name: str | None, by: str = "set_backend()") -> None:
+    """Force every op onto backend ``name``; ``None`` or ``"auto"`` restores the default choice.
+    ``by`` names who forced it in later error messages."""
     global _forced, _forced_by
     if name is None or name == "auto":
         _forced, _forced_by = None, ""
@@ -246,7 +247,7 @@ def set_backend(name: str | None) -> None:
     why = _backend_unavailable(name)
     if why is not None:
         raise RuntimeError(f"backend {name!r} is not available: {why}")
-    _forced, _forced_by = name, "set_backend()"
+    _forced, _forced_by = name, by
 
 
 @contextlib.contextmanager

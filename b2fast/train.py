@@ -63,9 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from b2fast import backends
+    from b2fast import backends, ops
     from b2fast.trainer import Trainer
 
+    if cfg.backend != "auto":  # else B2FAST_BACKEND, if set, or the best available per op
+        try:
+            ops.set_backend(cfg.backend, by="the config field `backend`")
+        except RuntimeError as exc:
+            print(f"error: {exc} (config field `backend`)", file=sys.stderr)
+            return 2
     print(f"b2fast: backends {backends()}")
     try:
         trainer = Trainer(cfg, resume=resume)

@@ -74,6 +74,9 @@ def _run_cli(*args):
     (["--model.path", "./no/such/model"], "model.path"),
     (["--reward.name", "no_such_reward"], "reward.name"),
     (["--prompts.source", "no_such_set"], "prompts"),
+    (["--backend", "fast"], "backend"),
+    pytest.param(["--backend", "cuda"], "backend 'cuda' is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU makes it valid")),
 ])
 def test_bad_input_gives_one_line_error(args, fragment, tmp_path):
     result = _run_cli(*args, "--out", str(tmp_path / "x"), "--device", "cpu")
