@@ -169,8 +169,8 @@ def evaluate_column(policy, plan, reward, cfg: SamplingConfig, args, column: str
 
     rows = []
     for label, split, prompts in plan:
-        score, success, div, images = evaluate_prompts(policy, prompts, reward, cfg, args.images_per_prompt, args.seed)
-        rows.append(EvalRow(label, split, len(prompts), images.shape[0], score, success, div))
+        metrics, images = evaluate_prompts(policy, prompts, reward, cfg, args.images_per_prompt, args.seed)
+        rows.append(EvalRow(label, split, len(prompts), images.shape[0], **metrics))
         if out is not None:
             save_grid(out / f"grid_{label}_{split}_{column}.png", images, columns=args.images_per_prompt)
     return rows
@@ -184,7 +184,7 @@ def write_results(out: Path, columns: dict, plan, arguments: dict) -> None:
               "prompts": [{"prompt_set": label, "split": split, "prompts": prompts} for label, split, prompts in plan],
               "columns": {name: [r.as_dict() for r in rows] for name, rows in columns.items()}}
     atomic_write_text(out / "eval.json", json.dumps(record, indent=2) + "\n")
-    fields = ["prompt_set", "split", "column", "n_prompts", "n_images", "score", "success", "diversity"]
+    fields = ["prompt_set", "split", "column", "n_prompts", "n_images", "score", "success", "diversity", "vendi"]
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\n")
     writer.writeheader()

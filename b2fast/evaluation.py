@@ -28,20 +28,42 @@ class EvalRow:
     score: float        # mean reward
     success: float      # fraction of images with reward >= 1 (exact success for toy_align)
     diversity: float    # mean pairwise distance among one prompt's images, averaged over prompts
+    vendi: float = float("nan")  # Vendi score of one prompt's images, averaged over prompts
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
 
+def image_features(images: torch.Tensor) -> torch.Tensor:
+    """8×8-pooled pixels (N, 3·64): a model-free feature that sees colour, layout and shape."""
+    return F.adaptive_avg_pool2d(images.float(), 8).flatten(1)
+
+
 def diversity(images: torch.Tensor, n_per_prompt: int) -> float:
     """Mean pairwise L2 distance of 8×8-pooled image features within each prompt's group."""
-    feats = F.adaptive_avg_pool2d(images.float(), 8).flatten(1)           # (N, 3·64)
+    feats = image_features(images)
     groups = feats.view(-1, n_per_prompt, feats.shape[1])                 # (P, n, D)
     if n_per_prompt < 2:
         return 0.0
     dist = torch.cdist(groups, groups)                                    # (P, n, n)
     off_diagonal = dist.sum(dim=(1, 2)) / (n_per_prompt * (n_per_prompt - 1))
     return float(off_diagonal.mean())
+
+
+def vendi_score(features: torch.Tensor) -> float:
+    """Vendi score (Friedman & Dieng, 2023) of n samples' features (n, D) under cosine
+    similarity: exp of the entropy of the eigenvalues of K/n. Between 1 (all alike) and n (all
+    orthogonal): the effective number of distinct samples."""
+    x = F.normalize(features.double(), dim=1)
+    eigenvalues = torch.linalg.eigvalsh(x @ x.T / x.shape[0]).clamp(min=0)
+    eigenvalues = eigenvalues[eigenvalues > 0]
+    return float(torch.exp(-(eigenvalues * eigenvalues.log()).sum()))
+
+
+def mean_vendi(features: torch.Tensor, n_per_prompt: int) -> float:
+    """Vendi score of each prompt's ``n_per_prompt`` consecutive samples, averaged over prompts."""
+    groups = features.view(-1, n_per_prompt, features.shape[-1])
+    return sum(vendi_score(g) for g in groups) / groups.shape[0]
 
 
 def pick_prompts(prompts: list[str], limit: int) -> list[str]:
@@ -54,16 +76,18 @@ def pick_prompts(prompts: list[str], limit: int) -> list[str]:
 
 @torch.no_grad()
 def evaluate_prompts(policy: Policy, prompts: list[str], reward: Reward, cfg: SamplingConfig,
-                     n_per_prompt: int, seed: int, batch: int = 256) -> tuple[float, float, float, torch.Tensor]:
-    """(mean score, success rate, diversity, images) of ``n_per_prompt`` images per prompt."""
+                     n_per_prompt: int, seed: int, batch: int = 256) -> tuple[dict, torch.Tensor]:
+    """({score, success, diversity, vendi}, images) of ``n_per_prompt`` images per prompt."""
     everything = [p for p in prompts for _ in range(n_per_prompt)]
     generator = torch.Generator(policy.device).manual_seed(seed)
     images = torch.cat([generate(policy, everything[i:i + batch], cfg, generator)
                         for i in range(0, len(everything), batch)])
     scores = score_images(reward, images, everything)
     finite = scores[torch.isfinite(scores)]
-    return (float(finite.mean()), float((finite >= 1).float().mean()),
-            diversity(images, n_per_prompt), images)
+    metrics = {"score": float(finite.mean()), "success": float((finite >= 1).float().mean()),
+               "diversity": diversity(images, n_per_prompt),
+               "vendi": mean_vendi(image_features(images), n_per_prompt)}
+    return metrics, images
 
 
 def evaluate_sets(policy: Policy, sets: list[str], splits: list[str], reward: Reward,
@@ -74,8 +98,8 @@ def evaluate_sets(policy: Policy, sets: list[str], splits: list[str], reward: Re
     for name in sets:
         for split in splits:
             prompts = pick_prompts(load_prompts(name, split), prompts_per_set)
-            score, success, div, images = evaluate_prompts(policy, prompts, reward, cfg, n_per_prompt, seed)
-            rows.append(EvalRow(name, split, len(prompts), len(prompts) * n_per_prompt, score, success, div))
+            metrics, images = evaluate_prompts(policy, prompts, reward, cfg, n_per_prompt, seed)
+            rows.append(EvalRow(name, split, len(prompts), len(prompts) * n_per_prompt, **metrics))
             if images_out is not None:
                 images_out[(name, split)] = images
     return rows
@@ -89,10 +113,11 @@ def default_eval_sets(prompt_source: str) -> list[str]:
 def format_rows(columns: dict[str, list[EvalRow]]) -> str:
     """A text table: one line per (set, split), one score/success/diversity triple per column."""
     names = list(columns)
-    head = f"{'prompt set':<16} {'split':<6} " + " ".join(f"{n + ' score':>14} {'success':>8} {'divers.':>8}" for n in names)
+    head = f"{'prompt set':<16} {'split':<6} " + " ".join(
+        f"{n + ' score':>14} {'success':>8} {'divers.':>8} {'vendi':>6}" for n in names)
     lines = [head, "-" * len(head)]
     for i, row in enumerate(columns[names[0]]):
-        cells = " ".join(f"{columns[n][i].score:>14.3f} {columns[n][i].success:>8.3f} {columns[n][i].diversity:>8.3f}"
-                         for n in names)
+        cells = " ".join(f"{columns[n][i].score:>14.3f} {columns[n][i].success:>8.3f} "
+                         f"{columns[n][i].diversity:>8.3f} {columns[n][i].vendi:>6.2f}" for n in names)
         lines.append(f"{row.prompt_set:<16} {row.split:<6} {cells}")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ import torch
 
 from b2fast.utils import append_jsonl, atomic_write, atomic_write_text
 
+CAPTIONS = "captions.jsonl"
 METRICS = "metrics.jsonl"
 
 
@@ -24,10 +25,23 @@ def truncate_metrics(out: str | Path, last_stage: int) -> None:
     """Drop records after ``last_stage`` (a resumed run re-does those stages)."""
     kept = [r for r in read_metrics(out) if r["stage"] <= last_stage]
     atomic_write_text(Path(out) / METRICS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    captions = Path(out) / CAPTIONS
+    if captions.is_file():
+        lines = [line for line in captions.read_text().splitlines()
+                 if line.strip() and json.loads(line)["stage"] <= last_stage]
+        atomic_write_text(captions, "".join(line + "\n" for line in lines))
 
 
 def log_metrics(out: str | Path, record: dict) -> None:
     append_jsonl(Path(out) / METRICS, record)
+
+
+def log_captions(out: str | Path, stage: int, prompts: list[str], captions: list[str],
+                 scores: torch.Tensor) -> None:
+    """captions.jsonl: what a captioning reward (bertscore) read in each image of the stage."""
+    append_jsonl(Path(out) / CAPTIONS,
+                 {"stage": stage, "items": [{"prompt": p, "caption": c, "score": float(r)}
+                                            for p, c, r in zip(prompts, captions, scores)]})
 
 
 def image_grid(images: torch.Tensor, columns: int = 0) -> np.ndarray:

@@ -19,7 +19,8 @@ from b2fast.checkpoint import (TrainerState, load_checkpoint, rng_state, save_ch
                                save_lora_folder, set_rng_state)
 from b2fast.config import Config, dump_yaml, to_dict, validate
 from b2fast.evaluation import EvalRow, default_eval_sets, evaluate_sets, format_rows
-from b2fast.outputs import TensorBoardLogger, log_metrics, plot_reward_curve, save_grid, truncate_metrics
+from b2fast.outputs import (TensorBoardLogger, log_captions, log_metrics, plot_reward_curve, save_grid,
+                            truncate_metrics)
 from b2fast.policy import Policy
 from b2fast.prompts import load_prompts
 from b2fast.rewards import build_reward, score_images
@@ -100,6 +101,9 @@ class Trainer:
         interval_len = self.interval_len(stage)
         batch = self.sample_stage(stage, interval_len)
         rewards = score_images(self.reward, batch.images, batch.prompts)
+        captions = getattr(self.reward, "last_captions", None)
+        if captions and len(captions) == len(batch):
+            log_captions(self.out, stage, batch.prompts, captions, rewards)
         z = normalize_stage(self.history, batch.prompts, rewards)
         selection = select(z, batch.group_ids.cpu(), self.cfg.selection.pos_threshold,
                            self.cfg.selection.neg_threshold)

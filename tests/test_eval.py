@@ -7,7 +7,7 @@ import torch
 
 from b2fast.eval import main, resolve_lora
 
-ROWS = ("score", "success", "diversity")
+ROWS = ("score", "success", "diversity", "vendi")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -130,3 +130,17 @@ def test_bad_input_gives_one_line_error(tiny_sd_path, prompt_file, extra, fragme
 def test_help_exits_zero(capsys):
     assert main(["--help"]) == 0
     assert "--images-per-prompt" in capsys.readouterr().out
+
+
+def test_vendi_score_counts_distinct_samples():
+    from b2fast.evaluation import mean_vendi, vendi_score
+
+    same = torch.randn(1, 16).repeat(5, 1)
+    assert vendi_score(same) == pytest.approx(1.0, abs=1e-9)          # five copies: one sample
+    assert vendi_score(torch.eye(4)) == pytest.approx(4.0, abs=1e-9)   # orthogonal: four
+    mixed = torch.cat([torch.eye(3), torch.eye(3)])                     # three pairs of copies
+    assert vendi_score(mixed) == pytest.approx(3.0, abs=1e-9)
+    features = torch.randn(12, 8)
+    assert 1.0 <= vendi_score(features) <= 12.0
+    groups = torch.cat([same[:4], torch.eye(4, 16)])                    # prompt 1: 1, prompt 2: 4
+    assert mean_vendi(groups, 4) == pytest.approx(2.5, abs=1e-9)

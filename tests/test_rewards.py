@@ -155,3 +155,13 @@ def test_clipscore_config_errors_are_one_line(options, match):
     with pytest.raises(ValueError, match=match) as info:
         build_reward("clipscore", options)
     assert "\n" not in str(info.value)
+
+
+def test_openai_tags_get_the_quickgelu_model_they_were_trained_with():
+    """open_clip >= 3 builds 'ViT-L-14' with GELU even for OpenAI's QuickGELU weights."""
+    from b2fast.rewards.clipscore import clip_name_for_tag
+
+    assert clip_name_for_tag("ViT-L-14", "openai") in ("ViT-L-14-quickgelu", "ViT-L-14")
+    assert clip_name_for_tag("ViT-H-14", "laion2b_s32b_b79k") == "ViT-H-14"
+    assert clip_name_for_tag("ViT-L-14-quickgelu", "openai") == "ViT-L-14-quickgelu"
+    assert clip_name_for_tag("ViT-L-14", None) == "ViT-L-14"

@@ -112,3 +112,31 @@ def test_tensorboard_logging_or_a_clear_error(tmp_path):
     logger.log({"stage": 0, "reward_mean": 0.5, "loss": None})
     logger.close()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+CAPTIONING_REWARD = '''
+import torch
+
+class Captioner:
+    """Scores every image 0.5 and 'reads' a caption per image, like the bertscore reward."""
+    last_captions = None
+
+    def __call__(self, images, prompts):
+        self.last_captions = [f"caption of {p}" for p in prompts]
+        return torch.full((len(prompts),), 0.5)
+
+reward = Captioner()
+'''
+
+
+def test_captions_of_a_captioning_reward_are_logged(tiny_sd_path, tmp_path, monkeypatch):
+    (tmp_path / "captioning_reward.py").write_text(CAPTIONING_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = _cfg(tiny_sd_path, tmp_path / "run", "--schedule.num_stages", "1",
+               "--reward.name", "captioning_reward:reward")
+    Trainer(cfg).run()
+    records = [json.loads(line) for line in (tmp_path / "run" / "captions.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records] == [0]
+    items = records[0]["items"]
+    assert len(items) == 2 * 2 * 3  # batches × prompts × branches
+    assert all(i["caption"] == f"caption of {i['prompt']}" and i["score"] == 0.5 for i in items)

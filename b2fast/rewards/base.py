@@ -23,6 +23,13 @@ RewardFactory = Callable[..., Reward]
 _REGISTRY: dict[str, RewardFactory] = {}
 
 
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` (shortened): for one-line errors about a library's failure."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}"
+
+
 def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
     """Register ``factory(device=..., **options) -> Reward`` under ``name``."""
     def decorator(factory: RewardFactory) -> RewardFactory:

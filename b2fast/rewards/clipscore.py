@@ -11,22 +11,37 @@ cheap.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from b2fast.rewards.base import register_reward
+from b2fast.rewards.base import one_line, register_reward
 
 _FIX_HINT = ("pre-download the weights into the Hugging Face cache on a machine with internet, or "
              "pass pretrained=/path/to/open_clip_pytorch_model.bin (pretrained=None: random weights, "
              "for tests only)")
 
 
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}"
+def clip_name_for_tag(model_name: str, pretrained: str | None) -> str:
+    """The ``-quickgelu`` variant of ``model_name`` when the weights were trained with QuickGELU.
+
+    open_clip ≥ 3 builds 'ViT-L-14' with GELU even for pretrained='openai' (it only warns), which
+    changes the embeddings the weights were trained for; 'ViT-L-14-quickgelu' is the matching model.
+    open_clip 2.x loads 'openai' tags with QuickGELU whatever the name, and needs no change.
+    """
+    import open_clip
+
+    if not pretrained or model_name.endswith("-quickgelu") or Path(pretrained).exists():
+        return model_name
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained) or {}
+    model_cfg = open_clip.get_model_config(model_name) or {}
+    variant = f"{model_name}-quickgelu"
+    if tag_cfg.get("quick_gelu") and not model_cfg.get("quick_gelu") and \
+            pretrained in open_clip.list_pretrained_tags_by_model(variant):
+        return variant
+    return model_name
 
 
 def create_clip_model(model_name: str, pretrained: str | None, device: str | torch.device) -> torch.nn.Module:
@@ -41,11 +56,12 @@ def create_clip_model(model_name: str, pretrained: str | None, device: str | tor
     if not has_schema and open_clip.get_model_config(model_name.replace("/", "-")) is None:
         raise ValueError(f"reward.options.model_name: unknown open_clip model {model_name!r}; "
                          "see open_clip.list_models() (e.g. 'ViT-H-14')")
+    model_name = clip_name_for_tag(model_name, pretrained)
     try:
         model = open_clip.create_model(model_name, pretrained=pretrained, device=device)
     except Exception as exc:  # open_clip raises RuntimeError/OSError/hub errors for one cause
         raise ValueError(f"reward.options: cannot create open_clip model {model_name!r} with "
-                         f"pretrained={pretrained!r} ({_one_line(exc)}); {_FIX_HINT}") from None
+                         f"pretrained={pretrained!r} ({one_line(exc)}); {_FIX_HINT}") from None
     return model.eval().requires_grad_(False)
 
 
