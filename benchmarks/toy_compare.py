@@ -65,21 +65,24 @@ def summarise(results: list[dict]) -> str:
     """Markdown: per method, mean ± std over seeds of test/train alignment after training."""
     lines = ["| method | seeds | test success | test score | train success | train score | test diversity | train minutes |",
              "|---|---|---|---|---|---|---|---|"]
-    base = results[0]["before"]
-    lines.insert(2, f"| base model | - | {_mean(base, 'test', 'success'):.3f} | {_mean(base, 'test', 'score'):.3f} | "
-                    f"{_mean(base, 'train', 'success'):.3f} | {_mean(base, 'train', 'score'):.3f} | "
-                    f"{_mean(base, 'test', 'diversity'):.3f} | - |")
+    def cell(runs, when, split, key):
+        values = [_mean(r[when], split, key) for r in runs]
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.3f} ± {spread:.3f}"
+
+    def row(name, runs, when, minutes):
+        return (f"| {name} | {len(runs)} | {cell(runs, when, 'test', 'success')} | "
+                f"{cell(runs, when, 'test', 'score')} | {cell(runs, when, 'train', 'success')} | "
+                f"{cell(runs, when, 'train', 'score')} | {cell(runs, when, 'test', 'diversity')} | {minutes} |")
+
+    # The base model is evaluated with each seed's eval noise: one "before" per seed.
+    first_per_seed = list({r["seed"]: r for r in reversed(results)}.values())
+    lines.append(row("base model", first_per_seed, "before", "-"))
     for method in METHODS:
         runs = [r for r in results if r["method"] == method]
-        if not runs:
-            continue
-        def cell(split, key):
-            values = [_mean(r["after"], split, key) for r in runs]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            return f"{statistics.mean(values):.3f} ± {spread:.3f}"
-        lines.append(f"| {method} | {len(runs)} | {cell('test', 'success')} | {cell('test', 'score')} | "
-                     f"{cell('train', 'success')} | {cell('train', 'score')} | {cell('test', 'diversity')} | "
-                     f"{statistics.mean(r['train_minutes'] for r in runs):.1f} |")
+        if runs:
+            lines.append(row(method, runs, "after",
+                             f"{statistics.mean(r['train_minutes'] for r in runs):.1f}"))
     return "\n".join(lines)
 
 
@@ -88,8 +91,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/toy_compare")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--table-only", action="store_true",
+                        help="print the table of OUT/results.json again without running anything")
     args, extra = parser.parse_known_args()
     out = Path(args.out)
+    if args.table_only:
+        print(summarise(json.loads((out / "results.json").read_text())))
+        return
     results = []
     for seed in args.seeds:
         for method in args.methods:
