@@ -30,6 +30,14 @@ def one_line(exc: BaseException, limit: int = 200) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
+def check_reward_inputs(images: torch.Tensor, prompts: Sequence[str]) -> None:
+    """Images (N, 3, H, W) and one prompt per image, or a ValueError naming what is wrong."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images: expected shape (N, 3, H, W), got {tuple(images.shape)}")
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"prompts: expected {images.shape[0]} prompts (one per image), got {len(prompts)}")
+
+
 def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
     """Register ``factory(device=..., **options) -> Reward`` under ``name``."""
     def decorator(factory: RewardFactory) -> RewardFactory:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from b2fast.rewards.base import one_line, register_reward
+from b2fast.rewards.base import check_reward_inputs, one_line, register_reward
 
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-large"
 DEFAULT_SCORER = "roberta-large"
@@ -167,10 +167,7 @@ class BERTScoreReward:
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images: expected shape (N, 3, H, W), got {tuple(images.shape)}")
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"prompts: expected {images.shape[0]} prompts (one per image), got {len(prompts)}")
+        check_reward_inputs(images, prompts)
         self.last_captions = self.caption(images)
         return self.score_captions(self.last_captions, prompts)
 

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from b2fast.rewards.base import one_line, register_reward
+from b2fast.rewards.base import check_reward_inputs, one_line, register_reward
 
 _FIX_HINT = ("pre-download the weights into the Hugging Face cache on a machine with internet, or "
              "pass pretrained=/path/to/open_clip_pytorch_model.bin (pretrained=None: random weights, "
@@ -137,10 +137,7 @@ class CLIPScore:
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images: expected shape (N, 3, H, W), got {tuple(images.shape)}")
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"prompts: expected {images.shape[0]} prompts (one per image), got {len(prompts)}")
+        check_reward_inputs(images, prompts)
         if images.shape[0] == 0:
             return torch.zeros(0, dtype=torch.float32)
         cos = (self.image_embeddings(images) * self.text_embeddings(prompts)).sum(dim=-1)
