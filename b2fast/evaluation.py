@@ -50,6 +50,13 @@ def diversity(images: torch.Tensor, n_per_prompt: int) -> float:
     return float(off_diagonal.mean())
 
 
+def diversity_features(reward: Reward, images: torch.Tensor) -> torch.Tensor:
+    """What the Vendi score compares: the reward's own image embeddings when it has them (CLIP
+    rewards: semantic diversity), else 8×8-pooled pixels."""
+    embed = getattr(reward, "image_embeddings", None)
+    return embed(images).float().cpu() if callable(embed) else image_features(images)
+
+
 def vendi_score(features: torch.Tensor) -> float:
     """Vendi score (Friedman & Dieng, 2023) of n samples' features (n, D) under cosine
     similarity: exp of the entropy of the eigenvalues of K/n. Between 1 (all alike) and n (all
@@ -86,7 +93,7 @@ def evaluate_prompts(policy: Policy, prompts: list[str], reward: Reward, cfg: Sa
     finite = scores[torch.isfinite(scores)]
     metrics = {"score": float(finite.mean()), "success": float((finite >= 1).float().mean()),
                "diversity": diversity(images, n_per_prompt),
-               "vendi": mean_vendi(image_features(images), n_per_prompt)}
+               "vendi": mean_vendi(diversity_features(reward, images), n_per_prompt)}
     return metrics, images
 
 

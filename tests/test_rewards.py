@@ -165,3 +165,17 @@ def test_openai_tags_get_the_quickgelu_model_they_were_trained_with():
     assert clip_name_for_tag("ViT-H-14", "laion2b_s32b_b79k") == "ViT-H-14"
     assert clip_name_for_tag("ViT-L-14-quickgelu", "openai") == "ViT-L-14-quickgelu"
     assert clip_name_for_tag("ViT-L-14", None) == "ViT-L-14"
+
+
+def test_vendi_uses_the_clip_rewards_image_embeddings(tiny_clipscore):
+    """With a CLIP reward, diversity features are its unit-norm image embeddings (semantic
+    diversity); copies of one image count as one distinct image."""
+    from b2fast.evaluation import diversity_features, mean_vendi
+
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    features = diversity_features(tiny_clipscore, images)
+    assert torch.allclose(features, tiny_clipscore.image_embeddings(images).float())
+    copies = diversity_features(tiny_clipscore, images[:1].repeat(4, 1, 1, 1))
+    assert mean_vendi(copies, 4) == pytest.approx(1.0, abs=1e-6)
+    jpeg = build_reward("jpeg_compressibility")
+    assert diversity_features(jpeg, images).shape == (4, 3 * 64)  # no embeddings: pooled pixels
