@@ -189,3 +189,16 @@ def ddim_mean(eu_ptr, ec_ptr, xt_ptr, offs, mask, w, clip, sqrt_ab, sqrt_1m_ab, 
         r = tl.full((), clip, ACC)
         x0_used = tl.where(x0 < -r, -r, tl.where(x0 > r, r, x0))  # torch.clamp; NaN stays NaN
     return sqrt_ab_prev * x0_used + dir_coef * eps, x0
+
+
+@triton.jit
+def gaussian_log_density_sum(x_prev, mu, mask, sigma, log_sigma, ACC: tl.constexpr):
+    """Σ over the chunk's valid elements of log N(x'; μ, σ²), in fp64, ordered exactly as
+    reference.gaussian_logprob; 0 when σ = 0 (deterministic step, log p = 0)."""
+    stochastic = sigma > 0
+    safe_sigma = tl.where(stochastic, sigma, 1.0)
+    diff = x_prev - mu
+    elem = div(-(diff * diff), 2 * safe_sigma * safe_sigma) - log_sigma \
+        - tl.full((), HALF_LOG_2PI, ACC)
+    partial = tl.sum(tl.where(mask, elem.to(tl.float64), 0.0), axis=0)
+    return tl.where(stochastic, partial, 0.0)

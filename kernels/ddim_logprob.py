@@ -13,9 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-from b2fast.kernels._common import (HALF_LOG_2PI, LAUNCH_OPTIONS, acc_type, autotune_blocks,
-                                    cast_to, compute_dtype, ddim_mean, div, finish_log_prob,
-                                    load_step_row, new_partials, prepare, to_acc)
+from b2fast.kernels._common import (LAUNCH_OPTIONS, acc_type, autotune_blocks, cast_to,
+                                    compute_dtype, ddim_mean, div, finish_log_prob,
+                                    gaussian_log_density_sum, load_step_row, new_partials, prepare,
+                                    to_acc)
 
 
 @autotune_blocks(reset_to_zero=["partial_ptr"])  # tuning reruns: re-zero the unused partials
@@ -33,13 +34,8 @@ def _logprob_fwd_kernel(eu_ptr, ec_ptr, xt_ptr, xp_ptr, table_ptr, idx_ptr, part
     offs = b * per_sample + local
     mu, _ = ddim_mean(eu_ptr, ec_ptr, xt_ptr, offs, mask, w, clip, sqrt_ab, sqrt_1m_ab,
                       sqrt_ab_prev, dir_coef, HAS_UNCOND, CLIP, ACC)
-    stochastic = sigma > 0
-    safe_sigma = tl.where(stochastic, sigma, 1.0)
-    diff = to_acc(tl.load(xp_ptr + offs, mask=mask, other=0.0), ACC) - mu
-    elem = div(-(diff * diff), 2 * safe_sigma * safe_sigma) - log_sigma \
-        - tl.full((), HALF_LOG_2PI, ACC)
-    partial = tl.sum(tl.where(mask, elem.to(tl.float64), 0.0), axis=0)
-    partial = tl.where(stochastic, partial, 0.0)  # σ = 0: deterministic step, log p = 0
+    x_prev = to_acc(tl.load(xp_ptr + offs, mask=mask, other=0.0), ACC)
+    partial = gaussian_log_density_sum(x_prev, mu, mask, sigma, log_sigma, ACC)
     tl.store(partial_ptr + b * partial_stride + chunk, tl.where(ok, partial, float("nan")))
 
 

@@ -13,9 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-from b2fast.kernels._common import (HALF_LOG_2PI, LAUNCH_OPTIONS, acc_type, autotune_blocks,
-                                    cast_to, compute_dtype, ddim_mean, div, finish_log_prob,
-                                    load_step_row, new_partials, prepare, to_acc)
+from b2fast.kernels._common import (LAUNCH_OPTIONS, acc_type, autotune_blocks, cast_to,
+                                    compute_dtype, ddim_mean, finish_log_prob,
+                                    gaussian_log_density_sum, load_step_row, new_partials, prepare,
+                                    to_acc)
 
 
 # Tuning reruns the kernel: restore an out that aliases x_t, re-zero the unused partials.
@@ -37,14 +38,8 @@ def _ddim_step_kernel(eu_ptr, ec_ptr, xt_ptr, z_ptr, table_ptr, idx_ptr, out_ptr
     z = to_acc(tl.load(z_ptr + offs, mask=mask, other=0.0), ACC)
     stored = cast_to(mu + sigma * z, out_ptr.dtype.element_ty)
     tl.store(out_ptr + offs, stored, mask=mask)
-    # log N(x'_stored; μ, σ²), exactly as reference.gaussian_logprob orders it
-    stochastic = sigma > 0
-    safe_sigma = tl.where(stochastic, sigma, 1.0)
-    diff = to_acc(stored, ACC) - mu
-    elem = div(-(diff * diff), 2 * safe_sigma * safe_sigma) - log_sigma \
-        - tl.full((), HALF_LOG_2PI, ACC)
-    partial = tl.sum(tl.where(mask, elem.to(tl.float64), 0.0), axis=0)
-    partial = tl.where(stochastic, partial, 0.0)  # σ = 0: deterministic step, log p = 0
+    # log p of the *stored* x' (DESIGN §2)
+    partial = gaussian_log_density_sum(to_acc(stored, ACC), mu, mask, sigma, log_sigma, ACC)
     tl.store(partial_ptr + b * partial_stride + chunk, tl.where(ok, partial, float("nan")))
 
 
