@@ -4,12 +4,14 @@
     python -m b2fast.bench kernels --large --json k.json    # also a >= 1 GB batch; raw records
     python -m b2fast.bench kernels --device cpu --quick     # tiny shapes, a few repeats (tests)
     python -m b2fast.bench kernels --help                   # the suite's options
+    python -m b2fast.bench rewards                          # images/s of each reward, full-size models
+    python -m b2fast.bench rewards --quick --device cpu     # tiny models, seconds (tests)
 
-Every figure is a ratio against a baseline timed in the same run (the plain-PyTorch reference)
-and a unit against a ceiling measured in the same run (GB/s against the device's copy
-bandwidth). Results go to stdout as a Markdown table, progress to stderr, raw records to
-``--json``. Bad arguments stop before anything is measured, with a one-line message naming the
-argument (exit code 2).
+Every figure is a ratio against a baseline timed in the same run (the plain-PyTorch reference,
+the PIL preprocessing of the research scripts) and a unit against a ceiling measured in the same
+run (GB/s against the device's copy bandwidth, TFLOP/s against a dense matmul). Results go to
+stdout as a Markdown table, progress to stderr, raw records to ``--json``. Bad arguments stop
+before anything is measured, with a one-line message naming the argument (exit code 2).
 
 This module only parses and checks arguments (it imports no torch, so ``--help`` is instant);
 each suite's measuring code lives in its own module, imported when the suite runs.
@@ -26,6 +28,10 @@ SUITES = {
     "kernels": ("b2fast.bench_kernels",
                 "time, GB/s, %% of copy bandwidth and speed-up vs the torch reference of the "
                 "DDIM step, log-prob (fwd, fwd+bwd) and branch-fork ops on every live backend"),
+    "rewards": ("b2fast.bench_rewards",
+                "images/s, s per 1,280 images, TFLOP/s and speed-up vs PIL preprocessing of each "
+                "reward (clipscore ViT-H-14, aesthetic, bertscore, jpeg) on full-size random-weight "
+                "models"),
 }
 DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "float16": "float16",
                  "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -49,6 +55,22 @@ the op reads counted once in its dtype, every tensor it writes counted once; the
 for every backend (see b2fast.bench_kernels). Time: median over --repeats calls after
 --warmup calls; CUDA events with the L2 cache flushed before each call on cuda,
 time.perf_counter on cpu."""
+REWARD_CASES = ("clipscore", "aesthetic", "bertscore", "jpeg")
+BLIP_SIZES = ("base", "large")
+REWARDS_HELP = """\
+Images/s, seconds per 1,280 images (one stage), GFLOP per image, TFLOP/s (and % of a float32
+matmul timed in the same run), peak CUDA memory and speed-up vs the research scripts' PIL
+preprocessing (same models, timed in the same run) of each reward, built with build_reward on
+the full-size architecture with random weights (no downloads):
+
+  clipscore  OpenCLIP ViT-H-14 (laion2b_s32b_b79k's architecture)
+  aesthetic  OpenCLIP ViT-L-14 + the LAION MLP head
+  bertscore  BLIP-base captioner (--blip large: the reward's default BLIP-large) + roberta-large
+             layer 17; every caption runs to max_new_tokens (30): an upper bound
+  jpeg       jpeg_compressibility, quality 95 (PIL on the CPU; no baseline)
+
+--quick uses the tiny test models instead. Time: median over --repeats calls after --warmup
+calls; CUDA events on cuda, time.perf_counter on cpu (see b2fast.bench_rewards)."""
 
 
 class ArgumentError(ValueError):
@@ -117,6 +139,30 @@ def _add_kernels_arguments(p: argparse.ArgumentParser) -> None:
     add("--json", metavar="PATH", help="also write the header and raw records as JSON (atomically)")
 
 
+def _add_rewards_arguments(p: argparse.ArgumentParser) -> None:
+    add = p.add_argument
+    add("--device", default="auto", help="'auto' (cuda if visible, else cpu), 'cpu', 'cuda' or "
+                                         "'cuda:N' (default: %(default)s)")
+    add("--rewards", nargs="+", choices=REWARD_CASES, metavar="REWARD",
+        help=f"measure only these, of: {', '.join(REWARD_CASES)} (default: all)")
+    add("--images", type=_positive, metavar="N",
+        help="images per reward call (default: 128 cuda, 8 cpu, 4 quick; a stage scores 1280)")
+    add("--image-size", type=_positive, metavar="PX",
+        help="image side in pixels (default: 512, the SD 1.x decoder's output; 64 quick)")
+    add("--batch-size", type=_positive, metavar="B",
+        help="replace each reward's batch_size option, the images encoded at once (default: the "
+             "reward's own: clipscore/aesthetic 32, bertscore 16)")
+    add("--blip", choices=BLIP_SIZES, default="base",
+        help="BLIP captioner size of bertscore (default: %(default)s; the reward's default is large)")
+    add("--warmup", type=_positive, metavar="N", help="untimed calls first (default: 2 cuda, 1 cpu)")
+    add("--repeats", type=_positive, metavar="N", help="timed calls; the median is reported "
+                                                       "(default: 5 cuda, 3 cpu, 2 quick)")
+    add("--quick", action="store_true",
+        help="the tiny test models, 64x64 images, 4 per call, 1 warm-up, 2 repeats (explicit options "
+             "still win)")
+    add("--json", metavar="PATH", help="also write the header and raw records as JSON (atomically)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m b2fast.bench", formatter_class=argparse.RawDescriptionHelpFormatter,
                 description=__doc__.split("\n\n")[2],
@@ -126,14 +172,20 @@ def _parser() -> argparse.ArgumentParser:
     kernels = sub.add_parser("kernels", help=SUITES["kernels"][1], description=KERNELS_HELP,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_kernels_arguments(kernels)
+    rewards = sub.add_parser("rewards", help=SUITES["rewards"][1], description=REWARDS_HELP,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_rewards_arguments(rewards)
     return p
+
+
+def _check_device(name: str) -> None:
+    if name not in ("auto", "cpu", "cuda") and re.fullmatch(r"cuda:\d+", name) is None:
+        raise ArgumentError(f"--device: got {name!r}, expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 
 def validate_kernels(a: argparse.Namespace) -> argparse.Namespace:
     """Checks argparse cannot express; fills the device-independent defaults."""
-    if a.device not in ("auto", "cpu", "cuda") and re.fullmatch(r"cuda:\d+", a.device) is None:
-        raise ArgumentError(f"--device: got {a.device!r}, expected 'auto', 'cpu', 'cuda' or "
-                            "'cuda:N'")
+    _check_device(a.device)
     for name in a.backends or ():
         if name not in ("cuda", "triton", "cpp", "torch"):
             raise ArgumentError(f"--backends: got {name!r}, expected cuda, triton, cpp or torch")
@@ -147,9 +199,19 @@ def validate_kernels(a: argparse.Namespace) -> argparse.Namespace:
     return a
 
 
+def validate_rewards(a: argparse.Namespace) -> argparse.Namespace:
+    """Checks argparse cannot express; the rewards in the documented order, each once."""
+    _check_device(a.device)
+    a.rewards = [r for r in REWARD_CASES if r in (a.rewards or REWARD_CASES)]
+    return a
+
+
+VALIDATORS = {"kernels": validate_kernels, "rewards": validate_rewards}
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     args = _parser().parse_args(argv)
-    return validate_kernels(args) if args.suite == "kernels" else args
+    return VALIDATORS[args.suite](args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -120,6 +120,20 @@ class LogConfig:
     grid_images: int = _f(16, "images per sample grid")
     tensorboard: bool = _f(False, "also log scalars to TensorBoard (needs the tensorboard package)")
     progress: bool = _f(True, "show progress bars")
+    samples: bool = _f(True, "append every image's prompt, reward, z-score, branch group and selection (and the "
+                             "caption of a captioning reward) to samples.jsonl")
+
+
+DIST_BACKENDS = ("auto", "nccl", "gloo")
+
+
+@dataclass
+class DistributedConfig:
+    backend: str = _f("auto", "torch.distributed backend under torchrun: 'auto' (nccl on GPUs, gloo on CPUs), "
+                              "'nccl' or 'gloo'")
+    timeout_s: float = _f(1800.0, "seconds a rank waits in a collective before the job stops with an error "
+                                  "(a crashed or stalled rank); must exceed the before/after evaluation, "
+                                  "which rank 0 runs alone")
 
 
 @dataclass
@@ -140,6 +154,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,6 +334,9 @@ def validate(cfg: Config) -> Config:
     _check(cfg.backend in BACKENDS, "backend", cfg.backend, f"one of {BACKENDS}")
     _check(cfg.keep_checkpoints >= 1, "keep_checkpoints", cfg.keep_checkpoints, "an integer >= 1")
     _check(cfg.checkpoint_every >= 1, "checkpoint_every", cfg.checkpoint_every, "an integer >= 1")
+    _check(cfg.distributed.backend in DIST_BACKENDS, "distributed.backend", cfg.distributed.backend,
+           f"one of {DIST_BACKENDS}")
+    _check(cfg.distributed.timeout_s > 0, "distributed.timeout_s", cfg.distributed.timeout_s, "a number > 0")
     _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
            "device", cfg.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
     return cfg

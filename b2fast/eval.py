@@ -4,11 +4,13 @@
     python -m b2fast.eval --lora runs/x                     # base vs the run's trained LoRA
     python -m b2fast.eval --model b2fast:tiny-sd --prompts my_prompts.txt --reward jpeg_compressibility
     python -m b2fast.eval --lora runs/x --out runs/x/eval   # also write eval.json, eval.csv, grids
+    python -m b2fast.eval --reward clipscore bertscore --reward-options '{bertscore: {captioner: ./blip}}'
 
 The policy is loaded once; the base column is sampled with the fresh adapter (LoRA B = 0, so
 exactly the base model), then the LoRA is loaded and the same seeds are sampled again, so the
-two columns differ only by the LoRA. Bad arguments stop before any model loads, with a
-one-line message naming the argument (exit code 2).
+two columns differ only by the LoRA. Each reward is built once, and the images of a (set,
+split, column) are sampled once and scored by every reward. Bad arguments stop before any
+model loads, with a one-line message naming the argument (exit code 2).
 """
 from __future__ import annotations
 
@@ -28,6 +30,16 @@ from b2fast.utils import LORA_WEIGHTS_NAME
 
 DEFAULT_MODEL = "b2fast:toy"
 DEFAULT_SETS = TOY_SETS
+DESCRIPTION = """\
+Sample fixed-seed images per prompt from the base weights (and, with --lora, the trained
+weights, same seeds); score them with every --reward; report per prompt set and split the
+mean of each reward, the success rate (fraction of images scoring >= 1) for rewards where
+1 means 'prompt fully met' (toy_align), and two diversities of one prompt's images, averaged
+over prompts, on the image embeddings of the first reward that has them (clipscore,
+aesthetic), else on 8x8-pooled pixels:
+  diversity  mean pairwise distance: cosine distance 1 - cos on embeddings (0 = identical,
+             1 = orthogonal), L2 on pooled pixels
+  vendi      Vendi score (cosine): effective number of distinct images, 1 to N per prompt"""
 
 
 class ArgumentError(ValueError):
@@ -41,9 +53,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m b2fast.eval", formatter_class=argparse.RawDescriptionHelpFormatter,
-                description="Sample fixed-seed images per prompt from the base weights (and, with --lora, the\n"
-                            "trained weights, same seeds) and report the mean reward, the success rate\n"
-                            "(reward >= 1) and the diversity per prompt set and split.",
+                description=DESCRIPTION,
                 epilog="examples:\n" + __doc__.split("\n\n")[1])  # the usage lines of the docstring
     add = p.add_argument
     add("--model", help="hub id, diffusers folder, 'b2fast:tiny-sd' or 'b2fast:toy' (default: the model of "
@@ -55,9 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     add("--splits", nargs="+", default=["train", "test"], metavar="SPLIT",
         help="splits of each set: train, test or all; a file holding one plain list gives it to every split "
              "(default: %(default)s)")
-    add("--reward", default="toy_align", help="registered reward name or 'module:function' (default: %(default)s)")
+    add("--reward", nargs="+", default=["toy_align"], metavar="NAME",
+        help="one or more rewards, each a registered name or 'module:function'; the first one fills the "
+             "score/success fields of eval.json (default: %(default)s)")
     add("--reward-options", default="", metavar="MAPPING",
-        help="reward keyword options as a YAML/JSON mapping, e.g. '{quality: 80}'")
+        help="reward keyword options as a YAML/JSON mapping keyed by reward name, e.g. "
+             "'{clipscore: {batch_size: 16}, bertscore: {captioner: ./blip}}' (rewards left out keep "
+             "their defaults); with one reward, also its options alone, e.g. '{quality: 80}'")
     add("--images-per-prompt", type=int, default=4, metavar="N", help="images per prompt (default: %(default)s)")
     add("--prompts-per-set", type=int, default=12, metavar="N",
         help="prompts per set and split, spread evenly over the list; 0 = all (default: %(default)s)")
@@ -67,8 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--eta", type=float, default=1.0, help="DDIM eta (default: %(default)s)")
     add("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N' (default: %(default)s)")
     add("--dtype", default="float32", help=f"base weights dtype, one of {', '.join(DTYPES)} (default: %(default)s)")
-    add("--out", metavar="DIR", help="write eval.json, eval.csv and grid_<set>_<split>_<column>.png here "
-                                     "(default: print the table only)")
+    add("--out", metavar="DIR", help="write eval.json, eval.csv and grid_<set>_<split>_<column>.png (one row "
+                                     "per prompt, the prompt written above it) here (default: print the table only)")
     return p
 
 
@@ -89,18 +103,28 @@ def validate_args(a: argparse.Namespace) -> argparse.Namespace:
              "--device", a.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
     for split in a.splits:
         _require(split in ("train", "test", "all"), "--splits", split, "'train', 'test' or 'all'")
+    _require(len(set(a.reward)) == len(a.reward), "--reward", a.reward, "distinct reward names")
     return a
 
 
-def parse_reward_options(text: str) -> dict:
+def parse_reward_options(text: str, names: list[str]) -> dict[str, dict]:
+    """--reward-options → options per reward name. The mapping is keyed by reward name; with one
+    reward it may also be that reward's options themselves. A reward left out gets its defaults."""
     if not text.strip():
-        return {}
+        return {name: {} for name in names}
     try:
         options = yaml.safe_load(text)  # JSON is YAML
     except yaml.YAMLError:
         options = None
-    _require(isinstance(options, dict), "--reward-options", text, "a YAML/JSON mapping like '{quality: 80}'")
-    return options
+    keyed = "a YAML/JSON mapping keyed by reward name, e.g. '{clipscore: {batch_size: 16}}'"
+    _require(isinstance(options, dict), "--reward-options", text,
+             keyed + (", or the reward's own options, e.g. '{quality: 80}'" if len(names) == 1 else ""))
+    if len(names) == 1 and set(options) != {names[0]}:
+        return {names[0]: options}
+    for key, value in options.items():
+        _require(key in names, "--reward-options", key, f"one of the --reward names {names} ({keyed})")
+        _require(isinstance(value, dict), f"--reward-options {key}", value, "a mapping of that reward's options")
+    return {name: options.get(name, {}) for name in names}
 
 
 def resolve_lora(path: str) -> Path:
@@ -162,61 +186,79 @@ def plan_sets(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
     return plan
 
 
-def evaluate_column(policy, plan, reward, cfg: SamplingConfig, args, column: str, out: Path | None) -> list:
-    """One EvalRow per (set, split); with ``out``, a grid per (set, split): one row per prompt."""
+def evaluate_column(policy, plan, rewards: dict, cfg: SamplingConfig, args, column: str, out: Path | None) -> list:
+    """One EvalRow per (set, split), its images sampled once and scored by every reward; with
+    ``out``, a grid per (set, split): one labelled row per prompt."""
     from b2fast.evaluation import EvalRow, evaluate_prompts
-    from b2fast.outputs import save_grid
+    from b2fast.outputs import save_prompt_grid
 
     rows = []
     for label, split, prompts in plan:
-        metrics, images = evaluate_prompts(policy, prompts, reward, cfg, args.images_per_prompt, args.seed)
+        metrics, images = evaluate_prompts(policy, prompts, rewards, cfg, args.images_per_prompt, args.seed)
         rows.append(EvalRow(label, split, len(prompts), images.shape[0], **metrics))
         if out is not None:
-            save_grid(out / f"grid_{label}_{split}_{column}.png", images, columns=args.images_per_prompt)
+            save_prompt_grid(out / f"grid_{label}_{split}_{column}.png", images, prompts, args.images_per_prompt)
     return rows
 
 
 def write_results(out: Path, columns: dict, plan, arguments: dict) -> None:
-    """eval.json (arguments, prompts, rows per column) and eval.csv (one line per set/split/column)."""
+    """eval.json (arguments, prompts, rows per column) and eval.csv (one line per set/split/column,
+    a column per reward score and success rate)."""
     from b2fast.utils import atomic_write_text
 
     record = {"arguments": arguments,
               "prompts": [{"prompt_set": label, "split": split, "prompts": prompts} for label, split, prompts in plan],
               "columns": {name: [r.as_dict() for r in rows] for name, rows in columns.items()}}
     atomic_write_text(out / "eval.json", json.dumps(record, indent=2) + "\n")
-    fields = ["prompt_set", "split", "column", "n_prompts", "n_images", "score", "success", "diversity", "vendi"]
+    first = next(iter(columns.values()))[0]
+    fields = ["prompt_set", "split", "column", "n_prompts", "n_images",
+              *(key for key, _ in first.reward_cells()), "diversity", "vendi"]
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\n")
+    writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for i in range(len(plan)):
         for name, rows in columns.items():
-            writer.writerow({**rows[i].as_dict(), "column": name})
+            writer.writerow({**rows[i].as_dict(), **dict(rows[i].reward_cells()), "column": name})
     atomic_write_text(out / "eval.csv", text.getvalue())
 
 
 def prepare(argv: list[str]):
-    """argv → (args, ModelConfig, LoRA folder or None, plan, reward options); no model loaded."""
+    """argv → (args, ModelConfig, LoRA folder or None, plan, options per reward); no model loaded."""
     args = validate_args(_parser().parse_args(argv))
     lora = resolve_lora(args.lora) if args.lora else None
-    options = parse_reward_options(args.reward_options)
+    options = parse_reward_options(args.reward_options, args.reward)
     return args, model_config(args, lora), lora, plan_sets(args), options
 
 
-def load_models(args, model_cfg: ModelConfig, lora: Path | None, options: dict):
-    """(device, reward, policy with base weights, trained LoRA state or None); LoRA errors here."""
+def build_rewards(options: dict[str, dict], device) -> dict:
+    """Each reward built once, in order; with several, an error says which one failed."""
+    from b2fast.rewards import build_reward
+
+    rewards = {}
+    for name, kwargs in options.items():
+        try:
+            rewards[name] = build_reward(name, kwargs, device)
+        except ValueError as exc:
+            if len(options) == 1:
+                raise
+            raise ValueError(f"--reward {name}: {exc}") from None
+    return rewards
+
+
+def load_models(args, model_cfg: ModelConfig, lora: Path | None, options: dict[str, dict]):
+    """(device, rewards, policy with base weights, trained LoRA state or None); LoRA errors here."""
     import torch
 
     from b2fast.policy import Policy, resolve_model_path
-    from b2fast.rewards import build_reward
-    from b2fast.trainer import resolve_device
+    from b2fast.distributed import resolve_device
 
     device = resolve_device(args.device)
-    resolve_model_path(model_cfg.path)  # a bad path fails here, before the reward model loads
-    reward = build_reward(args.reward, options, device)
+    resolve_model_path(model_cfg.path)  # a bad path fails here, before the reward models load
+    rewards = build_rewards(options, device)
     torch.manual_seed(args.seed)  # adapter init; its B = 0, so the base column is the base model
     policy = Policy(model_cfg, device, args.num_steps, args.eta)
     if lora is None:
-        return device, reward, policy, None
+        return device, rewards, policy, None
     base = policy.lora_state_dict()
     try:
         policy.load_lora(lora)
@@ -225,17 +267,17 @@ def load_models(args, model_cfg: ModelConfig, lora: Path | None, options: dict):
         raise ArgumentError(f"--lora: cannot load {str(lora)!r} into {model_cfg.path!r} ({reason})") from None
     trained = policy.lora_state_dict()
     policy.load_lora_state_dict(base)
-    return device, reward, policy, trained
+    return device, rewards, policy, trained
 
 
-def evaluate(args, policy, reward, trained: dict | None, plan) -> dict:
+def evaluate(args, policy, rewards: dict, trained: dict | None, plan) -> dict:
     """{"base": rows} and, with a LoRA, {"trained": rows}: the same seeds for both columns."""
     cfg = SamplingConfig(num_steps=args.num_steps, guidance_scale=args.guidance_scale, eta=args.eta)
     out = Path(args.out) if args.out else None
-    columns = {"base": evaluate_column(policy, plan, reward, cfg, args, "base", out)}
+    columns = {"base": evaluate_column(policy, plan, rewards, cfg, args, "base", out)}
     if trained is not None:
         policy.load_lora_state_dict(trained)
-        columns["trained"] = evaluate_column(policy, plan, reward, cfg, args, "trained", out)
+        columns["trained"] = evaluate_column(policy, plan, rewards, cfg, args, "trained", out)
     return columns
 
 
@@ -245,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         args, model_cfg, lora, plan, options = prepare(argv)
         from b2fast import backends
         print(f"b2fast: backends {backends()}")
-        device, reward, policy, trained = load_models(args, model_cfg, lora, options)
+        device, rewards, policy, trained = load_models(args, model_cfg, lora, options)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     except (ValueError, FileNotFoundError) as exc:  # bad argument, model, LoRA, prompts or reward
@@ -253,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from b2fast.evaluation import format_rows
 
-    print(f"model {model_cfg.path}" + (f", LoRA {lora}" if lora else "") + f", device {device}")
-    columns = evaluate(args, policy, reward, trained, plan)
+    print(f"model {model_cfg.path}" + (f", LoRA {lora}" if lora else "") + f", device {device}, "
+          f"rewards {', '.join(rewards)}")
+    columns = evaluate(args, policy, rewards, trained, plan)
     print(format_rows(columns))
     if args.out:
         arguments = {**vars(args), "model": model_cfg.path, "lora": str(lora) if lora else None}

@@ -2,11 +2,23 @@
 
 Used by ``python -m b2fast.eval``, by the before/after table of ``python -m b2fast.train`` and
 by the toy model's pretraining card. Same seeds for base and trained weights, so the two rows
-of a table differ only by the LoRA.
+of a table differ only by the LoRA. The images of a prompt set are sampled once and scored by
+every reward given, so several rewards cost one sampling pass.
+
+Diversity of one prompt's n images, averaged over prompts, on one set of features: the image
+embeddings of the first reward that has them (``image_embeddings``: the CLIP rewards), else
+8×8-pooled pixels (the toy world's ``toy_align`` has no model).
+
+* ``diversity``: mean pairwise distance over the n·(n−1) ordered pairs; cosine distance
+  1 − cos(e_i, e_j) on embeddings (0 = same image, 1 = orthogonal, at most 2), L2 distance on
+  pooled pixels (model-free, so the toy numbers published in the README stay comparable).
+* ``vendi``: the Vendi score under cosine similarity, the effective number of distinct images
+  among the n (1 to n).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +29,10 @@ from b2fast.prompts import TOY_SETS, load_prompts
 from b2fast.rewards import Reward, score_images
 from b2fast.sampling import generate
 
+# Rewards whose score 1 means "every constraint of the prompt met", so the fraction of images
+# scoring >= 1 is a success rate. For the others (cosines, F1, 1-10 ratings, kB) a threshold
+# of 1 means nothing, and the table shows no success column for them.
+SUCCESS_AT_ONE = frozenset({"toy_align"})
 
 
 @dataclass
@@ -25,13 +41,27 @@ class EvalRow:
     split: str
     n_prompts: int
     n_images: int
-    score: float        # mean reward
-    success: float      # fraction of images with reward >= 1 (exact success for toy_align)
+    score: float        # mean of the first reward
+    success: float      # fraction of images with the first reward >= 1 (exact success for toy_align)
     diversity: float    # mean pairwise distance among one prompt's images, averaged over prompts
     vendi: float = float("nan")  # Vendi score of one prompt's images, averaged over prompts
+    scores: dict[str, float] = field(default_factory=dict)     # mean score per named reward
+    successes: dict[str, float] = field(default_factory=dict)  # success rate, SUCCESS_AT_ONE rewards
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in self.__dict__.items()}
+
+    def reward_cells(self) -> list[tuple[str, float]]:
+        """(label, value) per score and success rate; an unnamed single reward (the trainer's,
+        or rows stored before rewards had names) reads as 'score' and 'success'."""
+        if not self.scores:
+            return [("score", self.score), ("success", self.success)]
+        cells = []
+        for name, value in self.scores.items():
+            cells.append((name, value))
+            if name in self.successes:
+                cells.append((f"{name}_success", self.successes[name]))
+        return cells
 
 
 def image_features(images: torch.Tensor) -> torch.Tensor:
@@ -39,22 +69,38 @@ def image_features(images: torch.Tensor) -> torch.Tensor:
     return F.adaptive_avg_pool2d(images.float(), 8).flatten(1)
 
 
-def diversity(images: torch.Tensor, n_per_prompt: int) -> float:
-    """Mean pairwise L2 distance of 8×8-pooled image features within each prompt's group."""
-    feats = image_features(images)
-    groups = feats.view(-1, n_per_prompt, feats.shape[1])                 # (P, n, D)
+def mean_pairwise_distance(features: torch.Tensor, n_per_prompt: int, metric: str) -> float:
+    """Mean distance over the n·(n−1) ordered pairs of each prompt's ``n_per_prompt`` consecutive
+    samples, averaged over prompts; ``metric`` 'cosine' (1 − cos) or 'l2'."""
+    assert metric in ("cosine", "l2"), metric
     if n_per_prompt < 2:
         return 0.0
-    dist = torch.cdist(groups, groups)                                    # (P, n, n)
-    off_diagonal = dist.sum(dim=(1, 2)) / (n_per_prompt * (n_per_prompt - 1))
-    return float(off_diagonal.mean())
+    groups = features.float().view(-1, n_per_prompt, features.shape[-1])   # (P, n, D)
+    if metric == "cosine":
+        unit = F.normalize(groups.double(), dim=-1)
+        dist = 1 - unit @ unit.transpose(1, 2)                              # (P, n, n)
+    else:
+        dist = torch.cdist(groups, groups)                                  # (P, n, n)
+    dist.diagonal(dim1=1, dim2=2).zero_()  # a sample's distance to itself, exactly (not 1e-16)
+    return float((dist.sum(dim=(1, 2)) / (n_per_prompt * (n_per_prompt - 1))).mean())
 
 
-def diversity_features(reward: Reward, images: torch.Tensor) -> torch.Tensor:
-    """What the Vendi score compares: the reward's own image embeddings when it has them (CLIP
+def _as_named(rewards: Reward | Mapping[str, Reward]) -> dict:
+    """A name → reward dict; a single reward is unnamed (key None)."""
+    return dict(rewards) if isinstance(rewards, Mapping) else {None: rewards}
+
+
+def embedding_reward(rewards: Reward | Mapping[str, Reward]) -> Reward | None:
+    """The first reward with an ``image_embeddings`` method (the CLIP rewards), or None."""
+    return next((r for r in _as_named(rewards).values() if callable(getattr(r, "image_embeddings", None))),
+                None)
+
+
+def diversity_features(rewards: Reward | Mapping[str, Reward], images: torch.Tensor) -> torch.Tensor:
+    """What diversity compares: the first reward's own image embeddings when it has them (CLIP
     rewards: semantic diversity), else 8×8-pooled pixels."""
-    embed = getattr(reward, "image_embeddings", None)
-    return embed(images).float().cpu() if callable(embed) else image_features(images)
+    reward = embedding_reward(rewards)
+    return reward.image_embeddings(images).float().cpu() if reward is not None else image_features(images)
 
 
 def vendi_score(features: torch.Tensor) -> float:
@@ -73,6 +119,15 @@ def mean_vendi(features: torch.Tensor, n_per_prompt: int) -> float:
     return sum(vendi_score(g) for g in groups) / groups.shape[0]
 
 
+def image_diversity(rewards: Reward | Mapping[str, Reward], images: torch.Tensor,
+                    n_per_prompt: int) -> dict:
+    """{diversity, vendi} of ``n_per_prompt`` consecutive images per prompt (module docstring)."""
+    features = diversity_features(rewards, images)
+    metric = "l2" if embedding_reward(rewards) is None else "cosine"
+    return {"diversity": mean_pairwise_distance(features, n_per_prompt, metric),
+            "vendi": mean_vendi(features, n_per_prompt)}
+
+
 def pick_prompts(prompts: list[str], limit: int) -> list[str]:
     """At most ``limit`` prompts spread evenly over the list (deterministic)."""
     if limit <= 0 or len(prompts) <= limit:
@@ -81,23 +136,34 @@ def pick_prompts(prompts: list[str], limit: int) -> list[str]:
     return [prompts[int(i * step)] for i in range(limit)]
 
 
+def _score_metrics(scores: torch.Tensor) -> tuple[float, float]:
+    """(mean, fraction >= 1) over the finite scores."""
+    finite = scores[torch.isfinite(scores)]
+    return float(finite.mean()), float((finite >= 1).float().mean())
+
+
 @torch.no_grad()
-def evaluate_prompts(policy: Policy, prompts: list[str], reward: Reward, cfg: SamplingConfig,
-                     n_per_prompt: int, seed: int, batch: int = 256) -> tuple[dict, torch.Tensor]:
-    """({score, success, diversity, vendi}, images) of ``n_per_prompt`` images per prompt."""
+def evaluate_prompts(policy: Policy, prompts: list[str], rewards: Reward | Mapping[str, Reward],
+                     cfg: SamplingConfig, n_per_prompt: int, seed: int,
+                     batch: int = 256) -> tuple[dict, torch.Tensor]:
+    """({score, success, diversity, vendi, scores, successes}, images) of ``n_per_prompt`` images
+    per prompt, sampled once and scored by every reward. ``rewards``: one reward, or a dict
+    name → reward (the first gives score/success; each named one gets its entry in scores)."""
     everything = [p for p in prompts for _ in range(n_per_prompt)]
     generator = torch.Generator(policy.device).manual_seed(seed)
     images = torch.cat([generate(policy, everything[i:i + batch], cfg, generator)
                         for i in range(0, len(everything), batch)])
-    scores = score_images(reward, images, everything)
-    finite = scores[torch.isfinite(scores)]
-    metrics = {"score": float(finite.mean()), "success": float((finite >= 1).float().mean()),
-               "diversity": diversity(images, n_per_prompt),
-               "vendi": mean_vendi(diversity_features(reward, images), n_per_prompt)}
+    named = {name: _score_metrics(score_images(r, images, everything))
+             for name, r in _as_named(rewards).items()}
+    score, success = next(iter(named.values()))
+    metrics = {"score": score, "success": success, **image_diversity(rewards, images, n_per_prompt)}
+    if isinstance(rewards, Mapping):
+        metrics["scores"] = {name: mean for name, (mean, _) in named.items()}
+        metrics["successes"] = {name: rate for name, (_, rate) in named.items() if name in SUCCESS_AT_ONE}
     return metrics, images
 
 
-def evaluate_sets(policy: Policy, sets: list[str], splits: list[str], reward: Reward,
+def evaluate_sets(policy: Policy, sets: list[str], splits: list[str], rewards: Reward | Mapping[str, Reward],
                   cfg: SamplingConfig, n_per_prompt: int, prompts_per_set: int, seed: int,
                   images_out: dict | None = None) -> list[EvalRow]:
     """One row per (prompt set, split); ``images_out[(set, split)]`` gets the images if given."""
@@ -105,7 +171,7 @@ def evaluate_sets(policy: Policy, sets: list[str], splits: list[str], reward: Re
     for name in sets:
         for split in splits:
             prompts = pick_prompts(load_prompts(name, split), prompts_per_set)
-            metrics, images = evaluate_prompts(policy, prompts, reward, cfg, n_per_prompt, seed)
+            metrics, images = evaluate_prompts(policy, prompts, rewards, cfg, n_per_prompt, seed)
             rows.append(EvalRow(name, split, len(prompts), len(prompts) * n_per_prompt, **metrics))
             if images_out is not None:
                 images_out[(name, split)] = images
@@ -118,13 +184,22 @@ def default_eval_sets(prompt_source: str) -> list[str]:
 
 
 def format_rows(columns: dict[str, list[EvalRow]]) -> str:
-    """A text table: one line per (set, split), one score/success/diversity triple per column."""
+    """A text table: one line per (set, split); per column (base, trained, ...) each reward's
+    score (and success rate where it means one), then diversity and Vendi."""
+    def cells(row: EvalRow) -> list[tuple[str, float, str]]:
+        return [(label, value, ".3f") for label, value in row.reward_cells()] \
+            + [("divers.", row.diversity, ".3f"), ("vendi", row.vendi, ".2f")]
+
     names = list(columns)
-    head = f"{'prompt set':<16} {'split':<6} " + " ".join(
-        f"{n + ' score':>14} {'success':>8} {'divers.':>8} {'vendi':>6}" for n in names)
+    heads, widths = [], []
+    for name in names:
+        for i, (label, _, _) in enumerate(cells(columns[name][0])):
+            heads.append(f"{name} {label}" if i == 0 else label)
+            widths.append(max(len(heads[-1]), 6))
+    head = f"{'prompt set':<16} {'split':<6} " + " ".join(f"{h:>{w}}" for h, w in zip(heads, widths))
     lines = [head, "-" * len(head)]
     for i, row in enumerate(columns[names[0]]):
-        cells = " ".join(f"{columns[n][i].score:>14.3f} {columns[n][i].success:>8.3f} "
-                         f"{columns[n][i].diversity:>8.3f} {columns[n][i].vendi:>6.2f}" for n in names)
-        lines.append(f"{row.prompt_set:<16} {row.split:<6} {cells}")
+        values = [(v, fmt) for n in names for _, v, fmt in cells(columns[n][i])]
+        lines.append(f"{row.prompt_set:<16} {row.split:<6} "
+                     + " ".join(f"{v:>{w}{fmt}}" for (v, fmt), w in zip(values, widths)))
     return "\n".join(lines)

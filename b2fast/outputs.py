@@ -10,7 +10,7 @@ import torch
 
 from b2fast.utils import append_jsonl, atomic_write, atomic_write_text
 
-CAPTIONS = "captions.jsonl"
+SAMPLES = "samples.jsonl"
 METRICS = "metrics.jsonl"
 
 
@@ -21,27 +21,48 @@ def read_metrics(out: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _keep_stages(path: Path, last_stage: int) -> None:
+    """Rewrite a JSON-lines file without its records of stages after ``last_stage`` (and without
+    a line cut short by a kill)."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if _stage_of(line) <= last_stage]
+        atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def _stage_of(line: str) -> float:
+    try:
+        return json.loads(line)["stage"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def truncate_metrics(out: str | Path, last_stage: int) -> None:
     """Drop records after ``last_stage`` (a resumed run re-does those stages)."""
-    kept = [r for r in read_metrics(out) if r["stage"] <= last_stage]
-    atomic_write_text(Path(out) / METRICS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-    captions = Path(out) / CAPTIONS
-    if captions.is_file():
-        lines = [line for line in captions.read_text().splitlines()
-                 if line.strip() and json.loads(line)["stage"] <= last_stage]
-        atomic_write_text(captions, "".join(line + "\n" for line in lines))
+    for name in (METRICS, SAMPLES):
+        _keep_stages(Path(out) / name, last_stage)
 
 
 def log_metrics(out: str | Path, record: dict) -> None:
     append_jsonl(Path(out) / METRICS, record)
 
 
-def log_captions(out: str | Path, stage: int, prompts: list[str], captions: list[str],
-                 scores: torch.Tensor) -> None:
-    """captions.jsonl: what a captioning reward (bertscore) read in each image of the stage."""
-    append_jsonl(Path(out) / CAPTIONS,
-                 {"stage": stage, "items": [{"prompt": p, "caption": c, "score": float(r)}
-                                            for p, c, r in zip(prompts, captions, scores)]})
+def log_samples(out: str | Path, stage: int, prompts: list[str], rewards: torch.Tensor, z: torch.Tensor,
+                group_ids: torch.Tensor, kept: dict[int, str], captions: list[str] | None = None) -> None:
+    """samples.jsonl: one line per image of the stage, in batch order (``kept``: index → role)."""
+    lines = []
+    for i, (prompt, r, zi, g) in enumerate(zip(prompts, rewards.tolist(), z.tolist(), group_ids.tolist())):
+        item = {"stage": stage, "index": i, "prompt": prompt, "reward": _finite_or_none(r),
+                "z": _finite_or_none(zi), "group": g, "kept": kept.get(i)}
+        if captions is not None:
+            item["caption"] = captions[i]
+        lines.append(json.dumps(item, sort_keys=True) + "\n")
+    with open(Path(out) / SAMPLES, "a", encoding="utf-8") as f:
+        f.write("".join(lines))
+        f.flush()
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def image_grid(images: torch.Tensor, columns: int = 0) -> np.ndarray:
@@ -65,6 +86,28 @@ def save_grid(path: str | Path, images: torch.Tensor, min_size: int = 256, colum
     scale = max(1, min_size // max(grid.size))
     if scale > 1:
         grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+
+
+def save_prompt_grid(path: str | Path, images: torch.Tensor, prompts: list[str], n_per_prompt: int, min_size: int = 256) -> None:
+    """A PNG with one row per prompt: its images side by side, the prompt written above them;
+    upscaled with nearest neighbour (as ``save_grid``) so tiny images stay visible."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rows = [Image.fromarray(image_grid(images[i * n_per_prompt:(i + 1) * n_per_prompt], n_per_prompt))
+            for i in range(len(prompts))]
+    scale = max(1, min_size // max(rows[0].width, sum(r.height for r in rows)))
+    rows = [r.resize((r.width * scale, r.height * scale), Image.NEAREST) for r in rows]
+    font = ImageFont.load_default()
+    boxes = [font.getbbox(p) for p in prompts]                          # (left, top, right, bottom)
+    line = max(box[3] for box in boxes) + 4                             # text height + margin
+    width = max(rows[0].width, *(box[2] + 6 for box in boxes))
+    grid = Image.new("RGB", (width, sum(line + r.height for r in rows)))
+    draw, y = ImageDraw.Draw(grid), 0
+    for prompt, row in zip(prompts, rows):
+        draw.text((3, y + 2), prompt, fill=(255, 255, 255), font=font)
+        grid.paste(row, (0, y + line))
+        y += line + row.height
     atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 

@@ -130,6 +130,7 @@ class Selection:
     """Kept branches of one stage, in increasing batch index."""
     indices: torch.Tensor     # (M,) int64 index into the stage's branch batch
     advantages: torch.Tensor  # (M,) float32: z of each kept branch
+    positive: torch.Tensor    # (M,) bool: kept as its group's best (else as its worst)
     n_positive: int
     n_negative: int
 
@@ -180,6 +181,7 @@ def select(z: torch.Tensor, group_ids: torch.Tensor, pos_threshold: float = 0.5,
     # 3. thresholds; a sample already kept as a positive is not kept again
     keep_pos = z_max >= pos_threshold
     keep_neg = (z_min < neg_threshold) & ~(keep_pos & (worst == best))
-    indices = torch.cat([best[keep_pos], worst[keep_neg]]).sort().values
-    return Selection(indices=indices, advantages=z[indices],
+    indices, order = torch.cat([best[keep_pos], worst[keep_neg]]).sort()
+    positive = (torch.arange(indices.numel(), device=z.device) < int(keep_pos.sum()))[order]
+    return Selection(indices=indices, advantages=z[indices], positive=positive,
                      n_positive=int(keep_pos.sum()), n_negative=int(keep_neg.sum()))

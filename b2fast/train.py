@@ -4,6 +4,7 @@
     python -m b2fast.train --config my.yaml --out runs/x  # a preset file (see b2fast/configs/)
     python -m b2fast.train --config my.yaml --train.lr 3e-4 --sampling.branches 4
     python -m b2fast.train --resume runs/x                # continue a killed run
+    torchrun --nproc-per-node 4 -m b2fast.train --config my.yaml   # one process per GPU
 
 Every config field can be overridden as ``--section.field value``; ``--help`` lists them all.
 Bad values stop the run before any model loads, with a one-line message naming the field.
@@ -63,8 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from b2fast import backends, ops
+    from b2fast import backends, distributed, ops
     from b2fast.trainer import Trainer
+
+    try:
+        world = distributed.world_from_env()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     if cfg.backend != "auto":  # else B2FAST_BACKEND, if set, or the best available per op
         try:
@@ -72,14 +79,22 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as exc:
             print(f"error: {exc} (config field `backend`)", file=sys.stderr)
             return 2
-    print(f"b2fast: backends {backends()}")
+    if world.is_main:
+        print(f"b2fast: backends {backends()}" + (f", {world.size} ranks" if world.distributed else ""))
     try:
-        trainer = Trainer(cfg, resume=resume)
-    except ValueError as exc:  # bad model path, reward, prompts or checkpoint: one line, no traceback
+        try:
+            trainer = Trainer(cfg, resume=resume)
+        except ValueError as exc:  # bad model path, reward, prompts or checkpoint: one line, no traceback
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        trainer.run()
+    except distributed.CollectiveError as exc:  # another rank failed: say so in one line, do not hang
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    trainer.run()
-    print(f"done: metrics, images, checkpoints and LoRA weights in {cfg.out}")
+        return 1
+    finally:
+        distributed.shutdown()
+    if world.is_main:
+        print(f"done: metrics, images, checkpoints and LoRA weights in {cfg.out}")
     return 0
 
 

@@ -3,7 +3,8 @@
 Stage s: L_s = schedule(s) → sample 32 batches (trunk, fork, branches) → reward → per-prompt
 z-scores over this and the last H stages → keep best/worst branches → PPO-clip on their last
 L_s steps → log, grid, checkpoint. All randomness is drawn from generators seeded by
-(seed, stage, purpose, index), so a resumed run repeats an uninterrupted one exactly.
+(seed, stage, purpose, index), so a resumed run repeats an uninterrupted one exactly, and a
+run under ``torchrun`` gives the same results on any number of ranks (see b2fast.distributed).
 """
 from __future__ import annotations
 
@@ -15,18 +16,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from b2fast import distributed
 from b2fast.checkpoint import (TrainerState, load_checkpoint, rng_state, save_checkpoint,
                                save_lora_folder, set_rng_state)
 from b2fast.config import Config, dump_yaml, to_dict, validate
 from b2fast.evaluation import EvalRow, default_eval_sets, evaluate_sets, format_rows
-from b2fast.outputs import (TensorBoardLogger, log_captions, log_metrics, plot_reward_curve, save_grid,
+from b2fast.distributed import resolve_device
+from b2fast.outputs import (TensorBoardLogger, log_metrics, log_samples, plot_reward_curve, save_grid,
                             truncate_metrics)
 from b2fast.policy import Policy
 from b2fast.prompts import load_prompts
 from b2fast.rewards import build_reward, score_images
 from b2fast.sampling import TrajectoryBatch, sample_branches
 from b2fast.schedule import resolve_schedule
-from b2fast.selection import RewardHistory, normalize_stage, select
+from b2fast.selection import RewardHistory, Selection, normalize_stage, select
+from b2fast.stage_table import StageTable, gather_stage_table
 from b2fast.update import make_optimizer, policy_update
 from b2fast.utils import atomic_write_text
 
@@ -40,34 +44,34 @@ def stage_generator(seed: int, stage: int, purpose: str, index: int = 0,
     return torch.Generator(device).manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device: {name!r} requested but CUDA is not available; use --device cpu")
-    return torch.device(name)
-
-
 class Trainer:
-    """Owns the policy, reward, optimizer and reward history of one run."""
+    """Owns the policy, reward, optimizer and reward history of one run (of this rank)."""
 
     def __init__(self, cfg: Config, resume: str | None = None):
         self.cfg = validate(cfg)
         self.out = Path(cfg.out)
         self.schedule = resolve_schedule(cfg.schedule.kind)
         self.prompts = load_prompts(cfg.prompts.source, cfg.prompts.split)
-        self.device = resolve_device(cfg.device)
+        self.world = distributed.world_from_env()
+        if cfg.sampling.batches_per_stage < self.world.size:
+            raise ValueError(f"sampling.batches_per_stage: got {cfg.sampling.batches_per_stage}, expected at "
+                             f"least one batch per rank ({self.world.size} ranks)")
+        self.device = resolve_device(cfg.device, self.world)
+        distributed.init(self.device, cfg.distributed.backend, cfg.distributed.timeout_s, self.world)
         self.reward = build_reward(cfg.reward.name, cfg.reward.options, self.device)
         torch.manual_seed(cfg.seed)  # LoRA initialisation
         self.policy = Policy(cfg.model, self.device, cfg.sampling.num_steps, cfg.sampling.eta)
+        distributed.broadcast_parameters(self.world, self.policy.lora_parameters())
         self.optimizer = make_optimizer(self.policy.lora_parameters(), cfg.train)
         self.history = RewardHistory(cfg.selection.history_stages)
         self.start_stage = 0
         if resume:
             self._resume(resume)
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out / "config.yaml", dump_yaml(cfg))
-        self.tensorboard = TensorBoardLogger(self.out) if cfg.log.tensorboard else None
+        if self.world.is_main:  # rank 0 writes every output
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "config.yaml", dump_yaml(cfg))
+        self.tensorboard = TensorBoardLogger(self.out) if cfg.log.tensorboard and self.world.is_main else None
+        self.progress = cfg.log.progress and self.world.is_main
 
     def _resume(self, path: str) -> None:
         ckpt, state = load_checkpoint(path, self.policy)
@@ -75,60 +79,78 @@ class Trainer:
         self.history.load_state_dict(state.history)
         set_rng_state(state.rng)
         self.start_stage = state.stage + 1
-        truncate_metrics(self.out, state.stage)
-        print(f"resumed from {ckpt} at stage {self.start_stage}")
+        if self.world.is_main:
+            truncate_metrics(self.out, state.stage)
+            print(f"resumed from {ckpt} at stage {self.start_stage}")
 
     # -- one stage ------------------------------------------------------------------------------
     def interval_len(self, stage: int) -> int:
         sc = self.cfg.schedule
         return int(self.schedule(stage, sc.num_stages, sc.min_interval, sc.max_interval))
 
-    def sample_stage(self, stage: int, interval_len: int) -> TrajectoryBatch:
+    def sample_stage(self, stage: int, interval_len: int) -> tuple[list[int], TrajectoryBatch]:
+        """This rank's share of the stage's sampling batches: (their global indices, trajectories)."""
         s = self.cfg.sampling
         batches = []
-        bar = tqdm(range(s.batches_per_stage), desc=f"stage {stage} sampling", leave=False,
-                   disable=not self.cfg.log.progress)
+        mine = self.world.shard(s.batches_per_stage)
+        bar = tqdm(mine, desc=f"stage {stage} sampling", leave=False, disable=not self.progress)
         for b in bar:
             picks = torch.randint(len(self.prompts), (s.prompts_per_batch,),
                                   generator=stage_generator(self.cfg.seed, stage, "prompts", b))
             noise = stage_generator(self.cfg.seed, stage, "noise", b, self.device)
             batches.append(sample_branches(self.policy, [self.prompts[i] for i in picks.tolist()],
                                            picks, interval_len, s, noise))
-        return TrajectoryBatch.cat(batches)
+        return mine, TrajectoryBatch.cat(batches)
+
+    def score_stage(self, batch_indices: list[int], batch: TrajectoryBatch) -> StageTable:
+        """Reward this rank's images, then gather every rank's into the stage's table."""
+        rewards = score_images(self.reward, batch.images, batch.prompts)
+        captions = getattr(self.reward, "last_captions", None)
+        captions = list(captions) if captions and len(captions) == len(batch) else None
+        return gather_stage_table(self.world, batch_indices, batch, rewards, captions)
 
     def run_stage(self, stage: int) -> dict:
         started = time.perf_counter()
         interval_len = self.interval_len(stage)
-        batch = self.sample_stage(stage, interval_len)
-        rewards = score_images(self.reward, batch.images, batch.prompts)
-        captions = getattr(self.reward, "last_captions", None)
-        if captions and len(captions) == len(batch):
-            log_captions(self.out, stage, batch.prompts, captions, rewards)
-        z = normalize_stage(self.history, batch.prompts, rewards)
-        selection = select(z, batch.group_ids.cpu(), self.cfg.selection.pos_threshold,
+        batch_indices, batch = self.sample_stage(stage, interval_len)
+        table = self.score_stage(batch_indices, batch)
+        z = normalize_stage(self.history, table.prompts, table.rewards)
+        selection = select(z, table.group_ids, self.cfg.selection.pos_threshold,
                            self.cfg.selection.neg_threshold)
-        n_pairs = len(selection) * interval_len * self.cfg.train.epochs
-        with tqdm(total=n_pairs, desc=f"stage {stage} training", leave=False,
-                  disable=not self.cfg.log.progress) as bar:
+        local_pairs = int((table.local_rows[selection.indices] >= 0).sum()) * interval_len * self.cfg.train.epochs
+        with tqdm(total=local_pairs, desc=f"stage {stage} training", leave=False, disable=not self.progress) as bar:
             stats = policy_update(self.policy, self.optimizer, batch, selection, self.cfg.train,
-                                  self.cfg.sampling, stage_generator(self.cfg.seed, stage, "shuffle"), bar)
+                                  self.cfg.sampling, stage_generator(self.cfg.seed, stage, "shuffle"), bar,
+                                  self.world, table.local_rows)
+        rewards = table.rewards
         finite = rewards[torch.isfinite(rewards)]
         record = {"stage": stage, "interval_len": interval_len,
                   "reward_mean": float(finite.mean()) if finite.numel() else None,
                   "reward_std": float(finite.std()) if finite.numel() > 1 else 0.0,
-                  "n_images": len(batch), "n_nonfinite": int(rewards.numel() - finite.numel()),
+                  "n_images": len(table), "n_nonfinite": int(rewards.numel() - finite.numel()),
                   "n_selected": len(selection), "n_positive": selection.n_positive,
                   "n_negative": selection.n_negative, **stats,
                   "seconds": time.perf_counter() - started}
-        self._write_outputs(stage, batch, record)
+        self._write_outputs(stage, batch, table, z, selection, record)
         return record
 
-    def _write_outputs(self, stage: int, batch: TrajectoryBatch, record: dict) -> None:
+    def _write_outputs(self, stage: int, batch: TrajectoryBatch, table: StageTable, z: torch.Tensor,
+                       selection: Selection, record: dict) -> None:
+        """Rank 0 writes; every rank first checks that the LoRA weights agree before a checkpoint."""
         log = self.cfg.log
-        if log.grid_every and stage % log.grid_every == 0:
-            save_grid(self.out / "images" / f"stage-{stage:06d}.png", batch.images[:log.grid_images])
         last = stage == self.cfg.schedule.num_stages - 1
-        if (stage + 1) % self.cfg.checkpoint_every == 0 or last:
+        checkpoint = (stage + 1) % self.cfg.checkpoint_every == 0 or last
+        if checkpoint:
+            distributed.check_in_sync(self.world, self.policy.lora_parameters(), f"stage {stage} checkpoint")
+        if not self.world.is_main:
+            return
+        if log.grid_every and stage % log.grid_every == 0:  # rank 0's batches: 0, W, 2W, …
+            save_grid(self.out / "images" / f"stage-{stage:06d}.png", batch.images[:log.grid_images])
+        if log.samples:
+            roles = {i: "positive" if pos else "negative"
+                     for i, pos in zip(selection.indices.tolist(), selection.positive.tolist())}
+            log_samples(self.out, stage, table.prompts, table.rewards, z, table.group_ids, roles, table.captions)
+        if checkpoint:
             state = TrainerState(stage=stage, optimizer=self.optimizer.state_dict(),
                                  history=self.history.state_dict(), rng=rng_state(), config=to_dict(self.cfg))
             save_checkpoint(self.out, self.policy, state, self.cfg.keep_checkpoints)
@@ -142,7 +164,7 @@ class Trainer:
         ev = self.cfg.eval
         images: dict = {}
         rows = evaluate_sets(self.policy, ev.prompt_sets or default_eval_sets(self.cfg.prompts.source),
-                             ev.splits, self.reward, self.cfg.sampling, ev.images_per_prompt,
+                             ev.splits, {self.cfg.reward.name: self.reward}, self.cfg.sampling, ev.images_per_prompt,
                              ev.prompts_per_set, self.cfg.seed, images)
         first = torch.cat([v[:ev.images_per_prompt] for v in images.values()])
         save_grid(self.out / "images" / f"{label}.png", first, columns=ev.images_per_prompt)
@@ -159,13 +181,25 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> list[dict]:
+        """Every stage from ``start_stage``; the evaluations and final outputs happen on rank 0
+        while the other ranks wait (within ``distributed.timeout_s``)."""
         records = []
-        before = self._evaluation_before() if self.cfg.eval.enabled else None
+        main = self.world.is_main
+        before = self._evaluation_before() if self.cfg.eval.enabled and main else None
+        distributed.barrier(self.world, "waiting for rank 0's evaluation before training")
         stages = range(self.start_stage, self.cfg.schedule.num_stages)
-        for stage in tqdm(stages, desc="stages", disable=not self.cfg.log.progress):
+        for stage in tqdm(stages, desc="stages", disable=not self.progress):
             record = self.run_stage(stage)
             records.append(record)
-            tqdm.write(_summary_line(record))
+            if main:
+                tqdm.write(_summary_line(record))
+        if main:
+            self._finish(before)
+        distributed.barrier(self.world, "waiting for rank 0's final outputs and evaluation")
+        return records
+
+    def _finish(self, before: list[EvalRow] | None) -> None:
+        """Reward curve, final LoRA folder and the after-training evaluation (rank 0)."""
         plot_reward_curve(self.out)
         save_lora_folder(self.policy, self.out / "lora")
         if before is not None:
@@ -176,7 +210,6 @@ class Trainer:
                   + format_rows({"before": before, "after": after}))
         if self.tensorboard:
             self.tensorboard.close()
-        return records
 
 
 def _summary_line(r: dict) -> str:

@@ -6,6 +6,11 @@ at a time; one optimizer step sees all (trajectory, step) pairs of those traject
 the UNet ``micro_batch`` pairs per call (pairs of one call may be at different timesteps).
 The loss of an optimizer step is the mean over its pairs, so the micro-batch size changes
 only memory and speed, never the maths.
+
+With several ranks (see :mod:`b2fast.distributed`) every rank draws the same shuffles, computes
+the loss terms of the pairs whose trajectories it sampled, divided by the pair count of the
+whole optimizer step, and the gradients are summed over ranks before the step: every rank then
+takes the step a single process would have taken.
 """
 from __future__ import annotations
 
@@ -13,9 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from b2fast import ops
+from b2fast import distributed, ops
 from b2fast.algorithms import advantage_weights, ppo_clip_loss
 from b2fast.config import SamplingConfig, TrainConfig
+from b2fast.distributed import World
 from b2fast.policy import Policy
 from b2fast.sampling import TrajectoryBatch
 from b2fast.selection import Selection
@@ -35,6 +41,11 @@ class UpdateStats:
         self.loss += float(loss.detach().sum())
         self.clipfrac += float(stats["clipfrac"]) * n
         self.approx_kl += float(stats["approx_kl"]) * n
+
+    def sum_over_ranks(self, world: World) -> None:
+        """Totals of the whole job (the grad norms are already identical on every rank)."""
+        self.pairs, self.loss, self.clipfrac, self.approx_kl = distributed.sum_floats(
+            world, [self.pairs, self.loss, self.clipfrac, self.approx_kl], "update statistics")
 
     def summary(self) -> dict[str, float | int | None]:
         if not self.pairs:
@@ -65,11 +76,12 @@ def _pair_log_probs(policy: Policy, batch: TrajectoryBatch, rows: torch.Tensor, 
 
 
 def _optimizer_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: TrajectoryBatch,
-                    rows: torch.Tensor, positions: torch.Tensor, advantages: torch.Tensor,
-                    tcfg: TrainConfig, scfg: SamplingConfig, stats: UpdateStats, progress) -> None:
-    """Accumulate the mean loss over the given (row, position) pairs, then one AdamW step."""
-    n_pairs = rows.numel()
-    for start in range(0, n_pairs, tcfg.micro_batch):
+                    rows: torch.Tensor, positions: torch.Tensor, advantages: torch.Tensor, n_pairs: int,
+                    tcfg: TrainConfig, scfg: SamplingConfig, stats: UpdateStats, progress,
+                    world: World) -> None:
+    """Accumulate this rank's share of the mean loss over the step's ``n_pairs`` pairs (the
+    given local (row, position) pairs), sum the gradients over ranks, then one AdamW step."""
+    for start in range(0, rows.numel(), tcfg.micro_batch):
         r, j = rows[start:start + tcfg.micro_batch], positions[start:start + tcfg.micro_batch]
         log_prob = _pair_log_probs(policy, batch, r, j, tcfg, scfg)
         loss, loss_stats = ppo_clip_loss(log_prob, batch.log_probs[r, j].to(log_prob.device),
@@ -78,6 +90,7 @@ def _optimizer_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Tra
         stats.add(r.numel(), loss, loss_stats)
         progress.update(r.numel())
     params = policy.lora_parameters()
+    distributed.sum_gradients(world, params)
     max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     stats.grad_norms.append(float(grad_norm))
@@ -87,9 +100,16 @@ def _optimizer_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Tra
 
 def policy_update(policy: Policy, optimizer: torch.optim.Optimizer, batch: TrajectoryBatch,
                   selection: Selection, tcfg: TrainConfig, scfg: SamplingConfig,
-                  generator: torch.Generator, progress) -> dict:
-    """Train on the selected branches for ``tcfg.epochs`` epochs; returns mean loss statistics."""
+                  generator: torch.Generator, progress, world: World = World(),
+                  local_rows: torch.Tensor | None = None) -> dict:
+    """Train on the selected branches for ``tcfg.epochs`` epochs; returns mean loss statistics.
+
+    ``selection`` indexes the stage's global table; ``local_rows`` maps a table row to its row
+    in this rank's ``batch`` (−1 when another rank holds it). Default: one process, table = batch.
+    """
     stats = UpdateStats()
+    if local_rows is None:
+        local_rows = torch.arange(len(batch))
     kept = selection.indices.cpu()
     adv = advantage_weights(selection.advantages.float().cpu(), tcfg.adv_clip, tcfg.pos_weight,
                             tcfg.neg_weight)
@@ -100,10 +120,12 @@ def policy_update(policy: Policy, optimizer: torch.optim.Optimizer, batch: Traje
         for start in range(0, m, tcfg.trajectories_per_step):
             chunk = order[start:start + tcfg.trajectories_per_step]            # (T,)
             # position-major pairs: step_order[k, p] for p in 0..L-1, for k in chunk
-            rows = kept[chunk].repeat(L)                                       # (T·L,)
+            rows = local_rows[kept[chunk]].repeat(L)                           # (T·L,)
             positions = step_order[chunk].T.reshape(-1)                        # (T·L,)
             pair_adv = adv[chunk].repeat(L)
+            mine = rows >= 0                                                   # pairs this rank holds
             device = batch.latents.device
-            _optimizer_step(policy, optimizer, batch, rows.to(device), positions.to(device),
-                            pair_adv.to(device), tcfg, scfg, stats, progress)
+            _optimizer_step(policy, optimizer, batch, rows[mine].to(device), positions[mine].to(device),
+                            pair_adv[mine].to(device), rows.numel(), tcfg, scfg, stats, progress, world)
+    stats.sum_over_ranks(world)
     return stats.summary()

@@ -1,7 +1,8 @@
-"""``python -m b2fast.bench kernels``: runs on the CPU, reports every live backend, writes JSON.
+"""``python -m b2fast.bench``: the kernels suite runs on the CPU, reports every live backend and
+writes JSON; the rewards suite runs ``--quick`` (tiny models) on the CPU and reports every reward.
 
-Speed is never asserted here (DESIGN §5): only that the suite runs, covers every op × live
-backend, and reports positive, finite numbers in the documented formats.
+Speed is never asserted here (DESIGN §5): only that the suites run, cover every op × live
+backend and every reward, and report positive, finite numbers in the documented formats.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from b2fast import bench, bench_kernels, ops
+from b2fast import bench, bench_kernels, bench_rewards, ops
 
 CASE_OPS = {"ddim_step_with_logprob": "ddim_step_with_logprob", "ddim_logprob_fwd": "ddim_logprob",
             "ddim_logprob_fwd_bwd": "ddim_logprob", "branch_fork": "branch_fork"}
@@ -24,6 +25,12 @@ TOP_FIELDS = {"suite", "date", "device", "device_type", "torch", "cuda", "b2fast
               "timer", "backends", "copy", "records"}
 RECORD_FIELDS = {"case", "op", "backend", "shape", "label", "bytes", "ms", "ms_p20", "ms_p80",
                  "gbps", "pct_of_copy", "speedup_vs_torch"}
+REWARDS_TOP_FIELDS = {"suite", "date", "device", "device_type", "torch", "cuda", "b2fast", "open_clip",
+                      "transformers", "threads", "image_size", "images", "warmup", "repeats", "timer",
+                      "float32_matmul_precision", "matmul", "records"}
+REWARDS_RECORD_FIELDS = {"reward", "model", "batch_size", "ms", "ms_p20", "ms_p80", "images_per_s",
+                         "s_per_1280", "gflop_per_image", "tflops", "pct_of_matmul", "peak_gib",
+                         "baseline_ms", "baseline_images_per_s", "speedup_vs_baseline", "baseline_peak_gib"}
 
 
 def run_main(argv: list[str]) -> tuple[int, str, str]:
@@ -33,11 +40,11 @@ def run_main(argv: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def table_rows(report: str) -> list[list[str]]:
+def table_rows(report: str, first_header: str = "op") -> list[list[str]]:
     """The body rows of the Markdown table, as lists of stripped cells."""
     rows = [[c.strip() for c in line.strip().strip("|").split("|")]
             for line in report.splitlines() if line.startswith("| ")]
-    assert rows and rows[0][0] == "op", report
+    assert rows and rows[0][0] == first_header, report
     return rows[1:]
 
 
@@ -102,19 +109,21 @@ def test_progress_goes_to_stderr_one_line_per_measurement(quick_run):
     assert len(lines) == len(doc["records"])
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["kernels", "--help"]])
-def test_help_exits_zero(argv):
+@pytest.mark.parametrize("argv, word", [(["--help"], "kernels"), (["kernels", "--help"], "kernels"),
+                                        (["--help"], "rewards"), (["rewards", "--help"], "ViT-H-14")])
+def test_help_exits_zero(argv, word):
     code, out, _ = run_main(argv)
-    assert code == 0 and "kernels" in out
+    assert code == 0 and word in out
 
 
-def test_help_imports_no_torch():
+@pytest.mark.parametrize("suite, option", [("kernels", "--cache-dtype"), ("rewards", "--blip")])
+def test_help_imports_no_torch(suite, option):
     """--help is instant: the CLI module parses arguments without importing torch."""
-    code = "import sys; from b2fast.bench import main; rc = main(['kernels', '--help']); " \
+    code = f"import sys; from b2fast.bench import main; rc = main([{suite!r}, '--help']); " \
            "assert rc == 0 and 'torch' not in sys.modules, sorted(sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert "--cache-dtype" in done.stdout
+    assert option in done.stdout
 
 
 @pytest.mark.parametrize("argv, names", [
@@ -124,6 +133,10 @@ def test_help_imports_no_torch():
     (["kernels", "--backends", "tpu"], "--backends"),
     (["kernels", "--repeats", "0"], "--repeats"),
     (["benchmarks"], "SUITE"),
+    (["rewards", "--device", "tpu"], "--device"),
+    (["rewards", "--rewards", "clipscore", "pickscore"], "--rewards"),
+    (["rewards", "--images", "0"], "--images"),
+    (["rewards", "--blip", "huge"], "--blip"),
 ])
 def test_bad_option_exits_with_one_line_error(argv, names):
     code, out, err = run_main(argv)
@@ -156,3 +169,74 @@ def test_a_failing_backend_gives_a_failed_row_and_exit_code_1(monkeypatch, tmp_p
     assert [r[1] for r in rows] == ["torch", "no-such-backend"] and "failed" in rows[1][3]
     records = json.loads(path.read_text(encoding="utf-8"))["records"]
     assert "error" in records[1] and records[0]["ms"] > 0
+
+
+# ---- rewards ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def rewards_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "rewards.json"
+    code, out, err = run_main(["rewards", "--quick", "--device", "cpu", "--json", str(path)])
+    assert code == 0, err
+    return out, json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_rewards_table_has_a_row_per_reward_with_positive_numbers(rewards_run):
+    out, _ = rewards_run
+    rows = table_rows(out, "reward")
+    assert [r[0] for r in rows] == list(bench.REWARD_CASES)
+    for row in rows:
+        cells = row[3:6] if row[0] == "jpeg" else row[3:9] + row[10:]  # jpeg: no FLOPs, no baseline
+        for cell in cells:  # ms/call, images/s, s per 1280, [GFLOP/image, TFLOP/s, % of matmul, baseline]
+            assert math.isfinite(float(cell)) and float(cell) > 0, row
+        assert row[9] == "-"  # peak memory: CUDA only
+    assert "float32 matmul" in out and bench_kernels.device_name(torch.device("cpu")) in out.splitlines()[0]
+
+
+def test_rewards_json_has_the_documented_fields(rewards_run):
+    _, doc = rewards_run
+    assert set(doc) == REWARDS_TOP_FIELDS
+    assert doc["suite"] == "rewards" and doc["image_size"] == 64 and doc["images"] == 4
+    assert doc["matmul"]["tflops"] > 0
+    for r in doc["records"]:
+        assert set(r) == REWARDS_RECORD_FIELDS, r
+        assert r["ms_p20"] <= r["ms"] <= r["ms_p80"] and r["peak_gib"] is None
+        assert r["images_per_s"] == pytest.approx(4 / (r["ms"] / 1e3))
+        assert r["s_per_1280"] == pytest.approx(1280 / r["images_per_s"])
+        if r["reward"] == "jpeg":
+            assert r["baseline_ms"] is None and r["gflop_per_image"] is None
+        else:
+            assert r["speedup_vs_baseline"] == pytest.approx(r["baseline_ms"] / r["ms"])
+            assert r["gflop_per_image"] > 0 and r["batch_size"] >= 1
+
+
+def test_rewards_suite_builds_every_reward_the_cli_offers():
+    assert set(bench_rewards.BUILDERS) == set(bench.REWARD_CASES)
+    assert bench.parse_args(["rewards", "--rewards", "jpeg", "clipscore"]).rewards == ["clipscore", "jpeg"]
+
+
+def test_flop_count_includes_fused_multi_head_attention():
+    """open_clip's towers run nn.MultiheadAttention's fused inference path, which FlopCounterMode
+    alone counts as 0 FLOPs: projections 2·B·E²·(2·Lq + 2·Lk) + attention 4·B·Lq·Lk·E."""
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True).eval().requires_grad_(False)
+    x = torch.rand(3, 5, 16)
+    with torch.inference_mode():
+        flops = bench_rewards.flop_count(lambda: mha(x, x, x, need_weights=False))
+    assert flops == 2 * 3 * 16 * 16 * (2 * 5 + 2 * 5) + 4 * 3 * 5 * 5 * 16
+
+
+def test_a_failing_reward_gives_a_failed_row_and_exit_code_1(monkeypatch, tmp_path):
+    """A reward that cannot be built costs its row, not the run."""
+    def broken(args, device, tmp):
+        raise RuntimeError("CUDA out of memory\nsecond line")
+
+    monkeypatch.setitem(bench_rewards.BUILDERS, "clipscore", broken)
+    path = tmp_path / "r.json"
+    code, out, _ = run_main(["rewards", "--quick", "--device", "cpu", "--rewards", "clipscore", "jpeg",
+                             "--json", str(path)])
+    assert code == 1
+    rows = table_rows(out, "reward")
+    assert [r[0] for r in rows] == ["clipscore", "jpeg"] and "failed: RuntimeError: CUDA out of memory" in rows[0][1]
+    records = json.loads(path.read_text(encoding="utf-8"))["records"]
+    assert records[0] == {"reward": "clipscore", "error": "RuntimeError: CUDA out of memory"}
+    assert records[1]["images_per_s"] > 0

@@ -1,11 +1,15 @@
-"""``python -m b2fast.eval`` on the tiny SD model: outputs, same-seed base/trained columns, errors."""
+"""``python -m b2fast.eval`` on the tiny SD model and the toy world: outputs, same-seed base/trained
+columns, several rewards on one sampling, diversity, errors."""
 import csv
 import json
 
 import pytest
 import torch
 
-from b2fast.eval import main, resolve_lora
+import b2fast.evaluation
+import b2fast.rewards
+from b2fast.eval import main, parse_reward_options, resolve_lora
+from b2fast.evaluation import EvalRow, image_features, image_diversity, mean_pairwise_distance
 
 ROWS = ("score", "success", "diversity", "vendi")
 
@@ -61,6 +65,52 @@ def _columns(out):
     return json.loads((out / "eval.json").read_text())["columns"]
 
 
+def _csv(out):
+    with (out / "eval.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture()
+def sampled(monkeypatch):
+    """Every batch of images the evaluator samples, in order (it must sample each set once)."""
+    calls = []
+
+    def generate(policy, prompts, cfg, generator):
+        calls.append((list(prompts), real(policy, prompts, cfg, generator)))
+        return calls[-1][1]
+
+    real = b2fast.evaluation.generate
+    monkeypatch.setattr(b2fast.evaluation, "generate", generate)
+    return calls
+
+
+@pytest.fixture()
+def built(monkeypatch):
+    """The names of the rewards built, in order (each must be built once)."""
+    names = []
+
+    def build_reward(name, options=None, device="cpu"):
+        names.append(name)
+        return real(name, options, device)
+
+    real = b2fast.rewards.build_reward
+    monkeypatch.setattr(b2fast.rewards, "build_reward", build_reward)
+    return names
+
+
+@pytest.fixture(scope="module")
+def two_reward_options(tmp_path_factory):
+    """--reward-options for clipscore on a tiny random CLIP and bertscore on a tiny BLIP + BERT."""
+    from b2fast.testing.tiny_captioner import save_tiny_bert, save_tiny_blip
+    from b2fast.testing.tiny_clip import register_tiny_clip
+
+    root = tmp_path_factory.mktemp("reward-models")
+    return json.dumps({
+        "clipscore": {"model_name": register_tiny_clip(), "pretrained": None},
+        "bertscore": {"captioner": str(save_tiny_blip(root / "blip")), "scorer": str(save_tiny_bert(root / "bert")),
+                      "num_layers": 2, "max_new_tokens": 6}})
+
+
 def test_untrained_lora_matches_base_and_outputs_are_written(tiny_sd_path, prompt_file, loras, tmp_path):
     out = tmp_path / "eval"
     assert main(_args(tiny_sd_path, prompt_file, "--lora", str(loras / "untrained"), "--out", str(out))) == 0
@@ -70,7 +120,7 @@ def test_untrained_lora_matches_base_and_outputs_are_written(tiny_sd_path, promp
     assert record["arguments"]["images_per_prompt"] == 2
     for key in ROWS:
         assert base[0][key] == trained[0][key], key     # B = 0: identical images, identical numbers
-    lines = list(csv.DictReader((out / "eval.csv").open()))
+    lines = _csv(out)
     assert [(r["prompt_set"], r["split"], r["column"]) for r in lines] == [("two", "train", "base"),
                                                                          ("two", "train", "trained")]
     for column in ("base", "trained"):
@@ -121,6 +171,17 @@ def test_lora_shape_and_model_come_from_its_run(tiny_sd_path, prompt_file, loras
     (["--model", "./no/such/model"], "error: model.path: no such folder"),
     (["--reward-options", "[1, 2]"], "error: --reward-options:"),
     (["--eta", "2"], "error: --eta: got 2.0"),
+    (["--reward", "jpeg_compressibility", "jpeg_compressibility"],
+     "error: --reward: got ['jpeg_compressibility', 'jpeg_compressibility'], expected distinct reward names"),
+    (["--reward", "jpeg_compressibility", "jpeg_incompressibility", "--reward-options", "{quality: 80}"],
+     "error: --reward-options: got 'quality', expected one of the --reward names"),
+    (["--reward", "jpeg_compressibility", "jpeg_incompressibility", "--reward-options", "[1]"],
+     "error: --reward-options: got '[1]', expected a YAML/JSON mapping keyed by reward name"),
+    (["--reward", "jpeg_compressibility", "jpeg_incompressibility", "--reward-options", "{jpeg_compressibility: 80}"],
+     "error: --reward-options jpeg_compressibility: got 80, expected a mapping"),
+    (["--reward", "jpeg_compressibility", "jpeg_incompressibility", "--reward-options",
+      "{jpeg_incompressibility: {quality: 0}}"],
+     "error: --reward jpeg_incompressibility: reward.options.quality: expected an integer in [1, 100]"),
 ])
 def test_bad_input_gives_one_line_error(tiny_sd_path, prompt_file, extra, fragment, capsys):
     assert main([*_args(tiny_sd_path, prompt_file), *extra]) == 2
@@ -144,3 +205,102 @@ def test_vendi_score_counts_distinct_samples():
     assert 1.0 <= vendi_score(features) <= 12.0
     groups = torch.cat([same[:4], torch.eye(4, 16)])                    # prompt 1: 1, prompt 2: 4
     assert mean_vendi(groups, 4) == pytest.approx(2.5, abs=1e-9)
+
+
+# ---- several rewards, one sampling -------------------------------------------------------------
+
+def test_two_rewards_on_tiny_sd_sample_once_with_the_same_seeds(tiny_sd_path, prompt_file, loras,
+                                                                two_reward_options, sampled, built,
+                                                                tmp_path, capsys):
+    """clipscore + bertscore side by side: each reward built once, each column sampled once
+    (4 images) and scored by both; a zero LoRA gives the base column's images and numbers."""
+    out = tmp_path / "eval"
+    assert main(_args(tiny_sd_path, prompt_file, "--reward", "clipscore", "bertscore", "--reward-options",
+                      two_reward_options, "--lora", str(loras / "untrained"), "--out", str(out))) == 0
+    assert built == ["clipscore", "bertscore"]
+    assert [len(prompts) for prompts, _ in sampled] == [4, 4]          # base, trained: once each
+    assert torch.equal(sampled[0][1], sampled[1][1])                   # same seeds, B = 0
+    columns = _columns(out)
+    base, trained = columns["base"][0], columns["trained"][0]
+    assert list(base["scores"]) == ["clipscore", "bertscore"] and base["successes"] == {}
+    assert base["score"] == base["scores"]["clipscore"] and base == trained
+    assert 0 <= base["diversity"] <= 2                                 # cosine distance of CLIP embeddings
+    lines = _csv(out)
+    assert list(lines[0]) == ["prompt_set", "split", "column", "n_prompts", "n_images", "clipscore",
+                              "bertscore", "diversity", "vendi"]
+    assert [r["column"] for r in lines] == ["base", "trained"]
+    assert float(lines[0]["bertscore"]) == pytest.approx(base["scores"]["bertscore"])
+    assert "base clipscore" in capsys.readouterr().out
+
+
+def test_toy_world_end_to_end_keeps_success_and_pixel_diversity(sampled, tmp_path):
+    """The default model and reward (b2fast:toy, toy_align): a success column, and diversity on
+    8×8-pooled pixels, since toy_align has no image embeddings."""
+    out = tmp_path / "eval"
+    assert main(["--prompts", "toy_attribute", "--splits", "test", "--prompts-per-set", "2",
+                 "--images-per-prompt", "3", "--num-steps", "4", "--device", "cpu", "--out", str(out)]) == 0
+    (row,) = _columns(out)["base"]
+    assert row["n_images"] == 6 and list(row["successes"]) == ["toy_align"] == list(row["scores"])
+    assert row["success"] == row["successes"]["toy_align"] and 0 <= row["success"] <= 1
+    (images,) = [images for _, images in sampled]
+    assert row["diversity"] == pytest.approx(mean_pairwise_distance(image_features(images), 3, "l2"), rel=1e-6)
+    assert list(_csv(out)[0])[5:] == ["toy_align", "toy_align_success", "diversity", "vendi"]
+    assert (out / "grid_toy_attribute_test_base.png").stat().st_size > 0
+
+
+def test_reward_options_one_mapping_or_keyed_by_reward():
+    one = {"jpeg_compressibility": {"quality": 80}}
+    assert parse_reward_options("{quality: 80}", ["jpeg_compressibility"]) == one
+    assert parse_reward_options("{jpeg_compressibility: {quality: 80}}", ["jpeg_compressibility"]) == one
+    assert parse_reward_options("", ["a", "b"]) == {"a": {}, "b": {}}
+    assert parse_reward_options('{"b": {"k": 1}}', ["a", "b"]) == {"a": {}, "b": {"k": 1}}
+
+
+def test_rows_without_reward_names_read_as_score_and_success():
+    """The trainer passes one unnamed reward and reloads stored rows with EvalRow(**row)."""
+    legacy = EvalRow("s", "train", 1, 4, score=0.5, success=0.25, diversity=1.0, vendi=2.0)
+    assert legacy.reward_cells() == [("score", 0.5), ("success", 0.25)]
+    named = EvalRow("s", "train", 1, 4, 0.5, 0.25, 1.0, 2.0, scores={"toy_align": 0.5, "jpeg": -3.0},
+                    successes={"toy_align": 0.25})
+    assert named.reward_cells() == [("toy_align", 0.5), ("toy_align_success", 0.25), ("jpeg", -3.0)]
+    assert EvalRow(**named.as_dict()) == named
+    text = b2fast.evaluation.format_rows({"before": [legacy], "after": [legacy]})
+    assert text.splitlines()[0].split()[3:] == ["before", "score", "success", "divers.", "vendi",
+                                                "after", "score", "success", "divers.", "vendi"]
+
+
+# ---- diversity ---------------------------------------------------------------------------------
+
+def test_cosine_distance_of_identical_orthogonal_and_opposite_embeddings():
+    x = torch.randn(1, 8, dtype=torch.float64)
+    assert mean_pairwise_distance(x.repeat(4, 1), 4, "cosine") == 0.0           # identical: exactly 0
+    assert mean_pairwise_distance(torch.eye(5), 5, "cosine") == pytest.approx(1.0, abs=1e-12)
+    assert mean_pairwise_distance(torch.cat([x, -3 * x]), 2, "cosine") == pytest.approx(2.0, abs=1e-12)
+    groups = torch.cat([x.repeat(3, 1), torch.eye(3, 8)])                       # prompt 1: 0, prompt 2: 1
+    assert mean_pairwise_distance(groups, 3, "cosine") == pytest.approx(0.5, abs=1e-12)
+    assert mean_pairwise_distance(torch.eye(3), 1, "cosine") == 0.0             # one image: no pairs
+
+
+def test_l2_distance_is_the_mean_over_ordered_pairs():
+    points = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0], [6.0, 8.0]])    # prompt 1: 5, prompt 2: 10
+    assert mean_pairwise_distance(points, 2, "l2") == pytest.approx(7.5)
+
+
+class _Embedder:
+    """A reward with image embeddings: one-hot on the image's brightest channel."""
+
+    def __call__(self, images, prompts):
+        return torch.zeros(images.shape[0])
+
+    def image_embeddings(self, images):
+        return torch.nn.functional.one_hot(images.mean(dim=(2, 3)).argmax(dim=1), 3).float()
+
+
+def test_diversity_uses_the_first_reward_with_embeddings_else_pooled_pixels():
+    images = torch.zeros(4, 3, 16, 16)
+    images[0, 0], images[1, 1], images[2, 2], images[3, 2] = 1, 1, 1, 1        # prompt 1: R, G; prompt 2: B, B
+    no_embeddings = lambda images, prompts: torch.zeros(images.shape[0])      # noqa: E731  (like toy_align)
+    semantic = image_diversity({"toy": no_embeddings, "clip": _Embedder()}, images, 2)
+    assert semantic == {"diversity": pytest.approx(0.5), "vendi": pytest.approx(1.5)}  # (1 + 0) / 2, (2 + 1) / 2
+    pixels = image_diversity(no_embeddings, images, 2)
+    assert pixels["diversity"] == pytest.approx(128 ** 0.5 / 2)  # R vs G: 64 pooled pixels each differ by 1

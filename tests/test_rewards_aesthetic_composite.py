@@ -80,6 +80,18 @@ def test_aesthetic_is_batch_size_invariant(tiny_aesthetic):
     torch.testing.assert_close(batch, single, atol=1e-5, rtol=0)
 
 
+def test_aesthetic_diversity_features_are_its_clip_embeddings(tiny_aesthetic):
+    """Evaluation measures diversity on the embeddings the head reads (cosine distance)."""
+    from b2fast.evaluation import diversity_features, embedding_reward
+
+    images = _images(3, seed=8)
+    assert embedding_reward({"jpeg": build_reward("jpeg_compressibility"), "aesthetic": tiny_aesthetic}) \
+        is tiny_aesthetic
+    with torch.no_grad():
+        torch.testing.assert_close(diversity_features(tiny_aesthetic, images),
+                                   tiny_aesthetic.clip.image_embeddings(images), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("fmt", ["prefixed.pth", "bare.pth", "prefixed.safetensors", "lightning.ckpt"])
 def test_head_loads_with_or_without_layers_prefix(tmp_path, head_state, fmt):
     bare = {k.removeprefix("layers."): v for k, v in head_state.items()}

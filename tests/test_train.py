@@ -60,6 +60,10 @@ def test_resume_after_interruption_gives_identical_weights(tiny_sd_path, tmp_pat
         assert torch.equal(a[key], b[key]), key
     stages = [json.loads(line)["stage"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert stages == [0, 1, 2]
+    samples = [json.loads(line) for line in (tmp_path / "cut" / "samples.jsonl").read_text().splitlines()]
+    full_samples = (tmp_path / "full" / "samples.jsonl").read_text().splitlines()
+    assert [s["stage"] for s in samples] == [0] * 12 + [1] * 12 + [2] * 12
+    assert [json.loads(line) for line in full_samples] == samples
 
 
 def _run_cli(*args):
@@ -118,25 +122,30 @@ CAPTIONING_REWARD = '''
 import torch
 
 class Captioner:
-    """Scores every image 0.5 and 'reads' a caption per image, like the bertscore reward."""
+    """Scores branch k of each 3-branch group k, and 'reads' a caption per image like bertscore."""
     last_captions = None
 
     def __call__(self, images, prompts):
         self.last_captions = [f"caption of {p}" for p in prompts]
-        return torch.full((len(prompts),), 0.5)
+        return torch.arange(len(prompts)).remainder(3).float()
 
 reward = Captioner()
 '''
 
 
-def test_captions_of_a_captioning_reward_are_logged(tiny_sd_path, tmp_path, monkeypatch):
+def test_samples_log_has_rewards_selection_and_captions(tiny_sd_path, tmp_path, monkeypatch):
     (tmp_path / "captioning_reward.py").write_text(CAPTIONING_REWARD)
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = _cfg(tiny_sd_path, tmp_path / "run", "--schedule.num_stages", "1",
                "--reward.name", "captioning_reward:reward")
     Trainer(cfg).run()
-    records = [json.loads(line) for line in (tmp_path / "run" / "captions.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in records] == [0]
-    items = records[0]["items"]
+    items = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert len(items) == 2 * 2 * 3  # batches × prompts × branches
-    assert all(i["caption"] == f"caption of {i['prompt']}" and i["score"] == 0.5 for i in items)
+    assert [i["index"] for i in items] == list(range(12)) and {i["stage"] for i in items} == {0}
+    for i in items:
+        branch = i["index"] % 3
+        assert i["group"] == i["index"] // 3 and i["reward"] == branch
+        assert i["caption"] == f"caption of {i['prompt']}"
+        # per prompt the rewards are 0, 1, 2 (repeated): best branch z > 0.5, worst z < -0.5
+        assert i["kept"] == {0: "negative", 1: None, 2: "positive"}[branch]
+        assert (i["z"] > 0.5) if branch == 2 else (i["z"] < -0.5) if branch == 0 else abs(i["z"]) < 1e-6

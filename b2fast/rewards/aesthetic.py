@@ -88,13 +88,18 @@ class AestheticScore:
         self.clip = clip
         self.head = head
 
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """The CLIP image embeddings the head reads (N, D), unit norm: evaluation's diversity
+        features, as for the clipscore reward."""
+        return self.clip.image_embeddings(images)
+
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str] = ()) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images: expected shape (N, 3, H, W), got {tuple(images.shape)}")
         if images.shape[0] == 0:
             return torch.zeros(0, dtype=torch.float32)
-        embeddings = self.clip.image_embeddings(images)  # (N, D), unit norm, batch_size at a time
+        embeddings = self.image_embeddings(images)  # (N, D), unit norm, batch_size at a time
         return self.head(embeddings).squeeze(-1).float().cpu()  # (N, 1) -> (N,)
 
 

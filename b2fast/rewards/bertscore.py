@@ -138,7 +138,7 @@ class BERTScoreReward:
         """
         x = images.to(self.device, torch.float32)
         if self.size is not None and tuple(x.shape[-2:]) != self.size:
-            (h, w), (th, tw) = x.shape[-2:], self.size
+            h, (th, tw) = x.shape[-2], self.size
             for size in ((h, tw), (th, tw)):
                 x = F.interpolate(x, size=size, mode=self.interpolation, align_corners=False,
                                   antialias=True).clamp_(0, 1)
