@@ -31,6 +31,9 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 
 DTYPES = ("float32", "float16", "bfloat16")
+ATTENTION = ("auto", "sdpa", "xformers")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+OVERLAP = ("auto", "on", "off")
 
 
 @dataclass
@@ -43,6 +46,14 @@ class ModelConfig:
     lora_rank: int = _f(4, "LoRA rank r")
     lora_alpha: float = _f(4.0, "LoRA alpha (scale = alpha / rank)")
     lora_targets: list[str] = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet module names that get LoRA")
+    attention: str = _f("auto", f"attention kernels of the UNet and VAE, one of {ATTENTION}: 'auto' = xformers when "
+                                "it imports and runs on this device, else PyTorch SDPA (flash/cuDNN/efficient)")
+    channels_last: bool = _f(False, "store UNet and VAE activations channels-last (NHWC)")
+    compile: bool = _f(False, "torch.compile the UNet (first calls of each batch shape compile; the compiled "
+                              "artifacts are cached on disk, see compile_cache_dir)")
+    compile_mode: str = _f("default", f"torch.compile mode, one of {COMPILE_MODES}")
+    compile_cache_dir: str = _f("~/.cache/b2fast/inductor", "where torch.compile keeps compiled kernels and graphs "
+                                "between runs (sets TORCHINDUCTOR_CACHE_DIR when compile is on)")
 
 
 @dataclass
@@ -63,6 +74,8 @@ class SamplingConfig:
                           "to ~76% of sigma at the last steps, so it is a labelled low-memory option")
     logprob_reduction: str = _f("mean", "log-prob over latent elements: 'mean' (DDPO) or 'sum'")
     unet_batch: int = _f(0, "max images per UNet call while sampling (0 = the whole batch)")
+    overlap_reward: str = _f("auto", f"one of {OVERLAP}: decode and score batch i in a worker (its own CUDA stream) "
+                                     "while batch i+1 samples; 'auto' = on with CUDA, off on a CPU")
 
 
 @dataclass
@@ -96,6 +109,8 @@ class TrainConfig:
     micro_batch: int = _f(8, "(trajectory, step) pairs per UNet forward+backward")
     epochs: int = _f(2, "passes over the selected trajectories per stage")
     cfg: bool = _f(True, "apply CFG in the training log-prob, as at sampling time (needed for ratio = 1)")
+    gradient_checkpointing: bool = _f(False, "recompute UNet block activations in the backward pass: less "
+                                             "memory, ~30% more training time")
 
 
 @dataclass
@@ -295,6 +310,10 @@ def validate(cfg: Config) -> Config:
     _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {DTYPES}")
     _check(m.lora_rank >= 1, "model.lora_rank", m.lora_rank, "an integer >= 1")
     _check(m.lora_alpha > 0, "model.lora_alpha", m.lora_alpha, "a number > 0")
+    _check(m.attention in ATTENTION, "model.attention", m.attention, f"one of {ATTENTION}")
+    _check(m.compile_mode in COMPILE_MODES, "model.compile_mode", m.compile_mode, f"one of {COMPILE_MODES}")
+    _check(bool(m.compile_cache_dir), "model.compile_cache_dir", m.compile_cache_dir, "a folder path")
+    _check(s.overlap_reward in OVERLAP, "sampling.overlap_reward", s.overlap_reward, f"one of {OVERLAP}")
     _check(len(m.lora_targets) > 0, "model.lora_targets", m.lora_targets, "a non-empty list of module names")
     _check(cfg.prompts.split in ("train", "test"), "prompts.split", cfg.prompts.split, "'train' or 'test'")
     _check(s.num_steps >= 1, "sampling.num_steps", s.num_steps, "an integer >= 1")

@@ -57,6 +57,26 @@ def _load(cls, path: str, subfolder: str, **kwargs):
                              "path or hub id, and that the weights are downloaded") from None
 
 
+def _set_attention(modules: list[torch.nn.Module], choice: str, device: torch.device) -> str:
+    """xformers when asked (or, for 'auto', when it imports and runs on this GPU), else SDPA."""
+    if choice == "xformers" or (choice == "auto" and device.type == "cuda"):
+        try:
+            import xformers  # noqa: F401  (diffusers' check below needs the package)
+            for module in modules:
+                module.enable_xformers_memory_efficient_attention()
+            return "xformers"
+        except Exception as exc:  # not installed, no CUDA, or built for another torch
+            if choice == "xformers":
+                reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+                raise ModelLoadError(f"model.attention: xformers is not usable here ({reason}); "
+                                     "use 'sdpa' or 'auto'") from None
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    for module in modules:
+        module.set_attn_processor(AttnProcessor2_0())
+    return "sdpa"
+
+
 class Policy:
     """SD UNet (+ LoRA) with its text encoder, tokenizer, VAE and DDIM step table."""
 
@@ -80,6 +100,27 @@ class Policy:
         self.steps: StepTable = build_step_table(self.scheduler, num_steps, eta).to(self.device)
         self._add_lora(cfg)
         self._embeddings: dict[str, torch.Tensor] = {}
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.attention = self._configure_kernels(cfg)
+
+    # -- speed: same maths, other kernels ----------------------------------------------------
+    def _configure_kernels(self, cfg: ModelConfig) -> str:
+        """Attention backend, memory format and compilation; returns the attention backend used."""
+        modules = [m for m in (self.unet, self.vae) if m is not None]
+        attention = _set_attention(modules, cfg.attention, self.device)
+        for module in modules:
+            module.to(memory_format=self.memory_format)
+        if cfg.compile:
+            # Inductor keeps its FX-graph, autotuning and Triton caches here (it reads the variable at
+            # each use): a second run with the same shapes loads the compiled kernels instead of
+            # compiling them again.
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cfg.compile_cache_dir).expanduser().resolve())
+            self.unet.compile(mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+        return attention
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the UNet blocks' activations in the backward pass (less memory, more time)."""
+        self.unet.enable_gradient_checkpointing()
 
     # -- LoRA ---------------------------------------------------------------------------------
     def _add_lora(self, cfg: ModelConfig) -> None:
@@ -162,7 +203,7 @@ class Policy:
             uncond = None if parts[0][0] is None else torch.cat([p[0] for p in parts])
             return uncond, torch.cat([p[1] for p in parts])
         t = self.steps.timesteps.index_select(0, step_index)
-        x = x.to(self.dtype)
+        x = x.to(self.dtype).contiguous(memory_format=self.memory_format)
         if not use_cfg:
             return None, self.unet(x, t, encoder_hidden_states=cond).sample
         uncond = self.embed([""]).expand(n, -1, -1)
@@ -177,7 +218,9 @@ class Policy:
         if self.vae is None:
             return (latents.float() / 2 + 0.5).clamp(0, 1)
         chunks = latents.split(max_batch) if max_batch else (latents,)
-        images = [self.vae.decode(c.to(self.dtype) / self.vae.config.scaling_factor).sample for c in chunks]
+        scale = self.vae.config.scaling_factor
+        images = [self.vae.decode((c.to(self.dtype) / scale).contiguous(memory_format=self.memory_format)).sample
+                  for c in chunks]
         return (torch.cat(images).float() / 2 + 0.5).clamp(0, 1)
 
     @property

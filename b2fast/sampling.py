@@ -27,7 +27,7 @@ class TrajectoryBatch:
     group_ids: torch.Tensor      # (N,) int64: trunk (row of fork_latents) of each branch
     prompt_ids: torch.Tensor     # (N,) int64: index of each branch's prompt in the prompt set
     prompts: list[str]           # (N,) prompt text of each branch
-    images: torch.Tensor         # (N, 3, H', W') fp32 in [0, 1]: decoded final latents
+    images: torch.Tensor | None  # (N, 3, H', W') fp32 in [0, 1]: decoded final latents (None: not yet)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -41,6 +41,11 @@ class TrajectoryBatch:
         before = self.latents[rows, (j - 1).clamp(min=0)]
         fork = self.fork_latents[self.group_ids[rows]]
         return torch.where((j == 0).view(-1, 1, 1, 1), fork, before)
+
+    @property
+    def final_latents(self) -> torch.Tensor:
+        """(N, C, H, W): the last interval step's output, i.e. what ``images`` decodes."""
+        return self.latents[:, -1]
 
     def x_prev(self, rows: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """Latent *after* interval step j of branch ``rows``."""
@@ -62,6 +67,8 @@ class TrajectoryBatch:
                 merged[f.name] = torch.cat([v + o for v, o in zip(values, offsets)])
             elif f.name == "prompts":
                 merged[f.name] = [p for v in values for p in v]
+            elif f.name == "images" and any(v is None for v in values):
+                merged[f.name] = None
             else:
                 merged[f.name] = torch.cat(values)
         return TrajectoryBatch(**merged)
@@ -81,8 +88,12 @@ def _denoise_step(policy: Policy, x: torch.Tensor, i: int, cond: torch.Tensor, c
 
 @torch.no_grad()
 def sample_branches(policy: Policy, prompts: list[str], prompt_ids: torch.Tensor, interval_len: int,
-                    cfg: SamplingConfig, generator: torch.Generator) -> TrajectoryBatch:
-    """Trunk → fork → branches for one batch of P prompts; keeps only the interval steps."""
+                    cfg: SamplingConfig, generator: torch.Generator, decode: bool = True) -> TrajectoryBatch:
+    """Trunk → fork → branches for one batch of P prompts; keeps only the interval steps.
+
+    ``decode=False`` leaves ``images`` None, for a caller that decodes ``final_latents`` itself
+    (e.g. in a worker that overlaps the next batch's sampling).
+    """
     S, K, P = policy.steps.num_steps, cfg.branches, len(prompts)
     if not 1 <= interval_len <= S:
         raise ValueError(f"interval length must be in [1, {S}], got {interval_len}")
@@ -106,7 +117,7 @@ def sample_branches(policy: Policy, prompts: list[str], prompt_ids: torch.Tensor
         step_indices=torch.arange(S - interval_len, S, device=device), group_ids=groups,
         prompt_ids=prompt_ids.to(device).repeat_interleave(K),
         prompts=[p for p in prompts for _ in range(K)],
-        images=policy.decode(x, cfg.unet_batch))
+        images=policy.decode(x, cfg.unet_batch) if decode else None)
 
 
 @torch.no_grad()

@@ -26,9 +26,10 @@ from b2fast.outputs import (TensorBoardLogger, log_metrics, log_samples, plot_re
                             truncate_metrics)
 from b2fast.policy import Policy
 from b2fast.prompts import load_prompts
-from b2fast.rewards import build_reward, score_images
+from b2fast.rewards import build_reward
 from b2fast.sampling import TrajectoryBatch, sample_branches
 from b2fast.schedule import resolve_schedule
+from b2fast.scoring import StageScorer
 from b2fast.selection import RewardHistory, Selection, normalize_stage, select
 from b2fast.stage_table import StageTable, gather_stage_table
 from b2fast.update import make_optimizer, policy_update
@@ -61,6 +62,8 @@ class Trainer:
         self.reward = build_reward(cfg.reward.name, cfg.reward.options, self.device)
         torch.manual_seed(cfg.seed)  # LoRA initialisation
         self.policy = Policy(cfg.model, self.device, cfg.sampling.num_steps, cfg.sampling.eta)
+        if cfg.train.gradient_checkpointing:
+            self.policy.enable_gradient_checkpointing()
         distributed.broadcast_parameters(self.world, self.policy.lora_parameters())
         self.optimizer = make_optimizer(self.policy.lora_parameters(), cfg.train)
         self.history = RewardHistory(cfg.selection.history_stages)
@@ -88,32 +91,29 @@ class Trainer:
         sc = self.cfg.schedule
         return int(self.schedule(stage, sc.num_stages, sc.min_interval, sc.max_interval))
 
-    def sample_stage(self, stage: int, interval_len: int) -> tuple[list[int], TrajectoryBatch]:
-        """This rank's share of the stage's sampling batches: (their global indices, trajectories)."""
+    def sample_stage(self, stage: int, interval_len: int) -> tuple[TrajectoryBatch, StageTable]:
+        """Sample, decode and score this rank's share of the stage's batches, then gather every
+        rank's rewards into the stage's table: (this rank's trajectories, the global table)."""
         s = self.cfg.sampling
-        batches = []
         mine = self.world.shard(s.batches_per_stage)
-        bar = tqdm(mine, desc=f"stage {stage} sampling", leave=False, disable=not self.progress)
-        for b in bar:
+        overlap = s.overlap_reward == "on" or (s.overlap_reward == "auto" and self.device.type == "cuda")
+        scorer = StageScorer(self.policy, self.reward, overlap, s.unet_batch)
+        batches = []
+        for b in tqdm(mine, desc=f"stage {stage} sampling", leave=False, disable=not self.progress):
             picks = torch.randint(len(self.prompts), (s.prompts_per_batch,),
                                   generator=stage_generator(self.cfg.seed, stage, "prompts", b))
             noise = stage_generator(self.cfg.seed, stage, "noise", b, self.device)
             batches.append(sample_branches(self.policy, [self.prompts[i] for i in picks.tolist()],
-                                           picks, interval_len, s, noise))
-        return mine, TrajectoryBatch.cat(batches)
-
-    def score_stage(self, batch_indices: list[int], batch: TrajectoryBatch) -> StageTable:
-        """Reward this rank's images, then gather every rank's into the stage's table."""
-        rewards = score_images(self.reward, batch.images, batch.prompts)
-        captions = getattr(self.reward, "last_captions", None)
-        captions = list(captions) if captions and len(captions) == len(batch) else None
-        return gather_stage_table(self.world, batch_indices, batch, rewards, captions)
+                                           picks, interval_len, s, noise, decode=False))
+            scorer.submit(batches[-1])
+        batch = TrajectoryBatch.cat(batches)
+        batch.images, rewards, captions = scorer.finish()
+        return batch, gather_stage_table(self.world, mine, batch, rewards, captions)
 
     def run_stage(self, stage: int) -> dict:
         started = time.perf_counter()
         interval_len = self.interval_len(stage)
-        batch_indices, batch = self.sample_stage(stage, interval_len)
-        table = self.score_stage(batch_indices, batch)
+        batch, table = self.sample_stage(stage, interval_len)
         z = normalize_stage(self.history, table.prompts, table.rewards)
         selection = select(z, table.group_ids, self.cfg.selection.pos_threshold,
                            self.cfg.selection.neg_threshold)

@@ -1,0 +1,132 @@
+"""The speed options change kernels, never results: fast path vs reference path on a tiny model."""
+import dataclasses
+
+import pytest
+import torch
+
+from b2fast.config import ModelConfig, SamplingConfig
+from b2fast.policy import ModelLoadError, Policy
+from b2fast.rewards import score_images
+from b2fast.sampling import sample_branches
+from b2fast.scoring import StageScorer
+
+
+def _policy(path, **options):
+    torch.manual_seed(0)  # same LoRA init for every variant
+    policy = Policy(ModelConfig(path=path, dtype="float32", **options), torch.device("cpu"), num_steps=6, eta=1.0)
+    with torch.no_grad():  # non-zero LoRA B, so the adapter takes part in every comparison
+        for name, p in policy.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+    return policy
+
+
+def _inputs(policy):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, *policy.latent_shape, generator=gen)
+    return x, torch.tensor([0, 2, 5]), policy.embed(["a red cube", "a blue ball", ""])
+
+
+def _sample(policy):
+    cfg = SamplingConfig(num_steps=6, branches=3, prompts_per_batch=2)
+    return sample_branches(policy, ["a red cube", "a blue ball"], torch.arange(2), 3, cfg,
+                           torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_sd_path):
+    return _policy(tiny_sd_path, attention="sdpa")
+
+
+def test_channels_last_gives_the_same_trajectories_and_log_probs(tiny_sd_path, reference):
+    fast = _policy(tiny_sd_path, channels_last=True)
+    assert fast.memory_format is torch.channels_last
+    a, b = _sample(reference), _sample(fast)  # other conv kernels: equal up to fp32 rounding over 6 steps
+    torch.testing.assert_close(b.latents, a.latents, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(b.log_probs, a.log_probs, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(b.images, a.images, rtol=1e-3, atol=1e-4)
+
+
+def test_attention_choice_and_a_clear_error_for_unusable_xformers(tiny_sd_path, reference):
+    assert reference.attention == "sdpa"
+    assert _policy(tiny_sd_path).attention == "sdpa"  # auto on a CPU
+    with pytest.raises(ModelLoadError, match=r"^model.attention: xformers is not usable here \(.*\); use 'sdpa'"):
+        _policy(tiny_sd_path, attention="xformers")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_sd_path):
+    grads = []
+    for checkpointing in (False, True):
+        policy = _policy(tiny_sd_path)
+        if checkpointing:
+            policy.enable_gradient_checkpointing()
+        x, step, cond = _inputs(policy)
+        eps_u, eps_c = policy.predict_eps(x, step, cond, 5.0)
+        (eps_c - eps_u).square().sum().backward()
+        grads.append([p.grad.clone() for p in policy.lora_parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_unet_matches_eager_and_reuses_its_disk_cache(tiny_sd_path, reference, tmp_path, monkeypatch):
+    """torch.compile (inductor, CPU here) gives eager's ε; the compiled graph is cached on disk,
+    so compiling again (as a new run would) is a cache hit, not a second compilation."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "elsewhere"))
+    cache = tmp_path / "cache"
+    compiled = _policy(tiny_sd_path, attention="sdpa", compile=True, compile_cache_dir=str(cache))
+    x, step, cond = _inputs(reference)
+    with torch.no_grad():
+        expected = reference.predict_eps(x, step, cond, 5.0)
+        got = compiled.predict_eps(x, step, cond, 5.0)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        assert any(cache.rglob("*")), "nothing written to model.compile_cache_dir"
+        torch._dynamo.reset()  # forget the in-memory compilation, as a new process would
+        counters.clear()
+        again = _policy(tiny_sd_path, attention="sdpa", compile=True, compile_cache_dir=str(cache))
+        torch.testing.assert_close(again.predict_eps(x, step, cond, 5.0), expected, rtol=1e-4, atol=1e-5)
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 1 and counters["inductor"]["fxgraph_cache_miss"] == 0
+    torch._dynamo.reset()
+
+
+class _CountingReward:
+    """Mean brightness; records the thread of each call."""
+    last_captions = None
+
+    def __init__(self):
+        self.threads = set()
+
+    def __call__(self, images, prompts):
+        import threading
+        self.threads.add(threading.current_thread().name)
+        self.last_captions = [f"{p}!" for p in prompts]
+        return images.mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_stage_scorer_decodes_and_scores_every_batch_in_order(reference, overlap):
+    reward = _CountingReward()
+    scorer = StageScorer(reference, reward, overlap=overlap)
+    batches = []
+    for seed in (3, 4):
+        cfg = SamplingConfig(num_steps=6, branches=3, prompts_per_batch=2)
+        batches.append(sample_branches(reference, [f"p{seed}", "q"], torch.arange(2), 3, cfg,
+                                       torch.Generator().manual_seed(seed)))
+        scorer.submit(dataclasses.replace(batches[-1], images=None))
+    images, rewards, captions = scorer.finish()
+    expected = torch.cat([b.images for b in batches])
+    torch.testing.assert_close(images, expected, rtol=0, atol=0)
+    torch.testing.assert_close(rewards, score_images(_CountingReward(), expected, ["x"] * 12), rtol=0, atol=0)
+    assert captions == [f"{p}!" for b in batches for p in b.prompts]
+    assert any(t.startswith("b2fast-score") for t in reward.threads) == overlap
+
+
+def test_a_failing_reward_in_the_worker_raises_in_the_caller(reference):
+    def broken(images, prompts):
+        raise RuntimeError("reward model exploded")
+
+    scorer = StageScorer(reference, broken, overlap=True)
+    scorer.submit(_sample(reference))
+    with pytest.raises(RuntimeError, match="reward model exploded"):
+        scorer.finish()
