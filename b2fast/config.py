@@ -74,6 +74,8 @@ class SamplingConfig:
                           "to ~76% of sigma at the last steps, so it is a labelled low-memory option")
     logprob_reduction: str = _f("mean", "log-prob over latent elements: 'mean' (DDPO) or 'sum'")
     unet_batch: int = _f(0, "max images per UNet call while sampling (0 = the whole batch)")
+    cuda_graphs: bool = _f(False, "capture each batch shape's denoising step (UNet + CFG + DDIM step) as a CUDA "
+                                  "graph and replay it (CUDA only; ignored on a CPU)")
     overlap_reward: str = _f("auto", f"one of {OVERLAP}: decode and score batch i in a worker (its own CUDA stream) "
                                      "while batch i+1 samples; 'auto' = on with CUDA, off on a CPU")
 

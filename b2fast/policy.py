@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from b2fast.config import ModelConfig
+from b2fast.cuda_graphs import CapturedCalls
 from b2fast.schedule import StepTable, build_step_table
 from b2fast.utils import LORA_WEIGHTS_NAME
 
@@ -100,6 +101,7 @@ class Policy:
         self.steps: StepTable = build_step_table(self.scheduler, num_steps, eta).to(self.device)
         self._add_lora(cfg)
         self._embeddings: dict[str, torch.Tensor] = {}
+        self._captured: dict[tuple, CapturedCalls] = {}
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.attention = self._configure_kernels(cfg)
 
@@ -117,6 +119,13 @@ class Policy:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cfg.compile_cache_dir).expanduser().resolve())
             self.unet.compile(mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
         return attention
+
+    def captured(self, key: tuple, fn) -> CapturedCalls:
+        """The CUDA-graph wrapper of ``fn`` kept under ``key`` (one per sampler setting); its
+        graphs read the LoRA weights in place, so they stay valid across optimizer steps."""
+        if key not in self._captured:
+            self._captured[key] = CapturedCalls(fn)
+        return self._captured[key]
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute the UNet blocks' activations in the backward pass (less memory, more time)."""

@@ -8,6 +8,7 @@ interval step per branch, their log-probs, and the final images for the reward.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 
@@ -74,16 +75,33 @@ class TrajectoryBatch:
         return TrajectoryBatch(**merged)
 
 
-def _denoise_step(policy: Policy, x: torch.Tensor, i: int, cond: torch.Tensor, cfg: SamplingConfig,
-                  cache_dtype: torch.dtype, generator: torch.Generator):
-    """One DDIM step of every latent in ``x`` at schedule row i: returns (x_prev, log p)."""
-    step = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+StepFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def step_function(policy: Policy, cfg: SamplingConfig, cache_dtype: torch.dtype) -> StepFunction:
+    """(x, step_index, cond, noise) → (x_prev, log p): one DDIM step with CFG, every latent at
+    its own schedule row; with ``cfg.cuda_graphs`` on a GPU, captured once per batch shape and
+    replayed (the step index is a device tensor, so one graph serves every step and stage)."""
     use_cfg = cfg.guidance_scale != 1.0
-    eps_uncond, eps_cond = policy.predict_eps(x, step, cond, cfg.guidance_scale, use_cfg, cfg.unet_batch)
+
+    def step(x, step_index, cond, noise):
+        eps_uncond, eps_cond = policy.predict_eps(x, step_index, cond, cfg.guidance_scale, use_cfg, cfg.unet_batch)
+        return ops.ddim_step_with_logprob(eps_uncond, eps_cond, cfg.guidance_scale, x, noise,
+                                          policy.steps.table, step_index, cache_dtype,
+                                          policy.steps.clip_sample_range, cfg.logprob_reduction)
+
+    if cfg.cuda_graphs and policy.device.type == "cuda":
+        key = ("ddim_step", cfg.guidance_scale, cache_dtype, cfg.unet_batch, cfg.logprob_reduction)
+        return policy.captured(key, step)
+    return step
+
+
+def _denoise_step(step: StepFunction, x: torch.Tensor, i: int, cond: torch.Tensor,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step of every latent in ``x`` at schedule row i: returns (x_prev, log p)."""
+    step_index = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-    return ops.ddim_step_with_logprob(eps_uncond, eps_cond, cfg.guidance_scale, x, noise,
-                                      policy.steps.table, step, cache_dtype,
-                                      policy.steps.clip_sample_range, cfg.logprob_reduction)
+    return step(x, step_index, cond, noise)
 
 
 @torch.no_grad()
@@ -99,16 +117,17 @@ def sample_branches(policy: Policy, prompts: list[str], prompt_ids: torch.Tensor
         raise ValueError(f"interval length must be in [1, {S}], got {interval_len}")
     cache_dtype = getattr(torch, cfg.cache_dtype)
     device = policy.device
+    step = step_function(policy, cfg, cache_dtype)
     cond = policy.embed(prompts)                                            # (P, 77, D)
     x = torch.randn((P, *policy.latent_shape), generator=generator, device=device).to(cache_dtype)
     for i in range(S - interval_len):                                       # shared trunk
-        x, _ = _denoise_step(policy, x, i, cond, cfg, cache_dtype, generator)
+        x, _ = _denoise_step(step, x, i, cond, generator)
     fork_latents = x
     x, groups = ops.branch_fork(x, K, cache_dtype)                          # (P·K, C, H, W)
     cond = cond.repeat_interleave(K, dim=0)
     latents, log_probs = [], []
     for i in range(S - interval_len, S):                                    # trained interval
-        x, log_prob = _denoise_step(policy, x, i, cond, cfg, cache_dtype, generator)
+        x, log_prob = _denoise_step(step, x, i, cond, generator)
         latents.append(x)
         log_probs.append(log_prob.float())
     return TrajectoryBatch(
@@ -125,9 +144,10 @@ def generate(policy: Policy, prompts: list[str], cfg: SamplingConfig,
              generator: torch.Generator) -> torch.Tensor:
     """Plain sampling of the whole chain, one independent x_T per prompt: images (N, 3, H, W)."""
     cache_dtype = getattr(torch, cfg.cache_dtype)
+    step = step_function(policy, cfg, cache_dtype)
     cond = policy.embed(prompts)
     x = torch.randn((len(prompts), *policy.latent_shape), generator=generator,
                     device=policy.device).to(cache_dtype)
     for i in range(policy.steps.num_steps):
-        x, _ = _denoise_step(policy, x, i, cond, cfg, cache_dtype, generator)
+        x, _ = _denoise_step(step, x, i, cond, generator)
     return policy.decode(x, cfg.unet_batch)

@@ -130,3 +130,40 @@ def test_a_failing_reward_in_the_worker_raises_in_the_caller(reference):
     scorer.submit(_sample(reference))
     with pytest.raises(RuntimeError, match="reward model exploded"):
         scorer.finish()
+
+
+def test_cuda_graphs_are_ignored_on_a_cpu(reference):
+    cfg = SamplingConfig(num_steps=6, branches=3, prompts_per_batch=2, cuda_graphs=True)
+    graphed = sample_branches(reference, ["a red cube", "a blue ball"], torch.arange(2), 3, cfg,
+                              torch.Generator().manual_seed(3))
+    torch.testing.assert_close(graphed.latents, _sample(reference).latents, rtol=0, atol=0)
+    assert not reference._captured
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_cuda_graph_replay_equals_eager_and_sees_in_place_lora_updates(tiny_sd_path):
+    torch.manual_seed(0)
+    policy = Policy(ModelConfig(path=tiny_sd_path, dtype="float32"), torch.device("cuda"), num_steps=6, eta=1.0)
+    lora_b = [p for n, p in policy.unet.named_parameters() if "lora_B" in n]
+    with torch.no_grad():
+        for p in lora_b:
+            p.normal_(0, 0.02)
+    eager_cfg = SamplingConfig(num_steps=6, branches=3, prompts_per_batch=2)
+    graphed_cfg = dataclasses.replace(eager_cfg, cuda_graphs=True)
+
+    def sample(cfg):
+        return sample_branches(policy, ["a red cube", "a blue ball"], torch.arange(2), 3, cfg,
+                               torch.Generator("cuda").manual_seed(3))
+
+    for round_ in range(2):  # the second round after an in-place LoRA update, without recapturing
+        eager, graphed = sample(eager_cfg), sample(graphed_cfg)
+        for field in ("fork_latents", "latents", "log_probs", "images"):
+            torch.testing.assert_close(getattr(graphed, field), getattr(eager, field), rtol=1e-6, atol=1e-6)
+        (captured,) = policy._captured.values()
+        assert len(captured.graphs) == 2  # trunk (P) and branches (P·K): one graph per batch shape
+        if round_ == 0:
+            before = eager.latents
+            with torch.no_grad():
+                for p in lora_b:
+                    p.mul_(3)  # as optimizer.step() does: same storage, new values
+    assert not torch.allclose(eager.latents, before)  # the update changed the samples
