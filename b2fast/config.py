@@ -108,7 +108,8 @@ class TrainConfig:
     pos_weight: float = _f(1.0, "advantage weight beta+ for positive samples")
     neg_weight: float = _f(1.0, "advantage weight beta- for negative samples")
     trajectories_per_step: int = _f(128, "trajectories whose interval steps one optimizer step sees")
-    micro_batch: int = _f(8, "(trajectory, step) pairs per UNet forward+backward")
+    micro_batch: int = _f(8, "(trajectory, step) pairs per UNet forward+backward; 0 = the most that fits in "
+                             "the free GPU memory, measured once at the first update (8 on a CPU)")
     epochs: int = _f(2, "passes over the selected trajectories per stage")
     cfg: bool = _f(True, "apply CFG in the training log-prob, as at sampling time (needed for ratio = 1)")
     gradient_checkpointing: bool = _f(False, "recompute UNet block activations in the backward pass: less "
@@ -342,8 +343,9 @@ def validate(cfg: Config) -> Config:
         _check(getattr(t, name) >= 0, f"train.{name}", getattr(t, name), "a number >= 0")
     for name in ("adam_beta1", "adam_beta2"):
         _check(0 <= getattr(t, name) < 1, f"train.{name}", getattr(t, name), "a number in [0, 1)")
-    for name in ("trajectories_per_step", "micro_batch", "epochs"):
+    for name in ("trajectories_per_step", "epochs"):
         _check(getattr(t, name) >= 1, f"train.{name}", getattr(t, name), "an integer >= 1")
+    _check(t.micro_batch >= 0, "train.micro_batch", t.micro_batch, "an integer >= 1, or 0 for automatic")
     _check(bool(cfg.reward.name), "reward.name", cfg.reward.name, "a reward name or 'module:function'")
     ev = cfg.eval
     _check(all(sp in ("train", "test") for sp in ev.splits) and bool(ev.splits), "eval.splits", ev.splits,

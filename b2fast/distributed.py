@@ -154,6 +154,15 @@ def sum_floats(world: World, values: Sequence[float], what: str) -> list[float]:
     return t.tolist()
 
 
+def min_int(world: World, value: int, what: str) -> int:
+    """The smallest of the ranks' values (e.g. a size every rank can afford)."""
+    if not world.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+    _collective(world, what, dist.all_reduce, t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def broadcast_parameters(world: World, params: Sequence[torch.nn.Parameter]) -> None:
     """Copy rank 0's values into every rank's parameters (the start of a run)."""
     if not world.distributed:

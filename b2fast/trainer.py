@@ -8,6 +8,7 @@ run under ``torchrun`` gives the same results on any number of ranks (see b2fast
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from b2fast import distributed
 from b2fast.checkpoint import (TrainerState, load_checkpoint, rng_state, save_checkpoint,
                                save_lora_folder, set_rng_state)
-from b2fast.config import Config, dump_yaml, to_dict, validate
+from b2fast.config import Config, TrainConfig, dump_yaml, to_dict, validate
 from b2fast.evaluation import EvalRow, default_eval_sets, evaluate_sets, format_rows
 from b2fast.distributed import resolve_device
 from b2fast.outputs import (TensorBoardLogger, log_metrics, log_samples, plot_reward_curve, save_grid,
@@ -32,7 +33,7 @@ from b2fast.schedule import resolve_schedule
 from b2fast.scoring import StageScorer
 from b2fast.selection import RewardHistory, Selection, normalize_stage, select
 from b2fast.stage_table import StageTable, gather_stage_table
-from b2fast.update import make_optimizer, policy_update
+from b2fast.update import auto_micro_batch, make_optimizer, policy_update
 from b2fast.utils import atomic_write_text
 
 PURPOSES = {"prompts": 0, "noise": 1, "shuffle": 2}
@@ -67,6 +68,7 @@ class Trainer:
         distributed.broadcast_parameters(self.world, self.policy.lora_parameters())
         self.optimizer = make_optimizer(self.policy.lora_parameters(), cfg.train)
         self.history = RewardHistory(cfg.selection.history_stages)
+        self.micro_batch: int | None = None  # train.micro_batch = 0 resolved at the first update
         self.start_stage = 0
         if resume:
             self._resume(resume)
@@ -110,6 +112,17 @@ class Trainer:
         batch.images, rewards, captions = scorer.finish()
         return batch, gather_stage_table(self.world, mine, batch, rewards, captions)
 
+    def _train_config(self, batch: TrajectoryBatch) -> TrainConfig:
+        """``cfg.train`` with an automatic micro-batch (0) resolved: measured once, at the first
+        update, and the smallest over ranks so every rank splits its pairs alike."""
+        if self.cfg.train.micro_batch == 0 and self.micro_batch is None:
+            size = auto_micro_batch(self.policy, batch, self.cfg.train, self.cfg.sampling)
+            self.micro_batch = distributed.min_int(self.world, size, "automatic micro-batch size")
+            if self.world.is_main:
+                how = "the most that fits in the free GPU memory" if self.device.type == "cuda" else "automatic on a CPU"
+                tqdm.write(f"train.micro_batch = {self.micro_batch} ({how})")
+        return dataclasses.replace(self.cfg.train, micro_batch=self.micro_batch or self.cfg.train.micro_batch)
+
     def run_stage(self, stage: int) -> dict:
         started = time.perf_counter()
         interval_len = self.interval_len(stage)
@@ -117,9 +130,10 @@ class Trainer:
         z = normalize_stage(self.history, table.prompts, table.rewards)
         selection = select(z, table.group_ids, self.cfg.selection.pos_threshold,
                            self.cfg.selection.neg_threshold)
+        train_cfg = self._train_config(batch)
         local_pairs = int((table.local_rows[selection.indices] >= 0).sum()) * interval_len * self.cfg.train.epochs
         with tqdm(total=local_pairs, desc=f"stage {stage} training", leave=False, disable=not self.progress) as bar:
-            stats = policy_update(self.policy, self.optimizer, batch, selection, self.cfg.train,
+            stats = policy_update(self.policy, self.optimizer, batch, selection, train_cfg,
                                   self.cfg.sampling, stage_generator(self.cfg.seed, stage, "shuffle"), bar,
                                   self.world, table.local_rows)
         rewards = table.rewards

@@ -75,6 +75,38 @@ def _pair_log_probs(policy: Policy, batch: TrajectoryBatch, rows: torch.Tensor, 
                             policy.steps.clip_sample_range, scfg.logprob_reduction)
 
 
+AUTO_MICRO_BATCH_CPU = 8
+MAX_MICRO_BATCH = 128
+
+
+def micro_batch_for_memory(free_bytes: int, bytes_per_pair: float, fraction: float = 0.8,
+                           limit: int = MAX_MICRO_BATCH) -> int:
+    """The largest micro-batch whose activations fit in ``fraction`` of the free memory."""
+    return max(1, min(limit, int(fraction * free_bytes / max(bytes_per_pair, 1.0))))
+
+
+def auto_micro_batch(policy: Policy, batch: TrajectoryBatch, tcfg: TrainConfig, scfg: SamplingConfig) -> int:
+    """Measure the memory of one forward+backward of 2 pairs and size the micro-batch to the free
+    GPU memory (activations grow linearly with the pairs; the weights are already resident)."""
+    if policy.device.type != "cuda":
+        return AUTO_MICRO_BATCH_CPU
+    device = policy.device
+    probe = 2
+    rows = torch.zeros(probe, dtype=torch.long, device=device)
+    positions = torch.arange(probe, device=device) % batch.interval_len
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    start = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    _pair_log_probs(policy, batch, rows, positions, tcfg, scfg).sum().backward()
+    per_pair = (torch.cuda.max_memory_allocated(device) - start) / probe
+    for p in policy.lora_parameters():
+        p.grad = None
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    return micro_batch_for_memory(free, per_pair)
+
+
 def _optimizer_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: TrajectoryBatch,
                     rows: torch.Tensor, positions: torch.Tensor, advantages: torch.Tensor, n_pairs: int,
                     tcfg: TrainConfig, scfg: SamplingConfig, stats: UpdateStats, progress,
@@ -108,6 +140,8 @@ def policy_update(policy: Policy, optimizer: torch.optim.Optimizer, batch: Traje
     in this rank's ``batch`` (−1 when another rank holds it). Default: one process, table = batch.
     """
     stats = UpdateStats()
+    if tcfg.micro_batch == 0:
+        raise ValueError("policy_update: resolve train.micro_batch = 0 with auto_micro_batch first")
     if local_rows is None:
         local_rows = torch.arange(len(batch))
     kept = selection.indices.cpu()

@@ -167,3 +167,27 @@ def test_cuda_graph_replay_equals_eager_and_sees_in_place_lora_updates(tiny_sd_p
                 for p in lora_b:
                     p.mul_(3)  # as optimizer.step() does: same storage, new values
     assert not torch.allclose(eager.latents, before)  # the update changed the samples
+
+
+def test_micro_batch_from_free_memory():
+    from b2fast.update import MAX_MICRO_BATCH, micro_batch_for_memory
+
+    gib = 2 ** 30
+    assert micro_batch_for_memory(10 * gib, 1 * gib) == 8            # 80% of 10 GiB at 1 GiB per pair
+    assert micro_batch_for_memory(10 * gib, 1) == MAX_MICRO_BATCH    # capped
+    assert micro_batch_for_memory(1 * gib, 4 * gib) == 1             # never below one pair
+
+
+def test_automatic_micro_batch_is_resolved_once_per_run(tiny_sd_path, tmp_path):
+    from b2fast.config import Config, ConfigError, apply_overrides, validate
+    from b2fast.trainer import Trainer
+    from b2fast.update import AUTO_MICRO_BATCH_CPU
+
+    cfg = apply_overrides(Config(), ["--model.path", tiny_sd_path, "--reward.name", "jpeg_compressibility",
+                                     "--device", "cpu", "--train.micro_batch", "0", "--out", str(tmp_path)])
+    trainer = Trainer(cfg)
+    assert trainer._train_config(None).micro_batch == AUTO_MICRO_BATCH_CPU
+    assert trainer.cfg.train.micro_batch == 0  # the config (and so config.yaml) keeps "automatic"
+    cfg.train.micro_batch = -1
+    with pytest.raises(ConfigError, match="train.micro_batch: got -1"):
+        validate(cfg)
