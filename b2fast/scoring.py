@@ -50,12 +50,14 @@ class StageScorer:
             return images, rewards, captions
 
     def _decode_and_score(self, latents: torch.Tensor, prompts: list[str]):
+        """(images on the CPU, rewards, captions): a stage's 512² images are 4 GB in fp32, which
+        the GPU does not need to hold once they are scored (only sample grids read them)."""
         with torch.no_grad():
             images = self.policy.decode(latents, self.decode_batch)
         rewards = score_images(self.reward, images, prompts)
         captions = getattr(self.reward, "last_captions", None)
         captions = list(captions) if captions is not None and len(captions) == len(prompts) else None
-        return images, rewards, captions
+        return images.cpu(), rewards, captions
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
         """Wait for every batch; a failure in the worker is raised here, in the caller."""

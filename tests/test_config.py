@@ -62,7 +62,7 @@ def test_bad_yaml_files(tmp_path):
         load_yaml(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "tiny_sd_jpeg.yaml", "sd15_clipscore.yaml"])
+@pytest.mark.parametrize("name", ["default.yaml", "tiny_sd_jpeg.yaml", "sd15_clipscore.yaml", "sd15_24gb.yaml"])
 def test_shipped_presets_validate(name):
     validate(load_yaml(preset_path(name)))
 
