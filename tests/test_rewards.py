@@ -137,6 +137,16 @@ def test_clipscore_scale100_clamp_is_nonnegative():
     torch.testing.assert_close(clamped, (100 * cos).clamp_min(0), atol=1e-4, rtol=0)
 
 
+def test_clipscore_in_bfloat16_stays_close_to_float32(tiny_clipscore):
+    torch.manual_seed(0)
+    low = build_reward("clipscore", {"model_name": register_tiny_clip(), "pretrained": None, "batch_size": 3,
+                                     "precision": "bfloat16"})
+    images = _images(5, seed=4)
+    exact, rounded = tiny_clipscore(images, PROMPTS), low(images, PROMPTS)
+    assert rounded.dtype == torch.float32 and not torch.equal(rounded, exact)  # autocast did run
+    torch.testing.assert_close(rounded, exact, atol=3e-2, rtol=0)
+
+
 def test_clipscore_rejects_bad_inputs(tiny_clipscore):
     with pytest.raises(ValueError, match="prompts"):
         tiny_clipscore(_images(2), ["only one"])
@@ -149,6 +159,7 @@ def test_clipscore_rejects_bad_inputs(tiny_clipscore):
     ({"pretrained": "not-a-tag-or-file"}, "reward.options: cannot create open_clip model .*pretrained=/path"),
     ({"batch_size": 0}, "reward.options.batch_size"),
     ({"scale100_clamp": "yes"}, "reward.options.scale100_clamp"),
+    ({"precision": "fp8"}, "reward.options.precision: expected one of"),
 ])
 def test_clipscore_config_errors_are_one_line(options, match):
     options = {"model_name": register_tiny_clip(), "pretrained": None, **options}

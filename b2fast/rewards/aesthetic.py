@@ -118,13 +118,14 @@ def _check_head_path(head_path: object) -> Path:
 @register_reward("aesthetic")
 def aesthetic(device: str | torch.device = "cpu", head_path: str | None = None,
               model_name: str = "ViT-L-14", pretrained: str | None = "openai",
-              batch_size: int = 32) -> AestheticScore:
+              batch_size: int = 32, precision: str = "float32") -> AestheticScore:
     """LAION aesthetic predictor: ``head_path`` (required) + OpenCLIP ``model_name``/``pretrained``.
 
     ``pretrained`` is an open_clip tag, a local checkpoint file, or None (random weights, tests
     only). ``batch_size`` bounds the images encoded at once (memory), not the scores. An OpenAI
     tag selects the model's ``-quickgelu`` variant where open_clip needs it; with a local file of
     OpenAI weights, name that variant yourself (``model_name: ViT-L-14-quickgelu``).
+    ``precision`` runs the CLIP tower under autocast, as for clipscore (the head stays fp32).
     """
     path = _check_head_path(head_path)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -133,7 +134,7 @@ def aesthetic(device: str | torch.device = "cpu", head_path: str | None = None,
     if importlib.util.find_spec("open_clip") is None:
         raise ValueError("reward aesthetic: the open_clip package is missing; pip install open_clip_torch")
     clip = clipscore(device=device, model_name=model_name, pretrained=pretrained,
-                     scale100_clamp=False, batch_size=batch_size)
+                     scale100_clamp=False, batch_size=batch_size, precision=precision)
     width = getattr(clip.model.visual, "output_dim", None)
     head_width = head[0].in_features
     if width is not None and width != head_width:

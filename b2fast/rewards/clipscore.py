@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from b2fast.rewards.base import check_reward_inputs, one_line, register_reward
 
+PRECISIONS = ("float32", "bfloat16", "float16")
 _FIX_HINT = ("pre-download the weights into the Hugging Face cache on a machine with internet, or "
              "pass pretrained=/path/to/open_clip_pytorch_model.bin (pretrained=None: random weights, "
              "for tests only)")
@@ -73,10 +74,11 @@ class CLIPScore:
     """
 
     def __init__(self, model_name: str, pretrained: str | None, device: str | torch.device,
-                 scale100_clamp: bool, batch_size: int):
+                 scale100_clamp: bool, batch_size: int, precision: str = "float32"):
         import open_clip
 
         self.device = torch.device(device)
+        self.precision = precision
         self.model = create_clip_model(model_name, pretrained, self.device)
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.scale100_clamp = scale100_clamp
@@ -125,15 +127,22 @@ class CLIPScore:
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start:start + self.batch_size]
             tokens = self.tokenizer(chunk).to(self.device)
-            emb = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+            with self._autocast():
+                emb = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
             self._text_cache.update(zip(chunk, emb))
         return torch.stack([self._text_cache[p] for p in prompts])
 
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """Unit-norm image embeddings (N, D), in chunks of ``batch_size`` images."""
-        chunks = [self.model.encode_image(self.preprocess(images[i:i + self.batch_size])).float()
-                  for i in range(0, images.shape[0], self.batch_size)]
+        with self._autocast():
+            chunks = [self.model.encode_image(self.preprocess(images[i:i + self.batch_size])).float()
+                      for i in range(0, images.shape[0], self.batch_size)]
         return F.normalize(torch.cat(chunks), dim=-1)
+
+    def _autocast(self):
+        """The towers' matmuls in ``precision`` (weights stay fp32; outputs are cast back to fp32)."""
+        enabled = self.precision != "float32"
+        return torch.autocast(self.device.type, dtype=getattr(torch, self.precision), enabled=enabled)
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -148,12 +157,16 @@ class CLIPScore:
 @register_reward("clipscore")
 def clipscore(device: str | torch.device = "cpu", model_name: str = "ViT-H-14",
               pretrained: str | None = "laion2b_s32b_b79k", scale100_clamp: bool = False,
-              batch_size: int = 32) -> CLIPScore:
+              batch_size: int = 32, precision: str = "float32") -> CLIPScore:
     """CLIPScore with an OpenCLIP model (default: ViT-H-14 / LAION-2B, as in B²-DiffuRL).
 
     ``pretrained`` is an open_clip tag, a local checkpoint file, or None (random weights).
     ``batch_size`` bounds the images/prompts encoded at once (memory), not the scores.
+    ``precision`` 'bfloat16' or 'float16' runs the towers under autocast: ~2-4x the images/s on
+    a tensor-core GPU, scores within ~1e-2 of float32 (the reward, not the policy, is rounded).
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"reward.options.precision: expected one of {PRECISIONS}, got {precision!r}")
     if not isinstance(model_name, str) or not model_name:
         raise ValueError(f"reward.options.model_name: expected an open_clip model name, got {model_name!r}")
     if pretrained is not None and not isinstance(pretrained, str):
@@ -162,4 +175,4 @@ def clipscore(device: str | torch.device = "cpu", model_name: str = "ViT-H-14",
         raise ValueError(f"reward.options.scale100_clamp: expected true or false, got {scale100_clamp!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"reward.options.batch_size: expected a positive integer, got {batch_size!r}")
-    return CLIPScore(model_name, pretrained, device, scale100_clamp, batch_size)
+    return CLIPScore(model_name, pretrained, device, scale100_clamp, batch_size, precision)
