@@ -6,12 +6,18 @@
     python -m b2fast.bench kernels --help                   # the suite's options
     python -m b2fast.bench rewards                          # images/s of each reward, full-size models
     python -m b2fast.bench rewards --quick --device cpu     # tiny models, seconds (tests)
+    python -m b2fast.bench sample                           # branch sampling, SD 1.x random weights
+    python -m b2fast.bench train --train.micro_batch 16     # LoRA PPO update; any config override
+    python -m b2fast.bench stage --full --json stage.json   # seconds per stage, plus a real stage
+    python -m b2fast.bench all --quick --device cpu         # every suite in turn, tiny models
 
 Every figure is a ratio against a baseline timed in the same run (the plain-PyTorch reference,
-the PIL preprocessing of the research scripts) and a unit against a ceiling measured in the same
-run (GB/s against the device's copy bandwidth, TFLOP/s against a dense matmul). Results go to
-stdout as a Markdown table, progress to stderr, raw records to ``--json``. Bad arguments stop
-before anything is measured, with a one-line message naming the argument (exit code 2).
+the PIL preprocessing or the eager batch-P / batch-2 loops of the research scripts) and a unit
+against a ceiling measured in the same run (GB/s against the device's copy bandwidth, TFLOP/s
+against a dense matmul). Results go to stdout as a Markdown table, progress to stderr, raw
+records to ``--json``. Bad arguments stop before anything is measured, with a one-line message
+naming the argument (exit code 2). The SD suites (sample, train, stage, all) also take any config
+field of ``python -m b2fast.train`` as ``--section.field value``.
 
 This module only parses and checks arguments (it imports no torch, so ``--help`` is instant);
 each suite's measuring code lives in its own module, imported when the suite runs.
@@ -23,7 +29,8 @@ import importlib
 import re
 import sys
 
-# suite → (module with ``run(args) -> (JSON document, report text, exit code)``, one-line summary)
+# suite → (module with ``measure(args) -> JSON document`` and ``format_report(document) -> text``,
+# or ``run(args)`` for a suite of suites; one-line summary)
 SUITES = {
     "kernels": ("b2fast.bench_kernels",
                 "time, GB/s, %% of copy bandwidth and speed-up vs the torch reference of the "
@@ -32,7 +39,18 @@ SUITES = {
                 "images/s, s per 1,280 images, TFLOP/s and speed-up vs PIL preprocessing of each "
                 "reward (clipscore ViT-H-14, aesthetic, bertscore, jpeg) on full-size random-weight "
                 "models"),
+    "sample": ("b2fast.bench_sample",
+               "images/s, UNet TFLOP/s, %% of the bf16 matmul ceiling, peak GiB and speed-up vs the "
+               "per-branch batch-P loop of branch sampling and VAE decoding, SD 1.x random weights"),
+    "train": ("b2fast.bench_train",
+              "(trajectory, step) pairs/s, TFLOP/s, %% of ceiling, peak GiB and speed-up vs batch-2 "
+              "accumulation of the LoRA PPO update, SD 1.x random weights"),
+    "stage": ("b2fast.bench_stage",
+              "seconds per stage (sampling, reward, training) at the reference settings, composed "
+              "from parts measured in the same run, b2fast vs baseline; --full runs a real stage"),
+    "all": ("b2fast.bench_all", "kernels, rewards, sample, train and stage in turn"),
 }
+SD_SUITES = ("sample", "train", "stage", "all")  # take config overrides
 DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "float16": "float16",
                  "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
                  "float64": "float64", "fp64": "float64"}
@@ -71,6 +89,66 @@ the full-size architecture with random weights (no downloads):
 
 --quick uses the tiny test models instead. Time: median over --repeats calls after --warmup
 calls; CUDA events on cuda, time.perf_counter on cpu (see b2fast.bench_rewards)."""
+
+
+SD_HELP = """\
+{what}
+
+Models: SD 1.x with random weights (UNet 860M, VAE, CLIP ViT-L/14 text encoder; no downloads),
+saved in the model dtype (model.dtype, bfloat16 by default) and loaded through b2fast.policy.Policy
+as a user's checkpoint is; --quick uses the tiny test model and tiny settings instead (CPU,
+seconds). Settings come from the config, defaults being the reference ones (8 prompts x 5
+branches, 20 DDIM steps, intervals schedule.min_interval and schedule.max_interval = 14 and 20,
+train.micro_batch 8, 2 epochs); override any field as --section.field VALUE, e.g.
+--model.dtype float16 --train.micro_batch 16 --sampling.unet_batch 40 (python -m b2fast.train
+--help lists every field; model.path and reward.* are not allowed: the suite builds its own
+models). b2fast runs with the model section as given (fast paths included); the baseline loads its
+own policy with the model's path, dtype and LoRA only, attention on PyTorch SDPA and every other
+field at its default (eager).
+
+TFLOP/s: FLOPs counted by torch.utils.flop_counter.FlopCounterMode on one untimed call of the
+timed function (2 FLOPs per multiply-add of matmuls, convolutions and attention; backward
+included in training), against a dense matmul in the model dtype (cuda; float32 on cpu) timed in
+the same run. Time: median of --repeats calls after --warmup calls; CUDA events on cuda,
+time.perf_counter on cpu. Peak GiB: torch.cuda.max_memory_allocated during the calls, weights
+included (see b2fast.bench_{suite})."""
+SAMPLE_WHAT = """\
+Branch sampling of one batch (P prompts x K branches, decode included) at each interval L, and
+VAE decoding of P*K latents:
+  b2fast    sample_branches: trunk at batch P, fork, P*K branches in one UNet call per step,
+            fused DDIM step + log-prob, decode of the whole batch
+  baseline  the DDPO-style scripts: after the fork, a loop over the K branches, each at batch P
+            (2P with CFG), plain-PyTorch DDIM step + log-prob, decode at batch P
+Reported: images/s, UNet GFLOP per image, UNet TFLOP/s (its FLOPs over the time inside its
+calls) and % of ceiling, peak GiB, speed-up vs baseline."""
+TRAIN_WHAT = """\
+One optimizer step of the LoRA PPO-clip update over --trajectories kept trajectories x L interval
+steps (one epoch), on trajectories the model itself sampled, at each interval L:
+  b2fast    b2fast.update.policy_update: train.micro_batch (trajectory, step) pairs per UNet
+            forward+backward (2x with CFG; 0 = sized to the free GPU memory, as the trainer
+            does), fused log-prob op, train.gradient_checkpointing as configured
+  baseline  the DDPO-style scripts: 2 trajectories per call (4 with CFG), one timestep at a
+            time, plain-PyTorch log-prob, gradient accumulation over the same optimizer step
+Reported: pairs/s, GFLOP per pair, TFLOP/s of the call and % of ceiling, peak GiB, speed-up."""
+STAGE_WHAT = """\
+Seconds per stage at the config's settings (32 batches x 8 prompts x 5 branches = 1280 images,
+intervals 14 and 20, 2 epochs), b2fast vs baseline, composed from parts measured in the same run
+(or by the earlier suites of `all`): sampling = batches x the sample suite's ms per batch (decode
+included); reward = images / clipscore ViT-H-14 images/s (the rewards suite, random weights;
+baseline: PIL preprocessing); training = --kept trajectories x L x epochs x the train suite's ms
+per pair; the parts are summed (a real stage overlaps decoding and scoring with sampling).
+--full also runs real stages (Trainer.run_stage, b2fast only) and reports their measured seconds
+and peak GiB."""
+ALL_WHAT = """\
+kernels, rewards, sample, train and stage in turn, on one device, each with its default options
+(--quick: every suite's quick mode); stage composes the parts the earlier suites measured.
+--config and config overrides go to the SD suites (sample, train, stage). --json writes one
+document with each suite's under "suites"."""
+KEPT_FRACTION = 0.84  # kept trajectories per stage / (2 per branch group): ~430 of 512 at the reference
+QUICK_CONFIG = [  # tiny settings of --quick (config overrides given on the command line win)
+    "--model.dtype", "float32", "--sampling.num_steps", "6", "--sampling.prompts_per_batch", "2",
+    "--sampling.branches", "3", "--sampling.batches_per_stage", "4", "--schedule.min_interval", "4",
+    "--schedule.max_interval", "6", "--train.micro_batch", "4", "--train.trajectories_per_step", "8"]
 
 
 class ArgumentError(ValueError):
@@ -163,6 +241,43 @@ def _add_rewards_arguments(p: argparse.ArgumentParser) -> None:
     add("--json", metavar="PATH", help="also write the header and raw records as JSON (atomically)")
 
 
+def _add_common_arguments(p: argparse.ArgumentParser, quick_help: str) -> None:
+    add = p.add_argument
+    add("--device", default="auto", help="'auto' (cuda if visible, else cpu), 'cpu', 'cuda' or "
+                                         "'cuda:N' (default: %(default)s)")
+    add("--quick", action="store_true", help=quick_help)
+    add("--json", metavar="PATH", help="also write the header and raw records as JSON (atomically)")
+
+
+def _add_config_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="YAML",
+                   help="start from this preset instead of the built-in defaults (e.g. "
+                        "b2fast/configs/sd15_24gb.yaml); its model.path, device and reward are replaced "
+                        "by the suite's own")
+
+
+def _add_sd_arguments(p: argparse.ArgumentParser, suite: str) -> None:
+    add = p.add_argument
+    add("--warmup", type=_positive, metavar="N", help="untimed calls first (default: 1)")
+    add("--repeats", type=_positive, metavar="N", help="timed calls; the median is reported "
+                                                       "(default: 3 cuda, 2 cpu)")
+    if suite in ("train", "stage"):
+        add("--trajectories", type=_positive, metavar="T",
+            help="kept trajectories per timed training call, T x L pairs (default: 8 cuda, 4 cpu, 2 quick)")
+    if suite == "stage":
+        add("--kept", type=_positive, metavar="N",
+            help="kept trajectories per stage in the composed stage (default: 84%% of the 2 per "
+                 "branch group that selection can keep: 430 of 512 at the reference 256 groups)")
+        add("--full", action="store_true",
+            help="also run one real stage per interval (Trainer.run_stage, b2fast only, after a "
+                 "warm-up) and report its measured seconds; minutes per stage on full-size models")
+    _add_config_argument(p)
+    _add_common_arguments(p, "the tiny test model (b2fast.testing.tiny_sd) and tiny settings: "
+                             f"{' '.join(QUICK_CONFIG)}; 1 warm-up, 2 repeats (explicit options and "
+                             "overrides still win)")
+    p.epilog = "config overrides: --section.field VALUE, any field of python -m b2fast.train --help"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m b2fast.bench", formatter_class=argparse.RawDescriptionHelpFormatter,
                 description=__doc__.split("\n\n")[2],
@@ -175,6 +290,14 @@ def _parser() -> argparse.ArgumentParser:
     rewards = sub.add_parser("rewards", help=SUITES["rewards"][1], description=REWARDS_HELP,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_rewards_arguments(rewards)
+    for suite, what in (("sample", SAMPLE_WHAT), ("train", TRAIN_WHAT), ("stage", STAGE_WHAT)):
+        sd = sub.add_parser(suite, help=SUITES[suite][1], description=SD_HELP.format(what=what, suite=suite),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_sd_arguments(sd, suite)
+    every = sub.add_parser("all", help=SUITES["all"][1], description=ALL_WHAT,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config_argument(every)
+    _add_common_arguments(every, "every suite's --quick: tiny models and settings (a CPU, seconds)")
     return p
 
 
@@ -206,20 +329,62 @@ def validate_rewards(a: argparse.Namespace) -> argparse.Namespace:
     return a
 
 
-VALIDATORS = {"kernels": validate_kernels, "rewards": validate_rewards}
+def suite_config(quick: bool, overrides: list[str], preset: str | None = None):
+    """The validated config of an SD suite: the defaults (or ``preset``), then --quick's, then the
+    command line's overrides."""
+    from b2fast.config import Config, apply_overrides, load_yaml, validate
+
+    for arg in overrides:
+        key = arg[2:].partition("=")[0] if arg.startswith("--") else ""
+        if key == "model.path" or key.startswith("reward."):
+            raise ArgumentError(f"--{key}: not allowed here; the benchmark builds its own random-weight "
+                                "models (SD 1.x, clipscore ViT-H-14)")
+    cfg = load_yaml(preset) if preset else Config()
+    if quick:
+        apply_overrides(cfg, QUICK_CONFIG)
+    return validate(apply_overrides(cfg, overrides))
+
+
+def validate_sd(a: argparse.Namespace) -> argparse.Namespace:
+    """Checks argparse cannot express; the intervals measured: the schedule's first and last."""
+    _check_device(a.device)
+    a.intervals = sorted({a.cfg.schedule.min_interval, a.cfg.schedule.max_interval})
+    if a.suite == "stage" and a.kept is None:  # 430 of the 512 a reference stage can keep
+        groups = a.cfg.sampling.batches_per_stage * a.cfg.sampling.prompts_per_batch
+        a.kept = max(1, round(KEPT_FRACTION * 2 * groups))
+    return a
+
+
+VALIDATORS = {"kernels": validate_kernels, "rewards": validate_rewards, "sample": validate_sd,
+              "train": validate_sd, "stage": validate_sd, "all": validate_sd}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    args = _parser().parse_args(argv)
+    """argv → checked options; the SD suites' unrecognised arguments are config overrides
+    (``args.overrides``, applied in ``args.cfg``), any other suite's are an error."""
+    args, extra = _parser().parse_known_args(argv)
+    if args.suite in SD_SUITES:
+        args.overrides = extra
+        args.cfg = suite_config(args.quick, extra, args.config)
+    elif extra:
+        raise ArgumentError(f"unrecognized arguments: {' '.join(extra)}")
     return VALIDATORS[args.suite](args)
+
+
+def run_suite(name: str, args: argparse.Namespace) -> tuple[dict, str, int]:
+    """(JSON document, Markdown report, exit code: 1 if any record failed, else 0)."""
+    module = importlib.import_module(SUITES[name][0])
+    if hasattr(module, "run"):  # ``all``: runs the others
+        return module.run(args)
+    doc = module.measure(args)
+    return doc, module.format_report(doc), int(any("error" in r for r in doc["records"]))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = parse_args(argv)
-        suite = importlib.import_module(SUITES[args.suite][0])
-        records, report, code = suite.run(args)
+        records, report, code = run_suite(args.suite, args)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     except ValueError as exc:  # bad argument, or one the device cannot serve (e.g. no CUDA)

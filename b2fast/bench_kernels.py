@@ -341,10 +341,3 @@ def format_report(doc: dict) -> str:
                      f"{_sig(r['gbps'])} | {_sig(r['pct_of_copy'])} | "
                      f"{_sig(r['speedup_vs_torch'])} |")
     return "\n".join(lines)
-
-
-def run(args: argparse.Namespace) -> tuple[dict, str, int]:
-    """(JSON document, Markdown report, exit code: 1 if a kernel failed, else 0)."""
-    doc = measure(args)
-    failed = any("error" in r for r in doc["records"])
-    return doc, format_report(doc), int(failed)

@@ -226,9 +226,11 @@ def inputs(args, device: torch.device) -> tuple[torch.Tensor, list[str]]:
     return images, [prompts[i % len(prompts)] for i in range(args.images)]
 
 
-def matmul_ceiling(device: torch.device, n: int, warmup: int, repeats: int) -> dict:
-    """Dense float32 ``a @ b`` of n×n matrices: the ceiling the rewards' fp32 models run against."""
-    a, b = (torch.randn(n, n, device=device) for _ in range(2))
+def matmul_ceiling(device: torch.device, n: int, warmup: int, repeats: int,
+                   dtype: torch.dtype = torch.float32) -> dict:
+    """Dense ``a @ b`` of n×n matrices in ``dtype``: the ceiling a model in that dtype runs against
+    (float32 for the rewards; bfloat16 for the SD suites on a GPU)."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     ms = summarize(time_calls(lambda: a @ b, device, warmup, repeats))["ms"]
     return {"n": n, "ms": ms, "tflops": 2 * n ** 3 / (ms * 1e-3) / 1e12}
 
@@ -252,13 +254,38 @@ def _native_mha_flops(query, key, value, embed_dim, num_head, *args, out_shape=N
     return 2 * b * e * e * (2 * lq + 2 * lk) + 4 * b * lq * lk * e
 
 
-def flop_count(fn: Callable[[], object]) -> int:
-    """FLOPs of one call of ``fn`` counted by ``FlopCounterMode`` (matmuls, convolutions,
-    attention, and the fused attention of ``nn.MultiheadAttention``)."""
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the CPU flash attention that ``F.scaled_dot_product_attention`` runs on CPU
+    tensors, which FlopCounterMode does not count (its CUDA kernels it does): the same formula."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def flop_counter_mode():
+    """A ``FlopCounterMode`` (not yet entered) that also counts the fused attention of
+    ``nn.MultiheadAttention`` and CPU ``scaled_dot_product_attention``, forward and backward.
+    Its convention: 2 FLOPs per multiply-add of matmuls, convolutions and attention; elementwise
+    ops are not counted."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    mapping = {torch.ops.aten._native_multi_head_attention: _native_mha_flops}
-    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+    aten = torch.ops.aten
+    mapping = {aten._native_multi_head_attention: _native_mha_flops,
+               aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+               aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops}
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def flop_count(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn`` counted by :func:`flop_counter_mode` (matmuls, convolutions,
+    attention, and the fused attention of ``nn.MultiheadAttention``)."""
+    with flop_counter_mode() as counter:
         fn()
     return counter.get_total_flops()
 
@@ -376,10 +403,3 @@ def format_report(doc: dict) -> str:
             f"{_cell(r['tflops'])} | {_cell(r['pct_of_matmul'])} | {_cell(r['peak_gib'])} | "
             f"{_cell(r['baseline_images_per_s'])} | {_cell(r['speedup_vs_baseline'])} |")
     return "\n".join(lines)
-
-
-def run(args: argparse.Namespace) -> tuple[dict, str, int]:
-    """(JSON document, Markdown report, exit code: 1 if a reward failed, else 0)."""
-    doc = measure(args)
-    failed = any("error" in r for r in doc["records"])
-    return doc, format_report(doc), int(failed)
