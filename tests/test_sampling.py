@@ -53,22 +53,23 @@ def test_same_seed_same_trajectories(tiny_policy):
     assert torch.equal(a.latents, b.latents) and torch.equal(a.log_probs, b.log_probs)
 
 
-def _recomputed_log_probs(policy, batch, cfg):
-    """Re-evaluate log p of every stored step with the same weights, in mixed-step micro-batches."""
+def _recomputed_log_probs(policy, batch, cfg, grad=False):
+    """Re-evaluate log p of every stored step with the same weights, in mixed-step micro-batches
+    (``grad``: as training does, with autograd on)."""
     n, L = batch.log_probs.shape
     rows = torch.arange(n).repeat_interleave(L)
     j = torch.arange(L).repeat(n)
     perm = torch.randperm(rows.numel(), generator=torch.Generator().manual_seed(0))
     rows, j = rows[perm], j[perm]
     out = torch.empty(n, L)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         for s in range(0, rows.numel(), 5):
             r, jj = rows[s:s + 5], j[s:s + 5]
             step = batch.step_indices[jj]
             cond = policy.embed([batch.prompts[i] for i in r.tolist()])
             eps_u, eps_c = policy.predict_eps(batch.x_t(r, jj), step, cond, cfg.guidance_scale)
             out[r, jj] = ops.ddim_logprob(eps_u, eps_c, cfg.guidance_scale, batch.x_t(r, jj),
-                                          batch.x_prev(r, jj), policy.steps.table, step)
+                                          batch.x_prev(r, jj), policy.steps.table, step).detach()
     return out
 
 
@@ -79,6 +80,22 @@ def test_on_policy_ratio_is_one(tiny_policy, cache_dtype):
                             torch.Generator().manual_seed(1))
     assert batch.latents.dtype == getattr(torch, cache_dtype)
     ratio = torch.exp(_recomputed_log_probs(tiny_policy, batch, cfg) - batch.log_probs)
+    assert (ratio - 1).abs().max().item() < 1e-5
+
+
+def test_on_policy_ratio_is_one_on_the_fast_path(tiny_sd_path):
+    """Channels-last sampling, then the training path's re-evaluation with autograd on and
+    gradient checkpointing: still ratio = 1."""
+    from b2fast.config import ModelConfig
+    from b2fast.policy import Policy
+
+    torch.manual_seed(0)
+    policy = Policy(ModelConfig(path=tiny_sd_path, dtype="float32", channels_last=True), torch.device("cpu"),
+                    num_steps=10, eta=1.0)
+    policy.enable_gradient_checkpointing()
+    cfg = SamplingConfig(branches=3, cache_dtype="float16")
+    batch = sample_branches(policy, ["a cat", "a dog"], torch.arange(2), 5, cfg, torch.Generator().manual_seed(1))
+    ratio = torch.exp(_recomputed_log_probs(policy, batch, cfg, grad=True) - batch.log_probs)
     assert (ratio - 1).abs().max().item() < 1e-5
 
 
