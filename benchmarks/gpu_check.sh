@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Everything that needs a CUDA GPU, in one go, with every log and JSON written to one folder:
+#   1. the test suite on the GPU (the CUDA and Triton kernel backends, CUDA-graph capture and
+#      replay, the GPU paths of the fast-path and benchmark tests),
+#   2. compute-sanitizer (memcheck) over the CUDA kernels' tests,
+#   3. python -m b2fast.bench kernels --large (a batch of more than 1 GB of traffic),
+#   4. python -m b2fast.bench all (kernels, rewards, sample, train, stage; the stage composed from
+#      the parts measured just before).
+# Usage, from the repository root after `pip install -e .` with a CUDA torch:
+#   benchmarks/gpu_check.sh [OUT_DIR] [STEPS]     # STEPS: any of tests,sanitizer,kernels,all
+set -uo pipefail
+out=${1:-gpu-check}
+steps=${2:-tests,sanitizer,kernels,all}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python - <<'EOF' || exit 2
+import torch, b2fast._C as C
+assert torch.cuda.is_available(), "no CUDA GPU visible to torch"
+assert C.has_cuda(), "b2fast._C was built without CUDA: reinstall with nvcc on the PATH and a CUDA torch"
+print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| CUDA", torch.version.cuda)
+EOF
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv > "$out/device.csv" 2>&1
+status=0
+want() { [[ ",$steps," == *",$1,"* ]]; }
+if want tests; then
+  python -m pytest -q -rs tests/test_ddim_step.py tests/test_build.py tests/test_fast_path.py \
+    tests/test_sampling.py tests/test_bench.py 2>&1 | tee "$out/tests.log" || status=1
+fi
+if want sanitizer; then
+  if command -v compute-sanitizer >/dev/null; then
+    compute-sanitizer --tool memcheck --error-exitcode 3 python -m pytest -q -x tests/test_ddim_step.py \
+      -k "cuda-cuda" 2>&1 | tail -n 40 > "$out/memcheck.log" || status=1
+  else
+    echo "compute-sanitizer not found on PATH" > "$out/memcheck.log"; status=1
+  fi
+fi
+if want kernels; then
+  python -m b2fast.bench kernels --large --json "$out/kernels.json" | tee "$out/kernels.md" || status=1
+fi
+if want all; then
+  python -m b2fast.bench all --json "$out/all.json" | tee "$out/all.md" || status=1
+fi
+echo "gpu_check: results in $out (exit $status)"
+exit $status
