@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m b2fast.train", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fine-tune a text-to-image diffusion model with B²-DiffuRL (LoRA, PPO-clip, "
                     "branch sampling, backward progressive training).",
-        epilog=f"config fields (override any as --section.field VALUE):\n{fields}")
+        epilog="examples:\n" + __doc__.split("\n\n")[1] +  # the usage lines of the module docstring
+               f"\n\nconfig fields (override any as --section.field VALUE):\n{fields}")
 
 
 def parse_config(argv: list[str]):
