@@ -49,8 +49,8 @@ class ModelConfig:
     attention: str = _f("auto", f"attention kernels of the UNet and VAE, one of {ATTENTION}: 'auto' = xformers when "
                                 "it imports and runs on this device, else PyTorch SDPA (flash/cuDNN/efficient)")
     channels_last: bool = _f(False, "store UNet and VAE activations channels-last (NHWC)")
-    compile: bool = _f(False, "torch.compile the UNet (first calls of each batch shape compile; the compiled "
-                              "artifacts are cached on disk, see compile_cache_dir)")
+    compile: bool = _f(False, "torch.compile the UNet and the VAE decoder (first calls of each batch shape "
+                              "compile; the compiled artifacts are cached on disk, see compile_cache_dir)")
     compile_mode: str = _f("default", f"torch.compile mode, one of {COMPILE_MODES}")
     compile_cache_dir: str = _f("~/.cache/b2fast/inductor", "where torch.compile keeps compiled kernels and graphs "
                                 "between runs (sets TORCHINDUCTOR_CACHE_DIR when compile is on)")

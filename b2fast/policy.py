@@ -117,7 +117,10 @@ class Policy:
             # each use): a second run with the same shapes loads the compiled kernels instead of
             # compiling them again.
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cfg.compile_cache_dir).expanduser().resolve())
-            self.unet.compile(mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+            mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+            self.unet.compile(mode=mode)
+            if self.vae is not None:  # decode() calls the decoder module, not the VAE's forward
+                self.vae.decoder.compile(mode=mode)
         return attention
 
     def captured(self, key: tuple, fn) -> CapturedCalls:

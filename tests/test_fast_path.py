@@ -69,7 +69,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_sd_path):
 
 
 def test_compiled_unet_matches_eager_and_reuses_its_disk_cache(tiny_sd_path, reference, tmp_path, monkeypatch):
-    """torch.compile (inductor, CPU here) gives eager's ε; the compiled graph is cached on disk,
+    """torch.compile (inductor, CPU here) gives eager's ε and images; the compiled graphs are cached on disk,
     so compiling again (as a new run would) is a cache hit, not a second compilation."""
     from torch._dynamo.utils import counters
 
@@ -81,6 +81,7 @@ def test_compiled_unet_matches_eager_and_reuses_its_disk_cache(tiny_sd_path, ref
         expected = reference.predict_eps(x, step, cond, 5.0)
         got = compiled.predict_eps(x, step, cond, 5.0)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(compiled.decode(x), reference.decode(x), rtol=1e-4, atol=1e-5)
         assert any(cache.rglob("*")), "nothing written to model.compile_cache_dir"
         torch._dynamo.reset()  # forget the in-memory compilation, as a new process would
         counters.clear()
