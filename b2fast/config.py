@@ -316,6 +316,10 @@ def validate(cfg: Config) -> Config:
     _check(m.attention in ATTENTION, "model.attention", m.attention, f"one of {ATTENTION}")
     _check(m.compile_mode in COMPILE_MODES, "model.compile_mode", m.compile_mode, f"one of {COMPILE_MODES}")
     _check(bool(m.compile_cache_dir), "model.compile_cache_dir", m.compile_cache_dir, "a folder path")
+    _check(not (s.cuda_graphs and m.compile and m.compile_mode in ("reduce-overhead", "max-autotune")),
+           "sampling.cuda_graphs", s.cuda_graphs,
+           f"false with model.compile_mode={m.compile_mode!r}, which captures CUDA graphs itself "
+           "(or compile_mode 'default' / 'max-autotune-no-cudagraphs')")
     _check(s.overlap_reward in OVERLAP, "sampling.overlap_reward", s.overlap_reward, f"one of {OVERLAP}")
     _check(len(m.lora_targets) > 0, "model.lora_targets", m.lora_targets, "a non-empty list of module names")
     _check(cfg.prompts.split in ("train", "test"), "prompts.split", cfg.prompts.split, "'train' or 'test'")
