@@ -127,6 +127,7 @@ class Trainer:
         started = time.perf_counter()
         interval_len = self.interval_len(stage)
         batch, table = self.sample_stage(stage, interval_len)
+        sampled = time.perf_counter()
         z = normalize_stage(self.history, table.prompts, table.rewards)
         selection = select(z, table.group_ids, self.cfg.selection.pos_threshold,
                            self.cfg.selection.neg_threshold)
@@ -143,7 +144,9 @@ class Trainer:
                   "reward_std": float(finite.std()) if finite.numel() > 1 else 0.0,
                   "n_images": len(table), "n_nonfinite": int(rewards.numel() - finite.numel()),
                   "n_selected": len(selection), "n_positive": selection.n_positive,
-                  "n_negative": selection.n_negative, **stats,
+                  "n_negative": selection.n_negative, **stats, "ranks": self.world.size,
+                  "seconds_sampling": sampled - started,  # sampling, decoding, rewards, gathering
+                  "seconds_training": time.perf_counter() - sampled,
                   "seconds": time.perf_counter() - started}
         self._write_outputs(stage, batch, table, z, selection, record)
         return record

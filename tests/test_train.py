@@ -28,9 +28,10 @@ def test_cli_runs_three_stages_and_writes_outputs(tiny_sd_path, tmp_path):
     assert [r["stage"] for r in records] == [0, 1, 2]
     assert [r["interval_len"] for r in records] == [2, 3, 4]
     for key in ("reward_mean", "reward_std", "n_selected", "loss", "clipfrac", "approx_kl",
-                "grad_norm", "seconds"):
+                "grad_norm", "seconds", "seconds_sampling", "seconds_training", "ranks"):
         assert key in records[0]
     assert any(r["n_selected"] > 0 and r["loss"] is not None for r in records)
+    assert all(r["ranks"] == 1 and 0 < r["seconds_sampling"] < r["seconds"] for r in records)
     assert len(list((out / "images").glob("stage-*.png"))) == 3
     assert (out / "reward_curve.png").stat().st_size > 0
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
