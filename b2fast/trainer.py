@@ -234,4 +234,5 @@ def _summary_line(r: dict) -> str:
         return "-" if v is None else f"{v:.4g}"
     return (f"stage {r['stage']:3d}  L={r['interval_len']:2d}  reward {fmt(r['reward_mean'])} "
             f"± {fmt(r['reward_std'])}  kept {r['n_selected']:4d}  loss {fmt(r['loss'])}  "
-            f"kl {fmt(r['approx_kl'])}  clip {fmt(r['clipfrac'])}  {r['seconds']:.1f}s")
+            f"kl {fmt(r['approx_kl'])}  clip {fmt(r['clipfrac'])}  {r['seconds']:.1f}s "
+            f"(sampling {r['seconds_sampling']:.1f}s)")
