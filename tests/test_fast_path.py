@@ -192,3 +192,23 @@ def test_automatic_micro_batch_is_resolved_once_per_run(tiny_sd_path, tmp_path):
     cfg.train.micro_batch = -1
     with pytest.raises(ConfigError, match="train.micro_batch: got -1"):
         validate(cfg)
+
+
+def test_lora_updates_keep_parameter_storage(tiny_sd_path):
+    """What keeps captured CUDA graphs valid across stages: the optimizer step and a LoRA load
+    write into the parameters' existing storage, never new tensors."""
+    from b2fast.config import TrainConfig
+    from b2fast.update import make_optimizer
+
+    policy = _policy(tiny_sd_path)
+    params = policy.lora_parameters()
+    pointers = [p.data_ptr() for p in params]
+    before = [p.detach().clone() for p in params]
+    optimizer = make_optimizer(params, TrainConfig(lr=1e-2))
+    x, step, cond = _inputs(policy)
+    eps_u, eps_c = policy.predict_eps(x, step, cond, 5.0)
+    (eps_c - eps_u).square().sum().backward()
+    optimizer.step()
+    assert any(not torch.equal(p, b) for p, b in zip(params, before))
+    policy.load_lora_state_dict({k: v * 0.5 for k, v in policy.lora_state_dict().items()})
+    assert [p.data_ptr() for p in policy.lora_parameters()] == pointers
