@@ -249,6 +249,11 @@ def _time_backend(case: Case, backend: str, device, args, flush) -> dict:
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
 
 
+def progress(line: str) -> None:
+    """One line of progress on stderr (stdout carries the report)."""
+    print(f"bench: {line}", file=sys.stderr, flush=True)
+
+
 def measure_case(case: Case, device, args, flush, copy_gbps: float, progress) -> list[dict]:
     """One record per backend; the torch reference first, it is the baseline."""
     records = []
@@ -282,7 +287,6 @@ def measure(args: argparse.Namespace) -> dict:
     _fill_defaults(args, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    progress = lambda line: print(f"bench: {line}", file=sys.stderr, flush=True)  # noqa: E731
     progress(f"backends {ops.backends(device)}")
     eps_dtype, cache_dtype = getattr(torch, args.dtype), getattr(torch, args.cache_dtype)
     copy = copy_bandwidth(device, args.copy_mib, args.warmup, args.repeats)

@@ -51,7 +51,6 @@ import argparse
 import copy
 import datetime
 import gc
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +59,7 @@ from typing import Callable
 import torch
 
 import b2fast
-from b2fast.bench_kernels import _sig, device_name, resolve_device, summarize, time_calls
+from b2fast.bench_kernels import _sig, device_name, progress, resolve_device, summarize, time_calls
 
 STAGE_IMAGES = 1280                 # 32 batches × 8 prompts × 5 branches
 BERT_VOCAB = 30522                  # bert-base-uncased, BLIP's text vocabulary
@@ -350,7 +349,6 @@ def measure(args: argparse.Namespace) -> dict:
     _fill_defaults(args, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    progress = lambda line: print(f"bench: {line}", file=sys.stderr, flush=True)  # noqa: E731
     matmul = matmul_ceiling(device, args.matmul_n, args.warmup, args.repeats)
     progress(f"float32 matmul {_sig(matmul['tflops'])} TFLOP/s")
     images, prompts = inputs(args, device)

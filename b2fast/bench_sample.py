@@ -154,16 +154,8 @@ def _record(case: str, interval, method: str, batch: str, images: int, m: dict,
 
 def measure(args: argparse.Namespace) -> dict:
     """Run the suite; the JSON document (header and records) described in the module doc."""
-    device = bench_sd.start(args)
-    cfg = args.cfg
-    ceiling = bench_sd.ceiling(device, cfg.model.dtype, args.matmul_n, args.warmup, args.repeats)
-    folder = bench_sd.model_folder(cfg, args.quick)
-    records = []
-    for baseline in (False, True):
-        records += _measure_method(args, folder, device, ceiling["tflops"], baseline)
-        bench_sd.free(device)  # the method's policy, gone with its frame
-    bench_sd.add_speedups(records, ("case", "interval"))
-    s = cfg.sampling
+    device, ceiling, records = bench_sd.measure_methods(args, partial(_measure_method, args))
+    s = args.cfg.sampling
     return {**bench_sd.header("sample", args, device), "ceiling": ceiling,
             "settings": {"prompts": s.prompts_per_batch, "branches": s.branches, "steps": s.num_steps,
                          "guidance_scale": s.guidance_scale, "cache_dtype": s.cache_dtype,

@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import datetime
 import gc
-import sys
 import tempfile
 import time
 from typing import Callable
@@ -30,7 +29,7 @@ from typing import Callable
 import torch
 
 import b2fast
-from b2fast.bench_kernels import _sig, device_name, resolve_device, summarize, time_calls
+from b2fast.bench_kernels import _sig, device_name, progress, resolve_device, summarize, time_calls
 from b2fast.bench_rewards import flop_counter_mode, matmul_ceiling
 from b2fast.config import Config, ModelConfig, to_dict
 
@@ -54,10 +53,6 @@ class _Silent:
 
 
 SILENT = _Silent()
-
-
-def progress(line: str) -> None:
-    print(f"bench: {line}", file=sys.stderr, flush=True)
 
 
 def start(args) -> torch.device:
@@ -270,6 +265,20 @@ def ceiling(device: torch.device, dtype: str, n: int, warmup: int, repeats: int)
     result = matmul_ceiling(device, n, max(warmup, 3), max(repeats, 5), getattr(torch, name))
     progress(f"{name} matmul {n}³ {_sig(result['tflops'])} TFLOP/s")
     return {"dtype": name, **result}
+
+
+def measure_methods(args, measure_method) -> tuple[torch.device, dict, list[dict]]:
+    """(device, ceiling, records): ``measure_method(folder, device, ceiling_tflops, baseline)``
+    for b2fast, then the baseline, each policy freed before the next loads; speed-ups added."""
+    device = start(args)
+    ceil = ceiling(device, args.cfg.model.dtype, args.matmul_n, args.warmup, args.repeats)
+    folder = model_folder(args.cfg, args.quick)
+    records = []
+    for baseline in (False, True):
+        records += measure_method(folder, device, ceil["tflops"], baseline)
+        free(device)  # the method's policy (and optimizer), gone with its frame
+    add_speedups(records, ("case", "interval"))
+    return device, ceil, records
 
 
 def add_speedups(records: list[dict], keys: tuple[str, ...]) -> None:

@@ -161,15 +161,9 @@ def _record(L: int, method: str, batch: int, trajectories: int, m: dict, ceiling
 
 def measure(args: argparse.Namespace) -> dict:
     """Run the suite; the JSON document (header and records) described in the module doc."""
-    device = bench_sd.start(args)
+    measure_method = partial(_measure_method, args, data={})  # trajectories shared by both methods
+    device, ceiling, records = bench_sd.measure_methods(args, measure_method)
     cfg = args.cfg
-    ceiling = bench_sd.ceiling(device, cfg.model.dtype, args.matmul_n, args.warmup, args.repeats)
-    folder = bench_sd.model_folder(cfg, args.quick)
-    records, data = [], {}
-    for baseline in (False, True):
-        records += _measure_method(args, folder, device, ceiling["tflops"], baseline, data)
-        bench_sd.free(device)  # the method's policy and optimizer, gone with its frame
-    bench_sd.add_speedups(records, ("case", "interval"))
     t = cfg.train
     return {**bench_sd.header("train", args, device), "ceiling": ceiling,
             "settings": {"trajectories": args.trajectories, "micro_batch": t.micro_batch, "cfg": t.cfg,
