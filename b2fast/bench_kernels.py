@@ -3,7 +3,8 @@
 For each case and each backend live on the device (``ops.available_backends``, forced with
 ``ops.use_backend``) it reports time per call, achieved GB/s, that as % of the copy bandwidth
 measured in the same run, and the speed-up vs the eager ``torch`` reference measured in the
-same run. DESIGN §5: these ops are < 0.01% of the FLOPs, so the unit is bandwidth.
+same run. These ops are < 0.01% of the FLOPs, so the unit is bandwidth (docs/algorithm.md,
+"Measuring speed").
 
 Inputs (per shape B×C×H×W of one ε half; SD default 40×4×64×64 = 8 prompts × 5 branches, the
 UNet batch being 2B for CFG): ε_u, ε_c in ``--dtype``; x_t, x_prev in ``--cache-dtype``; noise

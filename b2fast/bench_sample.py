@@ -1,6 +1,6 @@
 """The ``sample`` suite of ``python -m b2fast.bench``: images/s of branch sampling and decoding.
 
-Sampling time is ~93% UNet and ~7% VAE (DESIGN §5). Per interval length L of the config
+Sampling time is mostly UNet calls, then VAE decoding. Per interval length L of the config
 (``schedule.min_interval`` and ``schedule.max_interval``: 14 and 20 of 20 steps by default),
 one call samples one batch of P prompts × K branches (8 × 5 by default), decoded images included:
 

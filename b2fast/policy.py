@@ -7,6 +7,7 @@ VAE decoding to images in [0, 1], the device-side DDIM step table, and the LoRA 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 
 from b2fast.config import ModelConfig
 from b2fast.cuda_graphs import CapturedCalls
+from b2fast.reference.ddim import SQRT_1M_AB, SQRT_AB
 from b2fast.schedule import StepTable, build_step_table
 from b2fast.utils import LORA_WEIGHTS_NAME
 
@@ -25,6 +27,10 @@ OPTIONAL_SUBFOLDERS = ("vae",)  # without a VAE the UNet works in pixel space (t
 
 class ModelLoadError(ValueError):
     """The model path does not hold a loadable SD-layout model; the message says how to fix it."""
+
+
+class LoraMismatchError(ValueError):
+    """LoRA weights of another rank or other target modules than this policy's adapter."""
 
 
 def resolve_model_path(path: str) -> str:
@@ -99,6 +105,7 @@ class Policy:
             if module is not None:
                 module.requires_grad_(False).eval().to(self.device)
         self.steps: StepTable = build_step_table(self.scheduler, num_steps, eta).to(self.device)
+        self.v_prediction = self.scheduler.config.prediction_type == "v_prediction"
         self._add_lora(cfg)
         self._embeddings: dict[str, torch.Tensor] = {}
         self._captured: dict[tuple, CapturedCalls] = {}
@@ -149,6 +156,18 @@ class Policy:
             if p.requires_grad:
                 p.data = p.data.float()
 
+    @contextlib.contextmanager
+    def base_weights(self):
+        """Run the base model, LoRA off (= the starting weights: peft starts LoRA's B at zero).
+        Graphs captured meanwhile are dropped on exit: they were recorded without LoRA."""
+        captured, self._captured = self._captured, {}
+        self.unet.disable_adapters()
+        try:
+            yield self
+        finally:
+            self.unet.enable_adapters()
+            self._captured = captured
+
     def lora_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.unet.parameters() if p.requires_grad]
 
@@ -160,8 +179,8 @@ class Policy:
         """Copy LoRA weights in place (parameters keep their storage, so captured graphs stay valid)."""
         from peft.utils import get_peft_model_state_dict
         own = get_peft_model_state_dict(self.unet)
-        if set(own) != set(state):
-            raise ValueError("LoRA weights do not match this model's adapter (different rank or targets?)")
+        if set(own) != set(state) or any(own[k].shape != state[k].shape for k in own):
+            raise LoraMismatchError("LoRA weights do not match this model's adapter (different rank or targets?)")
         params = dict(self.unet.named_parameters())
         with torch.no_grad():
             for name, param in params.items():
@@ -215,14 +234,23 @@ class Policy:
             uncond = None if parts[0][0] is None else torch.cat([p[0] for p in parts])
             return uncond, torch.cat([p[1] for p in parts])
         t = self.steps.timesteps.index_select(0, step_index)
-        x = x.to(self.dtype).contiguous(memory_format=self.memory_format)
+        x_in = x.to(self.dtype).contiguous(memory_format=self.memory_format)
         if not use_cfg:
-            return None, self.unet(x, t, encoder_hidden_states=cond).sample
+            return None, self._as_eps(self.unet(x_in, t, encoder_hidden_states=cond).sample, x, step_index)
         uncond = self.embed([""]).expand(n, -1, -1)
-        out = self.unet(torch.cat([x, x]), torch.cat([t, t]),
+        out = self.unet(torch.cat([x_in, x_in]), torch.cat([t, t]),
                         encoder_hidden_states=torch.cat([uncond, cond])).sample
         eps_uncond, eps_cond = out.chunk(2)
-        return eps_uncond, eps_cond
+        return self._as_eps(eps_uncond, x, step_index), self._as_eps(eps_cond, x, step_index)
+
+    def _as_eps(self, out: torch.Tensor, x: torch.Tensor, step_index: torch.Tensor) -> torch.Tensor:
+        """The UNet output as ε. v-prediction models (SD 2.x 768-v) predict v = √ᾱ·ε − √(1−ᾱ)·x₀,
+        so ε = √ᾱ·v + √(1−ᾱ)·x_t (in fp32; CFG, linear, commutes with this map)."""
+        if not self.v_prediction:
+            return out
+        rows = self.steps.table.index_select(0, step_index).float()
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        return rows[:, SQRT_AB].view(shape) * out.float() + rows[:, SQRT_1M_AB].view(shape) * x.float()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, max_batch: int = 0) -> torch.Tensor:

@@ -36,9 +36,9 @@ class StepTable:
 
 def build_step_table(scheduler, num_steps: int, eta: float) -> StepTable:
     """Per-step scalars of DDIM with ``eta`` on ``scheduler``'s ᾱ and timestep spacing (fp64)."""
-    if scheduler.config.prediction_type != "epsilon":
-        raise ValueError(f"scheduler prediction_type: b2fast supports 'epsilon', got "
-                         f"{scheduler.config.prediction_type!r} (v-prediction models are not supported yet)")
+    if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"scheduler prediction_type: b2fast supports 'epsilon' and 'v_prediction' models, "
+                         f"got {scheduler.config.prediction_type!r}")
     scheduler.set_timesteps(num_steps)
     timesteps = scheduler.timesteps.to(torch.int64).cpu()
     alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64).cpu()

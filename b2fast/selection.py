@@ -1,4 +1,6 @@
-"""Per-prompt reward normalisation and best/worst branch selection (DESIGN §2).
+"""Per-prompt reward normalisation and best/worst branch selection.
+
+Spec: docs/algorithm.md, "Reward normalisation and selection".
 
 Notation (B²-DiffuRL, "Reward normalisation and selection"):
 

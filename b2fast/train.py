@@ -33,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Fine-tune a text-to-image diffusion model with B²-DiffuRL (LoRA, PPO-clip, "
                     "branch sampling, backward progressive training).",
         epilog="examples:\n" + __doc__.split("\n\n")[1] +  # the usage lines of the module docstring
-               f"\n\nconfig fields (override any as --section.field VALUE):\n{fields}")
+               "\n\nconfig fields (override any as --section.field VALUE). The defaults shown are the paper's\n"
+               f"reference settings; without --config, the built-in {DEFAULT_PRESET} (the toy world) sets\n"
+               f"several of them first (see b2fast/configs/{DEFAULT_PRESET}):\n{fields}")
 
 
 def parse_config(argv: list[str]):
@@ -43,19 +45,31 @@ def parse_config(argv: list[str]):
     parser.add_argument("--out", help="output directory (same as --out in the config)")
     parser.add_argument("--resume", metavar="DIR", help="run folder or checkpoint folder to continue from")
     args, overrides = parser.parse_known_args(argv)
+    if args.out is not None and not args.out.strip():
+        raise ConfigError("--out: empty; give an output folder")
+    run = run_folder(args.resume) if args.resume else None
+    run_config = run / "config.yaml" if run else None
+    resuming_own_config = not args.config and run_config is not None and run_config.is_file()
     if args.config:
         config_file = Path(args.config)
-    elif args.resume and (Path(args.resume) / "config.yaml").is_file():
-        config_file = Path(args.resume) / "config.yaml"  # continue with the run's own config
+    elif resuming_own_config:
+        config_file = run_config  # continue with the run's own config
     else:
         config_file = preset_path(DEFAULT_PRESET)
     cfg = load_yaml(config_file)
     apply_overrides(cfg, overrides)
     if args.out:
         cfg.out = args.out
-    elif args.resume and not args.config and (Path(args.resume) / "config.yaml").is_file():
-        cfg.out = args.resume
+    elif resuming_own_config:
+        cfg.out = str(run)
     return validate(cfg), args.resume
+
+
+def run_folder(resume: str) -> Path:
+    """The run folder of ``--resume``: the folder itself, or the run above a checkpoint folder
+    (``RUN/checkpoints/stage-NNNNNN``)."""
+    path = Path(resume)
+    return path.parent.parent if path.parent.name == "checkpoints" else path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     except distributed.CollectiveError as exc:  # another rank failed: say so in one line, do not hang
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # found mid-run (a reward's output, diverged weights): one line
+        print(f"error: {exc}; the last complete checkpoint is kept in {cfg.out}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted; the last complete checkpoint is kept: continue with --resume {cfg.out}",
+              file=sys.stderr)
+        return 130
     finally:
         distributed.shutdown()
     if world.is_main:

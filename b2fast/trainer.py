@@ -1,14 +1,16 @@
 """The B²-DiffuRL stage loop, in one process with every model loaded once.
 
-Stage s: L_s = schedule(s) → sample 32 batches (trunk, fork, branches) → reward → per-prompt
-z-scores over this and the last H stages → keep best/worst branches → PPO-clip on their last
-L_s steps → log, grid, checkpoint. All randomness is drawn from generators seeded by
-(seed, stage, purpose, index), so a resumed run repeats an uninterrupted one exactly, and a
-run under ``torchrun`` gives the same results on any number of ranks (see b2fast.distributed).
+Stage s: L_s = schedule(s) → sample ``sampling.batches_per_stage`` batches (trunk, fork,
+branches) → reward → per-prompt z-scores over this and the last H stages → keep best/worst
+branches → PPO-clip on their last L_s steps → log, grid, checkpoint. All randomness is drawn
+from generators seeded by (seed, stage, purpose, index), so a resumed run repeats an
+uninterrupted one exactly, and a run under ``torchrun`` gives the same results on any number of
+ranks (see b2fast.distributed).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -20,9 +22,8 @@ from tqdm.auto import tqdm
 from b2fast import distributed
 from b2fast.checkpoint import (TrainerState, load_checkpoint, rng_state, save_checkpoint,
                                save_lora_folder, set_rng_state)
-from b2fast.config import Config, TrainConfig, dump_yaml, to_dict, validate
+from b2fast.config import Config, TrainConfig, differences, dump_yaml, to_dict, validate
 from b2fast.evaluation import EvalRow, default_eval_sets, evaluate_sets, format_rows
-from b2fast.distributed import resolve_device
 from b2fast.outputs import (TensorBoardLogger, log_metrics, log_samples, plot_reward_curve, save_grid,
                             truncate_metrics)
 from b2fast.policy import Policy
@@ -37,6 +38,11 @@ from b2fast.update import auto_micro_batch, make_optimizer, policy_update
 from b2fast.utils import atomic_write_text
 
 PURPOSES = {"prompts": 0, "noise": 1, "shuffle": 2}
+# Fields that may change on resume without changing what the run computes.
+_RUN_ONLY = ("out:", "log.", "eval.", "checkpoint_every:", "keep_checkpoints:", "device:", "distributed.")
+# The settings the evaluation before training depends on: eval_before.json is reused only if equal.
+_EVAL_SETTINGS = ("seed", "model.path", "model.revision", "model.dtype", "prompts.source", "reward", "eval",
+                  "sampling.num_steps", "sampling.guidance_scale", "sampling.eta", "sampling.cache_dtype")
 
 
 def stage_generator(seed: int, stage: int, purpose: str, index: int = 0,
@@ -53,12 +59,16 @@ class Trainer:
         self.cfg = validate(cfg)
         self.out = Path(cfg.out)
         self.schedule = resolve_schedule(cfg.schedule.kind)
+        self._check_schedule()
         self.prompts = load_prompts(cfg.prompts.source, cfg.prompts.split)
+        self._check_eval_sets()
         self.world = distributed.world_from_env()
+        if self.world.is_main:
+            self._prepare_out(resume)
         if cfg.sampling.batches_per_stage < self.world.size:
             raise ValueError(f"sampling.batches_per_stage: got {cfg.sampling.batches_per_stage}, expected at "
                              f"least one batch per rank ({self.world.size} ranks)")
-        self.device = resolve_device(cfg.device, self.world)
+        self.device = distributed.resolve_device(cfg.device, self.world)
         distributed.init(self.device, cfg.distributed.backend, cfg.distributed.timeout_s, self.world)
         self.reward = build_reward(cfg.reward.name, cfg.reward.options, self.device)
         torch.manual_seed(cfg.seed)  # LoRA initialisation
@@ -73,10 +83,41 @@ class Trainer:
         if resume:
             self._resume(resume)
         if self.world.is_main:  # rank 0 writes every output
-            self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "config.yaml", dump_yaml(cfg))
         self.tensorboard = TensorBoardLogger(self.out) if cfg.log.tensorboard and self.world.is_main else None
         self.progress = cfg.log.progress and self.world.is_main
+
+    # -- start-up checks: everything that can be wrong is found before any model loads ------------
+    def _check_schedule(self) -> None:
+        sc, steps = self.cfg.schedule, self.cfg.sampling.num_steps
+        for stage in range(sc.num_stages):
+            length = self.schedule(stage, sc.num_stages, sc.min_interval, sc.max_interval)
+            if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or not 1 <= length <= steps:
+                raise ValueError(f"schedule.kind: {sc.kind!r} gives {length!r} for stage {stage}; expected an "
+                                 f"integer in [1, sampling.num_steps={steps}]")
+
+    def _check_eval_sets(self) -> None:
+        ev = self.cfg.eval
+        if not ev.enabled:
+            return
+        for name in ev.prompt_sets or default_eval_sets(self.cfg.prompts.source):
+            for split in ev.splits:
+                try:
+                    load_prompts(name, split)
+                except ValueError as exc:
+                    raise ValueError(str(exc).replace("prompts.source", "eval.prompt_sets", 1)) from None
+
+    def _prepare_out(self, resume: str | None) -> None:
+        """Create the output folder; refuse to start a new run over an earlier run's outputs."""
+        holds_run = (self.out / "checkpoints" / "latest").is_file() or (self.out / "metrics.jsonl").is_file()
+        if holds_run and not resume:
+            raise ValueError(f"out: {str(self.out)!r} already holds a run; continue it with --resume {self.out}, "
+                             "or choose another --out")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"out: cannot create the folder {str(self.out)!r} ({exc.strerror}); choose another "
+                             "--out") from None
 
     def _resume(self, path: str) -> None:
         ckpt, state = load_checkpoint(path, self.policy)
@@ -87,6 +128,9 @@ class Trainer:
         if self.world.is_main:
             truncate_metrics(self.out, state.stage)
             print(f"resumed from {ckpt} at stage {self.start_stage}")
+            changed = [c for c in differences(state.config, to_dict(self.cfg)) if not c.startswith(_RUN_ONLY)]
+            if changed:
+                print(f"warning: resuming with settings that differ from the checkpoint's: {'; '.join(changed)}")
 
     # -- one stage ------------------------------------------------------------------------------
     def interval_len(self, stage: int) -> int:
@@ -128,7 +172,7 @@ class Trainer:
         interval_len = self.interval_len(stage)
         batch, table = self.sample_stage(stage, interval_len)
         sampled = time.perf_counter()
-        z = normalize_stage(self.history, table.prompts, table.rewards)
+        z = normalize_stage(self.history, table.prompts, table.rewards)  # also records the stage
         selection = select(z, table.group_ids, self.cfg.selection.pos_threshold,
                            self.cfg.selection.neg_threshold)
         train_cfg = self._train_config(batch)
@@ -137,6 +181,7 @@ class Trainer:
             stats = policy_update(self.policy, self.optimizer, batch, selection, train_cfg,
                                   self.cfg.sampling, stage_generator(self.cfg.seed, stage, "shuffle"), bar,
                                   self.world, table.local_rows)
+        self._check_finite(stage, stats)
         rewards = table.rewards
         finite = rewards[torch.isfinite(rewards)]
         record = {"stage": stage, "interval_len": interval_len,
@@ -150,6 +195,12 @@ class Trainer:
                   "seconds": time.perf_counter() - started}
         self._write_outputs(stage, batch, table, z, selection, record)
         return record
+
+    def _check_finite(self, stage: int, stats: dict) -> None:
+        """Stop before a checkpoint of diverged weights is written (one host sync per stage)."""
+        if not bool(torch.stack([p.isfinite().all() for p in self.policy.lora_parameters()]).all()):
+            raise ValueError(f"stage {stage}: the LoRA weights are no longer finite after the update (loss "
+                             f"{stats.get('loss')}); lower train.lr or set train.max_grad_norm > 0, then --resume")
 
     def _write_outputs(self, stage: int, batch: TrajectoryBatch, table: StageTable, z: torch.Tensor,
                        selection: Selection, record: dict) -> None:
@@ -177,7 +228,8 @@ class Trainer:
 
     # -- before/after evaluation ------------------------------------------------------------------
     def evaluate(self, label: str) -> list[EvalRow]:
-        """Alignment table of the current weights (fixed seeds); grid of each set's first prompt."""
+        """Alignment table of the current weights (fixed seeds); the first prompt's images of each
+        (set, split) go to ``images/<label>.png``."""
         ev = self.cfg.eval
         images: dict = {}
         rows = evaluate_sets(self.policy, ev.prompt_sets or default_eval_sets(self.cfg.prompts.source),
@@ -187,13 +239,26 @@ class Trainer:
         save_grid(self.out / "images" / f"{label}.png", first, columns=ev.images_per_prompt)
         return rows
 
+    def _eval_settings(self) -> dict:
+        """The config values the evaluation before training depends on, as plain JSON."""
+        values = {name: functools.reduce(getattr, name.split("."), self.cfg) for name in _EVAL_SETTINGS}
+        return json.loads(json.dumps({k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+                                      for k, v in values.items()}))
+
     def _evaluation_before(self) -> list[EvalRow]:
-        """Evaluate the starting weights once; a resumed run reads the stored result."""
+        """Evaluate the starting weights once: a resumed run (or a run into a folder holding an
+        evaluation of the same model with the same settings) reads the stored result."""
         path = self.out / "eval_before.json"
-        if path.is_file():
-            return [EvalRow(**r) for r in json.loads(path.read_text())]
-        rows = self.evaluate("before")
-        atomic_write_text(path, json.dumps([r.as_dict() for r in rows], indent=1))
+        settings = self._eval_settings()
+        try:
+            stored = json.loads(path.read_text()) if path.is_file() else None
+        except json.JSONDecodeError:
+            stored = None
+        if isinstance(stored, dict) and stored.get("settings") == settings:
+            return [EvalRow(**r) for r in stored["rows"]]
+        with self.policy.base_weights():  # a resumed run's LoRA is not the starting point
+            rows = self.evaluate("before")
+        atomic_write_text(path, json.dumps({"settings": settings, "rows": [r.as_dict() for r in rows]}, indent=1))
         return rows
 
     # -- the run -----------------------------------------------------------------------------

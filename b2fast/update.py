@@ -1,11 +1,11 @@
 """The policy update of one stage: PPO-clip over the kept trajectories' interval steps.
 
-Semantics (DESIGN §2): each epoch shuffles the kept trajectories and, independently per
-trajectory, the order of its interval steps. Trajectories are taken ``trajectories_per_step``
-at a time; one optimizer step sees all (trajectory, step) pairs of those trajectories, fed to
-the UNet ``micro_batch`` pairs per call (pairs of one call may be at different timesteps).
-The loss of an optimizer step is the mean over its pairs, so the micro-batch size changes
-only memory and speed, never the maths.
+Semantics (docs/algorithm.md, "Policy update"): each epoch shuffles the kept trajectories
+and, independently per trajectory, the order of its interval steps. Trajectories are taken
+``trajectories_per_step`` at a time; one optimizer step sees all (trajectory, step) pairs of
+those trajectories, fed to the UNet ``micro_batch`` pairs per call (pairs of one call may be at
+different timesteps). The loss of an optimizer step is the mean over its pairs, so the
+micro-batch size changes only memory and speed, never the maths.
 
 With several ranks (see :mod:`b2fast.distributed`) every rank draws the same shuffles, computes
 the loss terms of the pairs whose trajectories it sampled, divided by the pair count of the

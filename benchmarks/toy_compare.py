@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -39,8 +40,9 @@ def run_one(method: str, seed: int, out: Path, extra: list[str]) -> dict:
     cfg = load_yaml(preset_path("default.yaml"))
     apply_overrides(cfg, [*METHODS[method], "--seed", str(seed), "--out", str(out / f"{method}-seed{seed}"),
                           "--log.progress", "false", *extra])
+    shutil.rmtree(cfg.out, ignore_errors=True)  # the script's own run folder: every run starts afresh
     # Before training both methods are the same model evaluated with the same seeds: evaluate
-    # it once per seed (the trainer reads an existing eval_before.json instead of sampling).
+    # it once per seed (the trainer reads an eval_before.json made with the same settings).
     for other in METHODS:
         done = out / f"{other}-seed{seed}" / "eval_before.json"
         if other != method and done.is_file():

@@ -1,4 +1,5 @@
-// CPU kernel of the branch fork (DESIGN §2; spec: b2fast.reference.branch_fork):
+// CPU kernel of the branch fork (docs/algorithm.md, "Branch sampling"; spec:
+// b2fast.reference.branch_fork):
 // out[g·K + k] = latents[g] cast to out.dtype (the same conversion as Tensor.to), and
 // group_ids[g·K + k] = g, written in place into preallocated outputs.
 #include "branch_fork.h"

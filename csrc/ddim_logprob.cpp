@@ -1,5 +1,6 @@
-// CPU kernels of the training log-prob and its backward (DESIGN §2; spec:
-// b2fast.reference.ddim.ddim_logprob).  Per element, in the compute dtype acc_t (ddim_math.h):
+// CPU kernels of the training log-prob and its backward (docs/algorithm.md, "DDIM step and
+// log-prob"; spec: b2fast.reference.ddim.ddim_logprob).  Per element, in the compute dtype
+// acc_t (ddim_math.h):
 //   ε̂ = ε_u + w·(ε_c − ε_u),  μ = √ᾱ_t'·clamp(x̂0) + √(1−ᾱ_t'−σ²)·ε̂,  d = x' − μ
 //   forward:  log p += −d²/(2σ²) − log σ − ½log 2π, reduced per sample (mean or sum, in double
 //             over fixed blocks, cpu_blocks.h); 0 for samples with σ = 0

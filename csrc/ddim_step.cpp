@@ -1,5 +1,6 @@
-// CPU kernel of the fused DDIM sampling step with log-prob (DESIGN §2; spec:
-// b2fast.reference.ddim.ddim_step_with_logprob).  Per element, in the compute dtype acc_t:
+// CPU kernel of the fused DDIM sampling step with log-prob (docs/algorithm.md, "DDIM step and
+// log-prob"; spec: b2fast.reference.ddim.ddim_step_with_logprob).  Per element, in the compute
+// dtype acc_t:
 //   1. ε̂  = ε_u + w·(ε_c − ε_u)                  (CFG; ε̂ = ε_c without eps_uncond)
 //   2. x̂0 = (x_t − √(1−ᾱ_t)·ε̂) / √ᾱ_t            (optionally clamped to [−r, r])
 //   3. μ  = √ᾱ_t'·x̂0 + √(1−ᾱ_t'−σ²)·ε̂
@@ -53,7 +54,7 @@ double step_block(const StepArgs<acc_t>& a, int64_t b, int64_t lo, int64_t hi) {
     const acc_t mu = ddim_mean(eps, static_cast<acc_t>(xt[i]), c, a.clip);
     const out_t stored = static_cast<out_t>(mu + mul_rn(c.sigma, static_cast<acc_t>(z[i])));
     out[i] = stored;
-    // log p on the *stored* x' (numerics rule, DESIGN §2); 0 for σ = 0
+    // log p on the *stored* x' (docs/algorithm.md, "Numerics rules"); 0 for σ = 0
     if (c.stochastic()) {
       sum += static_cast<double>(gaussian_logdensity(static_cast<acc_t>(stored) - mu, c));
     }

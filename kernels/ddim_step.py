@@ -38,7 +38,7 @@ def _ddim_step_kernel(eu_ptr, ec_ptr, xt_ptr, z_ptr, table_ptr, idx_ptr, out_ptr
     z = to_acc(tl.load(z_ptr + offs, mask=mask, other=0.0), ACC)
     stored = cast_to(mu + sigma * z, out_ptr.dtype.element_ty)
     tl.store(out_ptr + offs, stored, mask=mask)
-    # log p of the *stored* x' (DESIGN §2)
+    # log p of the *stored* x' (docs/algorithm.md, "Numerics rules")
     partial = gaussian_log_density_sum(to_acc(stored, ACC), mu, mask, sigma, log_sigma, ACC)
     tl.store(partial_ptr + b * partial_stride + chunk, tl.where(ok, partial, float("nan")))
 

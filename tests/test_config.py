@@ -31,6 +31,9 @@ def test_yaml_round_trip_and_overrides(tmp_path):
 @pytest.mark.parametrize("args, field", [
     (["--train.lr", "abc"], "train.lr"),
     (["--train.lr", "-1"], "train.lr"),
+    (["--train.lr", "inf"], "train.lr"),
+    (["--seed", "-1"], "seed"),
+    (["--seed", str(2 ** 64)], "seed"),
     (["--train.nope", "1"], "train.nope"),
     (["--sampling.eta", "1.5"], "sampling.eta"),
     (["--sampling.branches", "2.5"], "sampling.branches"),
@@ -78,3 +81,18 @@ def test_shipped_presets_validate(name):
 def test_every_field_is_documented():
     for name, _, help_text in iter_fields():
         assert help_text, f"{name} has no help text"
+
+
+def test_differences_name_every_changed_leaf():
+    from b2fast.config import differences, to_dict
+    old = to_dict(Config())
+    new = to_dict(apply_overrides(Config(), ["--train.lr", "3e-4", "--reward.options", "{quality: 50}"]))
+    assert differences(old, new) == ["reward.options.quality: None -> 50", "train.lr: 0.0001 -> 0.0003"]
+    assert differences(old, to_dict(Config())) == []
+
+
+def test_config_that_is_not_utf8(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("train:\n  lr: 1e-4  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_yaml(bad)

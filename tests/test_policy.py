@@ -100,3 +100,37 @@ def test_bad_lora_targets(tiny_sd_path):
     with pytest.raises(ModelLoadError, match="lora_targets"):
         Policy(ModelConfig(path=tiny_sd_path, dtype="float32", lora_targets=["nonexistent_proj"]),
                torch.device("cpu"), 10, 1.0)
+
+
+def test_v_prediction_model_steps_like_diffusers(tiny_sd_path, tmp_path):
+    """SD 2.x 768-v style: the UNet predicts v; one DDIM step from our ε equals diffusers' step."""
+    import json
+    import shutil
+
+    from diffusers import DDIMScheduler
+
+    from b2fast.reference.ddim import ddim_mean
+
+    folder = tmp_path / "v-model"
+    shutil.copytree(tiny_sd_path, folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "prediction_type": "v_prediction"}))
+    policy = Policy(ModelConfig(path=str(folder), dtype="float32"), torch.device("cpu"), num_steps=10, eta=0.0)
+    assert policy.v_prediction
+    x = torch.randn(3, *policy.latent_shape, dtype=torch.float64).float()
+    cond = policy.embed(["a cat", "a dog", "a fox"])
+    step = torch.tensor([0, 4, 9])
+    _, eps = policy.predict_eps(x, step, cond, 5.0, use_cfg=False)
+    mean = ddim_mean(eps, x, policy.steps.table, step, policy.steps.clip_sample_range)
+
+    scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+    scheduler.set_timesteps(10)
+    for row, i in enumerate(step.tolist()):
+        t = policy.steps.timesteps[i]
+        v = policy.unet(x[row:row + 1], t, encoder_hidden_states=cond[row:row + 1]).sample
+        expected = scheduler.step(v, t, x[row:row + 1], eta=0.0).prev_sample
+        torch.testing.assert_close(mean[row:row + 1], expected, rtol=1e-5, atol=1e-5)
+    # CFG halves convert alike: ε_u and ε_c each from their own v
+    eps_u, eps_c = policy.predict_eps(x, step, cond, 5.0)
+    torch.testing.assert_close(eps_c, eps, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(eps_u, eps_c)

@@ -1,4 +1,4 @@
-"""PPO-clip loss and advantage weights on hand numbers (DESIGN §2, "Policy update")."""
+"""PPO-clip loss and advantage weights on hand numbers (docs/algorithm.md, "Policy update")."""
 import math
 
 import pytest

@@ -45,10 +45,10 @@ def test_step_table_matches_diffusers(steps):
         assert table.table[i, 4].item() == pytest.approx(ref_var.sqrt().item(), rel=2e-5)  # diffusers works in fp32
 
 
-def test_step_table_rejects_v_prediction():
+def test_step_table_rejects_sample_prediction():
     from diffusers import DDIMScheduler
 
-    sched = DDIMScheduler(**{**SD_SCHEDULER, "prediction_type": "v_prediction"})
+    sched = DDIMScheduler(**{**SD_SCHEDULER, "prediction_type": "sample"})
     with pytest.raises(ValueError, match="prediction_type"):
         build_step_table(sched, 10, 1.0)
 

@@ -1,4 +1,7 @@
-"""Reward normalisation and branch selection on hand-computed numbers (DESIGN §2)."""
+"""Reward normalisation and branch selection on hand-computed numbers.
+
+Spec: docs/algorithm.md, "Reward normalisation and selection".
+"""
 import json
 import math
 

@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from b2fast.config import apply_overrides, load_yaml
-from b2fast.train import main, preset_path
+from b2fast.config import ConfigError, apply_overrides, load_yaml
+from b2fast.train import main, parse_config, preset_path
 from b2fast.trainer import Trainer
 
 TINY = ["--config", str(preset_path("tiny_sd_jpeg.yaml")), "--sampling.num_steps", "6", "--sampling.branches", "3", "--sampling.prompts_per_batch", "2",
@@ -68,6 +68,41 @@ def test_resume_after_interruption_gives_identical_weights(tiny_sd_path, tmp_pat
     assert [json.loads(line) for line in full_samples] == samples
 
 
+def test_evaluation_before_is_of_the_starting_weights_and_reused_only_for_same_settings(
+        tiny_sd_path, tmp_path, capsys):
+    eval_args = ["--eval.enabled", "true", "--eval.prompt_sets", "[animal_activity]", "--eval.splits", "[train]",
+                 "--eval.prompts_per_set", "2", "--eval.images_per_prompt", "2"]
+    trainer = Trainer(_cfg(tiny_sd_path, tmp_path, *eval_args))
+    before = [r.as_dict() for r in trainer._evaluation_before()]
+    stored = json.loads((tmp_path / "eval_before.json").read_text())
+    assert stored["rows"] == before and stored["settings"]["eval"]["images_per_prompt"] == 2
+    assert (tmp_path / "images" / "before.png").is_file()
+
+    # a trained (here: perturbed) LoRA changes the images, but "before" still means the base model
+    with torch.no_grad():
+        for p in trainer.policy.lora_parameters():
+            p.add_(torch.randn_like(p))
+    assert [r.as_dict() for r in trainer.evaluate("x")] != before
+    (tmp_path / "eval_before.json").unlink()
+    assert [r.as_dict() for r in trainer._evaluation_before()] == before
+    assert [r.as_dict() for r in trainer.evaluate("x")] != before  # LoRA back on afterwards
+
+    # the stored table is reused when the settings match, recomputed when they do not
+    stored["rows"][0]["score"] = -123.0
+    (tmp_path / "eval_before.json").write_text(json.dumps(stored))
+    assert trainer._evaluation_before()[0].score == -123.0
+    trainer.cfg.eval.images_per_prompt = 3
+    assert trainer._evaluation_before()[0].n_images == 6
+
+    # resuming with other algorithm settings says so; output-only settings do not count
+    trainer.run_stage(0)
+    capsys.readouterr()
+    Trainer(_cfg(tiny_sd_path, tmp_path, "--train.lr", "5e-3", "--log.grid_every", "0"), resume=str(tmp_path))
+    out = capsys.readouterr().out
+    assert "warning: resuming with settings that differ" in out and "train.lr: 0.01 -> 0.005" in out
+    assert "log.grid_every" not in out
+
+
 def _run_cli(*args):
     return subprocess.run([sys.executable, "-m", "b2fast.train", *args], capture_output=True, text=True,
                           timeout=300)
@@ -98,6 +133,75 @@ def test_corrupt_checkpoint_gives_one_line_error(tiny_sd_path, tmp_path):
     (out / "checkpoints" / "stage-000000" / "trainer_state.pt").write_bytes(b"garbage")
     result = _run_cli("--resume", str(out))
     assert result.returncode == 2 and "corrupt" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_checkpoint_folder_resume_new_run_over_old_and_lora_mismatch(tiny_sd_path, tmp_path):
+    out = tmp_path / "run"
+    assert main([*TINY, "--schedule.num_stages", "1", "--model.path", tiny_sd_path, "--out", str(out)]) == 0
+    metrics = (out / "metrics.jsonl").read_text()
+
+    # a new run into a folder that holds one is refused before anything is written
+    result = _run_cli(*TINY, "--model.path", tiny_sd_path, "--out", str(out), "--seed", "5")
+    assert result.returncode == 2 and "already holds a run" in result.stderr and "--resume" in result.stderr
+    assert (out / "metrics.jsonl").read_text() == metrics
+
+    # resuming from a checkpoint folder continues the run it belongs to (its config and folder)
+    cfg, resume = parse_config(["--resume", str(out / "checkpoints" / "stage-000000"), "--schedule.num_stages", "2"])
+    assert cfg.out == str(out) and cfg.model.path == tiny_sd_path and cfg.sampling.num_steps == 6
+
+    # other LoRA shape than the checkpoint's: says which setting, not "corrupt"
+    result = _run_cli("--resume", str(out), "--model.lora_rank", "8")
+    assert result.returncode == 2 and "model.lora_rank=4" in result.stderr and "corrupt" not in result.stderr
+    with pytest.raises(ConfigError, match="--out: empty"):
+        parse_config(["--out", ""])
+
+
+def test_problems_found_at_start_up_before_models_load(tiny_sd_path, tmp_path, monkeypatch):
+    (tmp_path / "bad_schedule.py").write_text("def grow(stage, n, lo, hi):\n    return 0 if stage == 2 else lo\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="schedule.kind: 'bad_schedule:grow' gives 0 for stage 2"):
+        Trainer(_cfg(tiny_sd_path, tmp_path / "a", "--schedule.kind", "bad_schedule:grow"))
+    with pytest.raises(ValueError, match="eval.prompt_sets: 'no_such_set'"):
+        Trainer(_cfg(tiny_sd_path, tmp_path / "b", "--eval.enabled", "true", "--eval.prompt_sets", "[no_such_set]"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="out: cannot create the folder"):
+        Trainer(_cfg(tiny_sd_path, tmp_path / "file" / "run"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_diverged_weights_stop_the_run_before_their_checkpoint(tiny_sd_path, tmp_path, monkeypatch):
+    import b2fast.trainer
+
+    def diverging_update(policy, *args, **kwargs):
+        stats = real_update(policy, *args, **kwargs)
+        with torch.no_grad():
+            policy.lora_parameters()[0].fill_(float("nan"))
+        return stats
+
+    real_update = b2fast.trainer.policy_update
+    monkeypatch.setattr(b2fast.trainer, "policy_update", diverging_update)
+    trainer = Trainer(_cfg(tiny_sd_path, tmp_path))
+    with pytest.raises(ValueError, match="stage 0: the LoRA weights are no longer finite"):
+        trainer.run_stage(0)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
+    from b2fast.checkpoint import TrainerState, save_checkpoint
+
+    class Policy:
+        def save_lora(self, folder):
+            (folder / "lora.bin").write_bytes(b"x")
+
+    def state(stage):
+        return TrainerState(stage=stage, optimizer={}, history={}, rng={}, config={})
+
+    for stage in (4, 5):
+        save_checkpoint(tmp_path, Policy(), state(stage), keep=2)
+    save_checkpoint(tmp_path, Policy(), state(0), keep=2)  # an older stage written last (resume)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("stage-*"))
+    assert names == ["stage-000000", "stage-000005"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "stage-000000"
 
 
 def test_help_lists_config_fields():

@@ -1,4 +1,4 @@
-"""DDPO-style PPO-clip objective on per-step log-probs (DESIGN §2, "Policy update").
+"""DDPO-style PPO-clip objective on per-step log-probs (docs/algorithm.md, "Policy update").
 
 Notation:
 

@@ -1,6 +1,6 @@
 """Plain-PyTorch reference of the B²-DiffuRL elementwise ops: the spec every backend follows.
 
-Notation (DESIGN §2, DDIM paper eq. 12 with DDPO's log-prob):
+Notation (docs/algorithm.md, "DDIM step and log-prob": DDIM paper eq. 12 with DDPO's log-prob):
 
 =========================  ===========================================================
 symbol                     here

@@ -1,7 +1,7 @@
 """The full-size Stable Diffusion 1.x architecture with random weights, built offline from configs.
 
-Benchmarks must measure the FLOPs and memory of the real models, yet nothing here can download
-weights (DESIGN §4). So :func:`save_random_sd15` builds the five SD 1.x components from their
+Benchmarks must measure the FLOPs and memory of the real models, yet must also run where no
+weights can be downloaded. So :func:`save_random_sd15` builds the five SD 1.x components from their
 published configs (``runwayml/stable-diffusion-v1-5``: UNet 860M, VAE 84M, CLIP ViT-L/14 text
 encoder 123M), saves them in diffusers layout in the model dtype, and a benchmark loads the folder
 through :class:`b2fast.policy.Policy` exactly as a user's checkpoint is loaded. The tokenizer is
