@@ -1,4 +1,4 @@
-"""``python -m b2fast.bench <suite> [options]``: speed benchmarks (DESIGN §5).
+"""``python -m b2fast.bench <suite> [options]``: speed benchmarks.
 
     python -m b2fast.bench kernels                          # SD shapes on the default device
     python -m b2fast.bench kernels --large --json k.json    # also a >= 1 GB batch; raw records
@@ -14,10 +14,11 @@
 Every figure is a ratio against a baseline timed in the same run (the plain-PyTorch reference,
 the PIL preprocessing or the eager batch-P / batch-2 loops of the research scripts) and a unit
 against a ceiling measured in the same run (GB/s against the device's copy bandwidth, TFLOP/s
-against a dense matmul). Results go to stdout as a Markdown table, progress to stderr, raw
-records to ``--json``. Bad arguments stop before anything is measured, with a one-line message
-naming the argument (exit code 2). The SD suites (sample, train, stage, all) also take any config
-field of ``python -m b2fast.train`` as ``--section.field value``.
+against a dense matmul), as docs/algorithm.md, "Measuring speed", says. Results go to stdout
+as a Markdown table, progress to stderr, raw records to ``--json``. Bad arguments stop before
+anything is measured, with a one-line message naming the argument (exit code 2). The SD suites
+(sample, train, stage, all) also take any config field of ``python -m b2fast.train`` as
+``--section.field value``.
 
 This module only parses and checks arguments (it imports no torch, so ``--help`` is instant);
 each suite's measuring code lives in its own module, imported when the suite runs.
@@ -368,6 +369,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.cfg = suite_config(args.quick, extra, args.config)
     elif extra:
         raise ArgumentError(f"unrecognized arguments: {' '.join(extra)}")
+    if args.json:  # before anything is measured: a long run must not end unable to write its records
+        from b2fast.utils import check_writable
+        check_writable(args.json, "--json")
     return VALIDATORS[args.suite](args)
 
 

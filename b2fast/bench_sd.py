@@ -126,8 +126,9 @@ def backend_context(cfg: Config):
 
     if cfg.backend == "auto":
         return contextlib.nullcontext()
+    device = None if cfg.device == "auto" else cfg.device  # start() puts the resolved device here
     try:
-        with ops.use_backend(cfg.backend):  # raises here when the backend cannot run
+        with ops.use_backend(cfg.backend, device=device):  # raises here when the backend cannot run
             pass
     except RuntimeError as exc:
         raise ValueError(f"backend: {exc}") from None

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from b2fast.policy import LoraMismatchError
 from b2fast.utils import atomic_write_text
 
 STATE_NAME = "trainer_state.pt"
@@ -52,9 +53,12 @@ def set_rng_state(state: dict) -> None:
 
 def _write_folder(folder: Path, fill) -> Path:
     """Call ``fill(tmp)`` on a temporary sibling folder, then put it in place of ``folder``."""
+    from b2fast.utils import default_mode
+
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
+        os.chmod(tmp, default_mode(folder=True))  # mkdtemp makes 0o700; a folder normally gets 0o777 - umask
         fill(tmp)
         if folder.exists():
             shutil.rmtree(folder)
@@ -80,7 +84,8 @@ def save_checkpoint(root: str | os.PathLike, policy, state: TrainerState, keep: 
 
     final = _write_folder(ckpt_dir / name, fill)
     atomic_write_text(ckpt_dir / LATEST, name + "\n")
-    for old in sorted(ckpt_dir.glob("stage-*"))[:-keep]:
+    older = sorted(p for p in ckpt_dir.glob("stage-*") if p.name != name)  # never the one just written
+    for old in older[:max(len(older) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -106,8 +111,13 @@ def load_checkpoint(path: str | os.PathLike, policy) -> tuple[Path, TrainerState
     try:
         state = TrainerState(**torch.load(ckpt / STATE_NAME, map_location="cpu", weights_only=False))
         policy.load_lora(ckpt)
+    except LoraMismatchError:
+        model = state.config.get("model", {})
+        raise CheckpointError(f"--resume: the LoRA in {str(ckpt)!r} does not fit this model's adapter; the run "
+                              f"used model.lora_rank={model.get('lora_rank')} and model.lora_targets="
+                              f"{model.get('lora_targets')}: resume with the same") from None
     except Exception as exc:  # any unreadable file is the same problem to the user
-        reason = str(exc).splitlines()[0][:120] if str(exc) else ""
+        reason = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise CheckpointError(f"--resume: checkpoint {str(ckpt)!r} is corrupt or incomplete "
                               f"({type(exc).__name__}: {reason}); resume from an earlier checkpoint folder") from None
     return ckpt, state

@@ -26,7 +26,7 @@ import yaml
 
 from b2fast.config import DTYPES, Config, ModelConfig, SamplingConfig, apply_dict
 from b2fast.prompts import TOY_SETS
-from b2fast.utils import LORA_WEIGHTS_NAME
+from b2fast.utils import LORA_WEIGHTS_NAME, check_writable
 
 DEFAULT_MODEL = "b2fast:toy"
 DEFAULT_SETS = TOY_SETS
@@ -181,7 +181,7 @@ def plan_sets(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
                  f"a built-in prompt set {available_prompt_sets()} or an existing file")
         label = source if builtin else re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source).stem)
         for split in args.splits:
-            prompts = pick_prompts(load_prompts(source, split, section="prompts"), args.prompts_per_set)
+            prompts = pick_prompts(load_prompts(source, split, field="--prompts"), args.prompts_per_set)
             plan.append((label, split, prompts))
     return plan
 
@@ -204,12 +204,13 @@ def evaluate_column(policy, plan, rewards: dict, cfg: SamplingConfig, args, colu
 def write_results(out: Path, columns: dict, plan, arguments: dict) -> None:
     """eval.json (arguments, prompts, rows per column) and eval.csv (one line per set/split/column,
     a column per reward score and success rate)."""
-    from b2fast.utils import atomic_write_text
+    from b2fast.utils import atomic_write_text, finite_json
 
     record = {"arguments": arguments,
               "prompts": [{"prompt_set": label, "split": split, "prompts": prompts} for label, split, prompts in plan],
               "columns": {name: [r.as_dict() for r in rows] for name, rows in columns.items()}}
-    atomic_write_text(out / "eval.json", json.dumps(record, indent=2) + "\n")
+    # strict JSON: a number that is not finite (every score of a set NaN) is written as null
+    atomic_write_text(out / "eval.json", json.dumps(finite_json(record), indent=2, allow_nan=False) + "\n")
     first = next(iter(columns.values()))[0]
     fields = ["prompt_set", "split", "column", "n_prompts", "n_images",
               *(key for key, _ in first.reward_cells()), "diversity", "vendi"]
@@ -225,9 +226,31 @@ def write_results(out: Path, columns: dict, plan, arguments: dict) -> None:
 def prepare(argv: list[str]):
     """argv → (args, ModelConfig, LoRA folder or None, plan, options per reward); no model loaded."""
     args = validate_args(_parser().parse_args(argv))
+    if args.out:  # before any sampling: a run must not end unable to write its results
+        check_writable(args.out, "--out", folder=True)
     lora = resolve_lora(args.lora) if args.lora else None
     options = parse_reward_options(args.reward_options, args.reward)
     return args, model_config(args, lora), lora, plan_sets(args), options
+
+
+# The config fields a reward's errors name (reward.name, reward.options[.key] [(term)]), which
+# the eval CLI takes as --reward and --reward-options.
+_REWARD_FIELD = re.compile(r"reward\.(name|options)(?:\.(\S+?))?( \([^)]*\))?: ")
+
+
+def reward_error(message: str, name: str, several: bool) -> str:
+    """A ``build_reward`` error of reward ``name`` in this CLI's terms: 'reward.options.quality: ...'
+    → '--reward-options quality: ...' ('--reward-options <name>.quality' with several rewards),
+    'reward.name: ...' → '--reward: ...'; other errors get '--reward <name>: ' with several."""
+    message = message.replace("--reward.options '", "--reward-options '")  # the rewards' own hints
+    match = _REWARD_FIELD.match(message)
+    if match is None:
+        return f"--reward {name}: {message}" if several else message
+    rest = message[match.end():]
+    if match.group(1) == "name":
+        return f"--reward: {rest}"
+    key = ".".join(k for k in (name if several else "", match.group(2) or "") if k) + (match.group(3) or "")
+    return f"--reward-options{' ' + key.strip() if key.strip() else ''}: {rest}"
 
 
 def build_rewards(options: dict[str, dict], device) -> dict:
@@ -239,9 +262,7 @@ def build_rewards(options: dict[str, dict], device) -> dict:
         try:
             rewards[name] = build_reward(name, kwargs, device)
         except ValueError as exc:
-            if len(options) == 1:
-                raise
-            raise ValueError(f"--reward {name}: {exc}") from None
+            raise ValueError(reward_error(str(exc), name, len(options) > 1)) from None
     return rewards
 
 

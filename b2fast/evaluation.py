@@ -51,6 +51,15 @@ class EvalRow:
     def as_dict(self) -> dict:
         return {k: dict(v) if isinstance(v, dict) else v for k, v in self.__dict__.items()}
 
+    @classmethod
+    def from_dict(cls, row: dict) -> "EvalRow":
+        """Inverse of :meth:`as_dict` after a strict-JSON round trip (null was a NaN)."""
+        def nan_for_none(value):
+            if isinstance(value, dict):
+                return {k: nan_for_none(v) for k, v in value.items()}
+            return float("nan") if value is None else value
+        return cls(**{k: nan_for_none(v) for k, v in row.items()})
+
     def reward_cells(self) -> list[tuple[str, float]]:
         """(label, value) per score and success rate; an unnamed single reward (the trainer's,
         or rows stored before rewards had names) reads as 'score' and 'success'."""
@@ -153,7 +162,7 @@ def evaluate_prompts(policy: Policy, prompts: list[str], rewards: Reward | Mappi
     generator = torch.Generator(policy.device).manual_seed(seed)
     images = torch.cat([generate(policy, everything[i:i + batch], cfg, generator)
                         for i in range(0, len(everything), batch)])
-    named = {name: _score_metrics(score_images(r, images, everything))
+    named = {name: _score_metrics(score_images(r, images, everything, name))
              for name, r in _as_named(rewards).items()}
     score, success = next(iter(named.values()))
     metrics = {"score": score, "success": success, **image_diversity(rewards, images, n_per_prompt)}

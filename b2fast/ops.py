@@ -1,6 +1,6 @@
 """The op layer: one public function per op; it picks the backend, nothing above it knows which.
 
-Backends, best first (DESIGN §3):
+Backends, best first (docs/algorithm.md, "Kernel backends"):
 
 =========  ==========================================================  ================
 name       what                                                        serves tensors on
@@ -168,6 +168,9 @@ def _backend_unavailable(name: str) -> str | None:
     if name == "torch":
         return None
     if name == "triton":
+        if not torch.cuda.is_available() and not _triton_interpreting():  # checked first: no slow import
+            return ("no CUDA device is visible and the Triton kernels run on CUDA tensors "
+                    "(set TRITON_INTERPRET=1 to run them on the CPU, slowly, for tests)")
         return _load_triton() or None
     if _C is None:
         return _C_ERROR
@@ -234,9 +237,17 @@ def _impl(op: str, tensor: torch.Tensor):
     return _IMPLS[op][_choose(op, tensor.device.type)]
 
 
-def set_backend(name: str | None, by: str = "set_backend()") -> None:
+def _cannot_serve(name: str, device_type: str) -> str | None:
+    """Why forced backend ``name`` runs none of its kernel ops on ``device_type``, or None."""
+    missing = [_kernel_missing(op, name, device_type, forced=True) for op in _IMPLS if name in _IMPLS[op]]
+    return None if any(why is None for why in missing) else next((why for why in missing if why), None)
+
+
+def set_backend(name: str | None, by: str = "set_backend()",
+                device: torch.device | str | None = None) -> None:
     """Force every op onto backend ``name``; ``None`` or ``"auto"`` restores the default choice.
-    ``by`` names who forced it in later error messages."""
+    ``by`` names who forced it in later error messages. With ``device`` (where the tensors will
+    live), a backend that cannot serve that device is refused here too, not at the first op."""
     global _forced, _forced_by
     if name is None or name == "auto":
         _forced, _forced_by = None, ""
@@ -245,18 +256,20 @@ def set_backend(name: str | None, by: str = "set_backend()") -> None:
         raise ValueError(f"backend: unknown name {name!r}; allowed: "
                          f"{', '.join(KNOWN_BACKENDS)}, auto")
     why = _backend_unavailable(name)
+    if why is None and device is not None:
+        why = _cannot_serve(name, torch.device(device).type)
     if why is not None:
         raise RuntimeError(f"backend {name!r} is not available: {why}")
     _forced, _forced_by = name, by
 
 
 @contextlib.contextmanager
-def use_backend(name: str | None):
+def use_backend(name: str | None, device: torch.device | str | None = None):
     """``with use_backend("cpp"): ...`` forces a backend inside the block, then restores the
     previous choice exactly (including one made by B2FAST_BACKEND)."""
     global _forced, _forced_by
     previous = _forced, _forced_by
-    set_backend(name)
+    set_backend(name, device=device)
     try:
         yield
     finally:

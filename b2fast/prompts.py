@@ -128,7 +128,11 @@ def _select(sets: dict[str, list[str]], split: str) -> list[str]:
 
 def _parse_file(path: Path, field: str) -> list[str] | dict[str, list[str]]:
     """Read a prompt file: JSON (list, or {"train", "test"} object) or one prompt per line."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{field}: {path} is not UTF-8 text (undecodable byte 0x{exc.object[exc.start]:02x} at "
+                         f"offset {exc.start}); save the prompt file as UTF-8") from None
     if path.suffix.lower() != ".json":
         lines = (line.strip() for line in text.splitlines())
         return [line for line in lines if line and not line.startswith("#")]
@@ -148,14 +152,16 @@ def _parse_file(path: Path, field: str) -> list[str] | dict[str, list[str]]:
     return strings(data)
 
 
-def load_prompts(source: str, split: str = "train", section: str = "prompts") -> list[str]:
+def load_prompts(source: str, split: str = "train", section: str = "prompts",
+                 field: str | None = None) -> list[str]:
     """Prompts of ``split`` ('train', 'test' or 'all') from a built-in set name or a file path.
 
-    Errors are one line and name the config fields ``{section}.source`` / ``{section}.split``.
+    Errors are one line and name the config fields ``{section}.source`` / ``{section}.split``;
+    ``field`` names the source otherwise (a CLI flag such as ``--prompts``).
     """
     if split not in SPLITS:
         raise ValueError(f"{section}.split: expected one of {list(SPLITS)}, got {split!r}")
-    field = f"{section}.source"
+    field = field or f"{section}.source"
     if not isinstance(source, str) or not source:
         raise ValueError(f"{field}: expected a built-in prompt set {available_prompt_sets()} or a file path, "
                          f"got {source!r}")

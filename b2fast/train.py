@@ -90,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if cfg.backend != "auto":  # else B2FAST_BACKEND, if set, or the best available per op
         try:
-            ops.set_backend(cfg.backend, by="the config field `backend`")
-        except RuntimeError as exc:
-            print(f"error: {exc} (config field `backend`)", file=sys.stderr)
+            ops.set_backend(cfg.backend, by="the config field `backend`",
+                            device=distributed.resolve_device(cfg.device, world))
+        except (RuntimeError, ValueError) as exc:  # an unusable backend, or device
+            print(f"error: {exc}", file=sys.stderr)
             return 2
     if world.is_main:
         print(f"b2fast: backends {backends()}" + (f", {world.size} ranks" if world.distributed else ""))

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from b2fast import distributed
-from b2fast.checkpoint import (TrainerState, load_checkpoint, rng_state, save_checkpoint,
+from b2fast.checkpoint import (TrainerState, find_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                                save_lora_folder, set_rng_state)
 from b2fast.config import Config, TrainConfig, differences, dump_yaml, to_dict, validate
 from b2fast.evaluation import EvalRow, default_eval_sets, evaluate_sets, format_rows
@@ -35,7 +35,7 @@ from b2fast.scoring import StageScorer
 from b2fast.selection import RewardHistory, Selection, normalize_stage, select
 from b2fast.stage_table import StageTable, gather_stage_table
 from b2fast.update import auto_micro_batch, make_optimizer, policy_update
-from b2fast.utils import atomic_write_text
+from b2fast.utils import atomic_write_text, finite_json
 
 PURPOSES = {"prompts": 0, "noise": 1, "shuffle": 2}
 # Fields that may change on resume without changing what the run computes.
@@ -62,6 +62,7 @@ class Trainer:
         self._check_schedule()
         self.prompts = load_prompts(cfg.prompts.source, cfg.prompts.split)
         self._check_eval_sets()
+        checkpoint = find_checkpoint(resume) if resume else None
         self.world = distributed.world_from_env()
         if self.world.is_main:
             self._prepare_out(resume)
@@ -81,7 +82,7 @@ class Trainer:
         self.micro_batch: int | None = None  # train.micro_batch = 0 resolved at the first update
         self.start_stage = 0
         if resume:
-            self._resume(resume)
+            self._resume(checkpoint)
         if self.world.is_main:  # rank 0 writes every output
             atomic_write_text(self.out / "config.yaml", dump_yaml(cfg))
         self.tensorboard = TensorBoardLogger(self.out) if cfg.log.tensorboard and self.world.is_main else None
@@ -102,10 +103,7 @@ class Trainer:
             return
         for name in ev.prompt_sets or default_eval_sets(self.cfg.prompts.source):
             for split in ev.splits:
-                try:
-                    load_prompts(name, split)
-                except ValueError as exc:
-                    raise ValueError(str(exc).replace("prompts.source", "eval.prompt_sets", 1)) from None
+                load_prompts(name, split, field="eval.prompt_sets")
 
     def _prepare_out(self, resume: str | None) -> None:
         """Create the output folder; refuse to start a new run over an earlier run's outputs."""
@@ -119,7 +117,7 @@ class Trainer:
             raise ValueError(f"out: cannot create the folder {str(self.out)!r} ({exc.strerror}); choose another "
                              "--out") from None
 
-    def _resume(self, path: str) -> None:
+    def _resume(self, path: Path) -> None:
         ckpt, state = load_checkpoint(path, self.policy)
         self.optimizer.load_state_dict(state.optimizer)
         self.history.load_state_dict(state.history)
@@ -218,13 +216,13 @@ class Trainer:
             roles = {i: "positive" if pos else "negative"
                      for i, pos in zip(selection.indices.tolist(), selection.positive.tolist())}
             log_samples(self.out, stage, table.prompts, table.rewards, z, table.group_ids, roles, table.captions)
+        log_metrics(self.out, record)  # before the checkpoint: a resume drops the lines of later stages
+        if self.tensorboard:
+            self.tensorboard.log(record)
         if checkpoint:
             state = TrainerState(stage=stage, optimizer=self.optimizer.state_dict(),
                                  history=self.history.state_dict(), rng=rng_state(), config=to_dict(self.cfg))
             save_checkpoint(self.out, self.policy, state, self.cfg.keep_checkpoints)
-        log_metrics(self.out, record)
-        if self.tensorboard:
-            self.tensorboard.log(record)
 
     # -- before/after evaluation ------------------------------------------------------------------
     def evaluate(self, label: str) -> list[EvalRow]:
@@ -255,10 +253,11 @@ class Trainer:
         except json.JSONDecodeError:
             stored = None
         if isinstance(stored, dict) and stored.get("settings") == settings:
-            return [EvalRow(**r) for r in stored["rows"]]
+            return [EvalRow.from_dict(r) for r in stored["rows"]]
         with self.policy.base_weights():  # a resumed run's LoRA is not the starting point
             rows = self.evaluate("before")
-        atomic_write_text(path, json.dumps({"settings": settings, "rows": [r.as_dict() for r in rows]}, indent=1))
+        atomic_write_text(path, json.dumps(finite_json({"settings": settings, "rows": [r.as_dict() for r in rows]}),
+                                           indent=1, allow_nan=False))
         return rows
 
     # -- the run -----------------------------------------------------------------------------
@@ -286,8 +285,9 @@ class Trainer:
         save_lora_folder(self.policy, self.out / "lora")
         if before is not None:
             after = self.evaluate("after")
-            atomic_write_text(self.out / "eval.json", json.dumps(
-                {"before": [r.as_dict() for r in before], "after": [r.as_dict() for r in after]}, indent=1))
+            atomic_write_text(self.out / "eval.json", json.dumps(finite_json(
+                {"before": [r.as_dict() for r in before], "after": [r.as_dict() for r in after]}), indent=1,
+                allow_nan=False))
             print("\nalignment before and after training (same seeds):\n"
                   + format_rows({"before": before, "after": after}))
         if self.tensorboard:

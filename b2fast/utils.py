@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -27,14 +28,58 @@ def load_callable(spec: str, field: str) -> Callable:
     return fn
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux: /proc), so other
+    threads never see a temporarily cleared umask; elsewhere set-and-restore."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(folder: bool = False) -> int:
+    """The mode ``open()`` / ``mkdir()`` would give a new file / folder: 0o666 / 0o777 minus the umask
+    (mkstemp / mkdtemp make 0o600 / 0o700, unreadable by the rest of a shared cluster's group)."""
+    return (0o777 if folder else 0o666) & ~current_umask()
+
+
+def check_writable(path: str | os.PathLike, name: str, folder: bool = False) -> None:
+    """Fail early, in one line naming ``name`` (a CLI flag), unless ``path`` can be written later: a
+    file path (its folders made as needed) or, with ``folder``, a folder to write into. Nothing is
+    created here, so a run that stops before its outputs leaves nothing behind."""
+    path = Path(os.path.abspath(Path(path).expanduser()))
+    kind = "folder" if folder else "file"
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{name}: {str(path)!r} is an existing file; give a folder to write the results into")
+    if not folder and path.is_dir():
+        raise ValueError(f"{name}: {str(path)!r} is a folder; give a file path")
+    existing = path if folder else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{name}: cannot create the {kind} {str(path)!r}: {str(existing)!r} is a file, "
+                         "not a folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{name}: cannot write the {kind} {str(path)!r}: no write permission in "
+                         f"{str(existing)!r}; choose a writable location")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``, so a kill never leaves a partial file."""
+    """Call ``write(tmp_path)`` then rename onto ``path``, so a kill never leaves a partial file.
+    The file gets the usual permissions (0o666 minus the umask), like any newly created file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, default_mode())  # after write(): a writer may have replaced the file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -47,6 +92,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
     atomic_write(path, write)
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, ±inf) replaced by None, through dicts, lists and
+    tuples: ``json.dumps(finite_json(v), allow_nan=False)`` is strict JSON (no bare NaN tokens,
+    which most JSON parsers outside Python reject)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:

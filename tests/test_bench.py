@@ -3,8 +3,9 @@ writes JSON; the rewards suite runs ``--quick`` (tiny models) on the CPU and rep
 ``all --quick`` runs every suite in turn, the SD suites (sample, train, stage) on the tiny model,
 each reporting b2fast against its baseline measured in the same run.
 
-Speed is never asserted here (DESIGN §5): only that the suites run, cover every op × live
-backend and every reward, and report positive, finite numbers in the documented formats.
+Speed is never asserted here (docs/algorithm.md, "Measuring speed"): only that the suites run,
+cover every op × live backend and every reward, and report positive, finite numbers in the
+documented formats.
 """
 from __future__ import annotations
 
@@ -160,6 +161,22 @@ def test_bad_option_exits_with_one_line_error(argv, names):
     code, out, err = run_main(argv)
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and names in err
+
+
+@pytest.mark.parametrize("suite", ["kernels", "rewards", "sample", "all"])
+def test_unwritable_json_path_fails_before_measuring(suite, tmp_path, monkeypatch):
+    """--json is checked first: a long run must not end unable to write its records."""
+    def never(*args, **kwargs):
+        raise AssertionError("the benchmark ran before --json was checked")
+
+    monkeypatch.setattr(bench, "run_suite", never)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep\n")
+    for path, fragment in [(a_file / "k.json", "is a file, not a folder"), (tmp_path, "is a folder; give a file path")]:
+        code, out, err = run_main([suite, "--quick", "--device", "cpu", "--json", str(path)])
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+        assert err.startswith("error: --json: ") and fragment in err
+    assert a_file.read_text() == "keep\n" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when no CUDA is visible")

@@ -57,6 +57,48 @@ def test_forcing_an_unavailable_backend_is_a_clear_error():
     assert ops.get_backend() is None
 
 
+def test_forcing_triton_without_cuda_or_interpreter_is_a_clear_error(monkeypatch):
+    """Refused when chosen, like cuda, not at the first op (where it used to raise mid-run)."""
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("the Triton backend can run on this GPU")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match=r"^backend 'triton' is not available: no CUDA device is visible .*"
+                                           r"set TRITON_INTERPRET=1"):
+        ops.set_backend("triton")
+    assert ops.get_backend() is None
+    assert "triton" not in ops.available_backends("ddim_step_with_logprob", "cpu")
+
+
+def test_forcing_a_backend_for_a_device_it_cannot_serve_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="^backend 'cpp' is not available: "):
+        ops.set_backend("cpp", device="cuda")  # the C++ kernels serve CPU tensors only
+    assert ops.get_backend() is None
+    with ops.use_backend("torch", device="cuda"):  # the reference serves any device
+        assert ops.get_backend() == "torch"
+
+
+def test_triton_on_the_cpu_under_the_interpreter_can_still_be_forced(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if ops._backend_unavailable("triton"):
+        pytest.skip(f"triton not usable here: {ops._backend_unavailable('triton')}")
+    with ops.use_backend("triton", device="cpu"):
+        assert ops.backend_for("ddim_step_with_logprob", "cpu") == "triton"
+
+
+def test_train_cli_refuses_triton_on_the_cpu_in_one_line(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("the Triton backend can run on this GPU")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "b2fast.train", "--backend", "triton", "--device", "cpu",
+                           "--out", str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(errors) == 1 and "backend 'triton' is not available: no CUDA device is visible" in errors[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_triton_on_the_cpu_is_for_forced_use_only():
     """The Triton interpreter is never the automatic choice on the CPU, even when it is on."""
     assert ops.backend_for("ddim_step_with_logprob", "cpu") != "triton"

@@ -2,7 +2,8 @@
 
 Truth is an independent float64 re-derivation of DDIM from ᾱ (not the reference module, not
 the step table), checked itself against ``diffusers.DDIMScheduler.step``. Tolerances are
-norm-wise relative errors, DESIGN §5: fp32 < 1e-5, bf16 < 1e-2 (fp16 between, fp64 ~exact).
+norm-wise relative errors (docs/algorithm.md, "Correctness tolerances"): fp32 < 1e-5,
+bf16 < 1e-2 (fp16 between, fp64 ~exact).
 """
 from __future__ import annotations
 

@@ -2,14 +2,20 @@
 columns, several rewards on one sampling, diversity, errors."""
 import csv
 import json
+import math
+import os
+import stat
+import textwrap
 
 import pytest
 import torch
 
+import b2fast.eval
 import b2fast.evaluation
 import b2fast.rewards
 from b2fast.eval import main, parse_reward_options, resolve_lora
 from b2fast.evaluation import EvalRow, image_features, image_diversity, mean_pairwise_distance
+from b2fast.utils import atomic_write_text, current_umask
 
 ROWS = ("score", "success", "diversity", "vendi")
 
@@ -126,6 +132,9 @@ def test_untrained_lora_matches_base_and_outputs_are_written(tiny_sd_path, promp
     for column in ("base", "trained"):
         assert (out / f"grid_two_train_{column}.png").stat().st_size > 0
     assert not list(out.glob(".*.tmp"))
+    mode = 0o666 & ~current_umask()  # the usual permissions of a new file, not mkstemp's 0o600
+    for name in ("eval.json", "eval.csv", "grid_two_train_base.png"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == mode, name
 
 
 def test_perturbed_lora_changes_the_numbers(tiny_sd_path, prompt_file, loras, tmp_path):
@@ -167,7 +176,12 @@ def test_lora_shape_and_model_come_from_its_run(tiny_sd_path, prompt_file, loras
     (["--images-per-prompt", "0"], "error: --images-per-prompt: got 0, expected an integer >= 1"),
     (["--lora", "no/such/lora"], "error: --lora: no such folder"),
     (["--prompts", "no_such_set"], "error: --prompts: got 'no_such_set'"),
-    (["--reward", "no_such_reward"], "error: reward.name: unknown reward 'no_such_reward'"),
+    (["--reward", "no_such_reward"], "error: --reward: unknown reward 'no_such_reward'"),
+    (["--reward", "jpeg_compressibility", "no_such_reward"], "error: --reward: unknown reward 'no_such_reward'"),
+    (["--reward", "jpeg_compressibility", "--reward-options", "{quality: 0}"],
+     "error: --reward-options quality: expected an integer in [1, 100], got 0"),
+    (["--reward", "jpeg_compressibility", "--reward-options", "{qualty: 80}"],
+     "error: --reward-options: invalid options {'qualty': 80} for reward 'jpeg_compressibility'"),
     (["--model", "./no/such/model"], "error: model.path: no such folder"),
     (["--reward-options", "[1, 2]"], "error: --reward-options:"),
     (["--eta", "2"], "error: --eta: got 2.0"),
@@ -181,11 +195,104 @@ def test_lora_shape_and_model_come_from_its_run(tiny_sd_path, prompt_file, loras
      "error: --reward-options jpeg_compressibility: got 80, expected a mapping"),
     (["--reward", "jpeg_compressibility", "jpeg_incompressibility", "--reward-options",
       "{jpeg_incompressibility: {quality: 0}}"],
-     "error: --reward jpeg_incompressibility: reward.options.quality: expected an integer in [1, 100]"),
+     "error: --reward-options jpeg_incompressibility.quality: expected an integer in [1, 100]"),
 ])
 def test_bad_input_gives_one_line_error(tiny_sd_path, prompt_file, extra, fragment, capsys):
     assert main([*_args(tiny_sd_path, prompt_file), *extra]) == 2
     assert _error_line(capsys).startswith(fragment)
+
+
+@pytest.fixture()
+def no_models(monkeypatch):
+    """Fails the test if eval gets as far as loading a model (a check came too late)."""
+    def load_models(*args, **kwargs):
+        raise AssertionError("a model was loaded before the argument check")
+    monkeypatch.setattr(b2fast.eval, "load_models", load_models)
+
+
+def test_bad_out_fails_before_any_model_loads(tiny_sd_path, prompt_file, tmp_path, capsys, no_models):
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("keep me\n")
+    for out, fragment in [(a_file, f"error: --out: {str(a_file)!r} is an existing file; give a folder"),
+                          (a_file / "eval", f"error: --out: cannot create the folder {str(a_file / 'eval')!r}: "
+                                            f"{str(a_file)!r} is a file")]:
+        assert main(_args(tiny_sd_path, prompt_file, "--out", str(out))) == 2
+        assert _error_line(capsys).startswith(fragment)
+    assert a_file.read_text() == "keep me\n" and sorted(p.name for p in tmp_path.iterdir()) == ["results.txt"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write in any folder")
+def test_out_in_a_read_only_folder_fails_before_any_model_loads(tiny_sd_path, prompt_file, tmp_path, capsys,
+                                                                  no_models):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        assert main(_args(tiny_sd_path, prompt_file, "--out", str(locked / "eval"))) == 2
+        assert "no write permission in" in _error_line(capsys)
+    finally:
+        locked.chmod(0o700)
+
+
+@pytest.mark.parametrize("content, suffix, fragment", [
+    ("[1, 2]", ".json", "must hold a JSON list of non-empty strings"),
+    (b"caf\xe9\n", ".txt", "is not UTF-8 text"),
+])
+def test_bad_prompt_file_names_the_prompts_flag(tiny_sd_path, tmp_path, capsys, content, suffix, fragment,
+                                                no_models):
+    path = tmp_path / f"bad{suffix}"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert main(_args(tiny_sd_path, path)) == 2
+    line = _error_line(capsys)
+    assert line.startswith(f"error: --prompts: {path}") and fragment in line
+
+
+def test_all_nan_reward_writes_strict_json_and_an_evaluation_warning(tiny_sd_path, prompt_file, tmp_path,
+                                                                     monkeypatch):
+    """A reward that returns only NaN: the means are NaN, written as null (never a bare NaN token,
+    which is not JSON); the warning says the scores are ignored, not 'dropped from selection'."""
+    (tmp_path / "nan_reward_mod.py").write_text(textwrap.dedent("""
+        import torch
+
+        def all_nan(images, prompts):
+            return torch.full((images.shape[0],), float("nan"))
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "eval"
+    args = [a if a != "jpeg_compressibility" else "nan_reward_mod:all_nan" for a in _args(tiny_sd_path, prompt_file)]
+    with pytest.warns(RuntimeWarning) as record:
+        assert main([*args, "--out", str(out)]) == 0
+    messages = [str(w.message) for w in record if "non-finite" in str(w.message)]
+    assert messages == ["4 non-finite score(s) out of 4 from reward 'nan_reward_mod:all_nan' are ignored"]
+
+    def no_bare_constants(token):
+        raise AssertionError(f"eval.json holds {token}, which is not JSON")
+
+    record = json.loads((out / "eval.json").read_text(), parse_constant=no_bare_constants)
+    (row,) = record["columns"]["base"]
+    assert row["score"] is None and row["success"] is None and row["scores"] == {"nan_reward_mod:all_nan": None}
+    assert math.isfinite(row["diversity"])
+
+
+def test_atomic_write_and_write_folder_give_the_usual_permissions(tmp_path):
+    """mkstemp / mkdtemp make 0o600 / 0o700 (unreadable by the group on a shared cluster); the
+    final file / folder gets 0o666 / 0o777 minus the umask, as open() / mkdir() would give."""
+    from b2fast.checkpoint import save_lora_folder
+
+    class Policy:
+        def save_lora(self, folder):
+            atomic_write_text(folder / "weights.txt", "w\n")
+
+    previous = os.umask(0o027)  # not the usual 0o022: the result must follow the umask
+    try:
+        assert current_umask() == 0o027
+        atomic_write_text(tmp_path / "sub" / "a.txt", "x")
+        save_lora_folder(Policy(), tmp_path / "lora")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "sub" / "a.txt").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "lora").stat().st_mode) == 0o750
+    assert stat.S_IMODE((tmp_path / "lora" / "weights.txt").stat().st_mode) == 0o640
+    assert current_umask() == previous
 
 
 def test_help_exits_zero(capsys):

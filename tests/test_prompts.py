@@ -90,3 +90,20 @@ def test_unknown_name_missing_file_and_bad_split(tmp_path):
         load_prompts("spatial", "validation")
     with pytest.raises(ValueError, match=r"eval_prompts\.source: 'x' is neither"):
         load_prompts("x", "test", section="eval_prompts")
+
+
+@pytest.mark.parametrize("filename", ["latin1.txt", "latin1.json"])
+def test_non_utf8_file_names_the_file_and_the_fix(tmp_path, filename):
+    path = tmp_path / filename
+    path.write_bytes("a caf\u00e9 on a hill\n".encode("latin-1"))
+    with pytest.raises(ValueError) as info:
+        load_prompts(str(path), "train")
+    message = str(info.value)
+    assert type(info.value) is ValueError  # not the bare UnicodeDecodeError, which names no file
+    assert message.startswith(f"prompts.source: {path} is not UTF-8 text") and "save the prompt file as UTF-8" in message
+    assert "\n" not in message
+
+
+def test_field_names_the_source_in_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"^--prompts: 'x' is neither"):
+        load_prompts("x", "test", field="--prompts")

@@ -78,6 +78,23 @@ def test_score_images_turns_non_finite_into_nan_and_checks_count():
         score_images(lambda im, p: torch.ones(2), images, ["a"] * 3)
 
 
+def _nan_reward(images, prompts):
+    return torch.full((images.shape[0],), float("nan"))
+
+
+def test_non_finite_warning_names_the_reward_and_fits_training_and_evaluation():
+    from b2fast.rewards.base import reward_label
+
+    images = torch.zeros(2, 3, 4, 4)
+    with pytest.warns(RuntimeWarning) as record:
+        score_images(_nan_reward, images, ["a"] * 2, name="mine")
+        score_images(_nan_reward, images, ["a"] * 2)
+    assert [str(w.message) for w in record] == [
+        "2 non-finite score(s) out of 2 from reward 'mine' are ignored",
+        f"2 non-finite score(s) out of 2 from reward '{__name__}:_nan_reward' are ignored"]
+    assert reward_label(build_reward("jpeg_compressibility")) == "jpeg_compressibility"
+
+
 def test_importing_rewards_does_not_import_open_clip():
     code = "import sys, b2fast.rewards; assert 'open_clip' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

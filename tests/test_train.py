@@ -204,6 +204,29 @@ def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "stage-000000"
 
 
+def test_ctrl_c_mid_run_keeps_a_resumable_checkpoint(tiny_sd_path, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    run = subprocess.Popen([sys.executable, "-m", "b2fast.train", *TINY, "--model.path", tiny_sd_path,
+                            "--out", str(out), "--schedule.num_stages", "40"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoints" / "latest").is_file() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130, stderr
+    assert "interrupted" in stderr and f"--resume {out}" in stderr and "Traceback" not in stderr
+    assert not list(out.rglob(".*.tmp")) and not list((out / "checkpoints").glob(".stage-*"))
+    last = int((out / "checkpoints" / "latest").read_text().strip().removeprefix("stage-"))
+    assert last < 39
+    assert main(["--resume", str(out), "--schedule.num_stages", str(last + 2)]) == 0
+    stages = [json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert stages == list(range(last + 2))
+
+
 def test_help_lists_config_fields():
     result = _run_cli("--help")
     assert result.returncode == 0

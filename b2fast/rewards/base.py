@@ -61,9 +61,14 @@ def build_reward(name: str, options: dict | None = None, device: str | torch.dev
     options = dict(options or {})
     if name in _REGISTRY:
         try:
-            return _REGISTRY[name](device=device, **options)
+            reward = _REGISTRY[name](device=device, **options)
         except TypeError as exc:
             raise ValueError(f"reward.options: invalid options {options} for reward {name!r} ({exc})") from None
+        try:
+            reward.reward_name = name  # for messages (reward_label); a reward that refuses keeps its type name
+        except (AttributeError, TypeError):
+            pass
+        return reward
     if ":" in name:
         fn = load_callable(name, "reward.name")
         if options:
@@ -73,11 +78,23 @@ def build_reward(name: str, options: dict | None = None, device: str | torch.dev
                      "or 'module:function'")
 
 
-def score_images(reward: Reward, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+def reward_label(reward: Reward) -> str:
+    """A name for messages: the registered name, ``module:function``, or the reward's type name."""
+    name = getattr(reward, "reward_name", None)
+    if isinstance(name, str):
+        return name
+    if callable(reward) and hasattr(reward, "__qualname__") and hasattr(reward, "__module__"):
+        return f"{reward.__module__}:{reward.__qualname__}"
+    return type(reward).__name__
+
+
+def score_images(reward: Reward, images: torch.Tensor, prompts: Sequence[str],
+                 name: str | None = None) -> torch.Tensor:
     """Run ``reward`` and return float32 CPU scores of shape (N,); non-finite scores become NaN.
 
-    Callers drop NaN samples from selection (so a broken score never reaches the loss); the
-    warning says how many there were.
+    Callers ignore NaN scores (training drops those samples from selection, so a broken score
+    never reaches the loss; evaluation leaves them out of its means); the warning says how many
+    there were and which reward (``name``, else :func:`reward_label`) gave them.
     """
     n = images.shape[0]
     scores = torch.as_tensor(reward(images, list(prompts))).detach().to("cpu", torch.float32).reshape(-1)
@@ -85,7 +102,7 @@ def score_images(reward: Reward, images: torch.Tensor, prompts: Sequence[str]) -
         raise ValueError(f"reward returned {scores.numel()} scores for {n} images")
     bad = ~torch.isfinite(scores)
     if bad.any():
-        warnings.warn(f"reward returned {int(bad.sum())} non-finite score(s) out of {n}; "
-                      "those samples are dropped from selection", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"{int(bad.sum())} non-finite score(s) out of {n} from reward "
+                      f"{name or reward_label(reward)!r} are ignored", RuntimeWarning, stacklevel=2)
         scores = torch.where(bad, torch.full_like(scores, float("nan")), scores)
     return scores

@@ -9,7 +9,7 @@ options to none), or a mapping ``name → weight`` when no term needs options::
 
 Each term is built with :func:`~b2fast.rewards.base.build_reward`, so registered rewards and user
 ``module:function`` rewards both work. A sample whose score is non-finite in any term scores NaN
-(``score_images`` then drops it with a warning), whatever the term's weight.
+(``score_images`` warns, and the score is ignored), whatever the term's weight.
 """
 from __future__ import annotations
 

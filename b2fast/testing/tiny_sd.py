@@ -19,6 +19,8 @@ from typing import Sequence
 
 import torch
 
+from b2fast.utils import default_mode
+
 SD_SCHEDULER = dict(  # Stable Diffusion 1.x scheduler config (scheduler/scheduler_config.json)
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
@@ -132,6 +134,7 @@ def cached_tiny_sd(seed: int = 0) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-sd-", dir=root))
     try:
+        os.chmod(tmp, default_mode(folder=True))  # mkdtemp makes 0o700
         save_tiny_sd(tmp, seed=seed)
         os.replace(tmp, target)
     except OSError:

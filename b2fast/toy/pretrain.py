@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from b2fast.toy.grammar import TEMPLATES, prompts as grammar_prompts
 from b2fast.toy.model import TEXT_LENGTH, build_toy_model
 from b2fast.toy.world import sample_images
+from b2fast.utils import default_mode
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -201,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        os.chmod(tmp, default_mode(folder=True))  # mkdtemp makes 0o700
         stats = train(args, device, tmp)
         rows = measure_alignment(tmp, device, args) if args.eval_images else []
         (tmp / "alignment.json").write_text(json.dumps({"training": stats, "alignment": rows}, indent=2))
