@@ -35,7 +35,7 @@ from b2fast.scoring import StageScorer
 from b2fast.selection import RewardHistory, Selection, normalize_stage, select
 from b2fast.stage_table import StageTable, gather_stage_table
 from b2fast.update import auto_micro_batch, make_optimizer, policy_update
-from b2fast.utils import atomic_write_text, finite_json
+from b2fast.utils import atomic_write_text, check_writable, finite_json
 
 PURPOSES = {"prompts": 0, "noise": 1, "shuffle": 2}
 # Fields that may change on resume without changing what the run computes.
@@ -65,7 +65,7 @@ class Trainer:
         checkpoint = find_checkpoint(resume) if resume else None
         self.world = distributed.world_from_env()
         if self.world.is_main:
-            self._prepare_out(resume)
+            self._check_out(resume)
         if cfg.sampling.batches_per_stage < self.world.size:
             raise ValueError(f"sampling.batches_per_stage: got {cfg.sampling.batches_per_stage}, expected at "
                              f"least one batch per rank ({self.world.size} ranks)")
@@ -105,17 +105,13 @@ class Trainer:
             for split in ev.splits:
                 load_prompts(name, split, field="eval.prompt_sets")
 
-    def _prepare_out(self, resume: str | None) -> None:
-        """Create the output folder; refuse to start a new run over an earlier run's outputs."""
+    def _check_out(self, resume: str | None) -> None:
+        """The output folder must be writable, and not hold an earlier run unless resuming it."""
+        check_writable(self.out, "out", folder=True)
         holds_run = (self.out / "checkpoints" / "latest").is_file() or (self.out / "metrics.jsonl").is_file()
         if holds_run and not resume:
             raise ValueError(f"out: {str(self.out)!r} already holds a run; continue it with --resume {self.out}, "
                              "or choose another --out")
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ValueError(f"out: cannot create the folder {str(self.out)!r} ({exc.strerror}); choose another "
-                             "--out") from None
 
     def _resume(self, path: Path) -> None:
         ckpt, state = load_checkpoint(path, self.policy)
