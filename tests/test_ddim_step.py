@@ -47,7 +47,8 @@ class Backend:
         return moved if len(moved) > 1 else moved[0]
 
 
-@pytest.fixture(params=BACKENDS, ids=[f"{n}-{d}" for n, d in BACKENDS])
+@pytest.fixture(params=[pytest.param(b, marks=pytest.mark.gpu if b[1] == "cuda" else ()) for b in BACKENDS],
+                ids=[f"{n}-{d}" for n, d in BACKENDS])
 def backend(request):
     name, device = request.param
     if device == "cuda" and not torch.cuda.is_available():
@@ -432,6 +433,7 @@ def test_branch_fork_rejects_bad_arguments():
         ops.branch_fork(latents, 2, torch.float32, group_ids=torch.empty(6, dtype=torch.int32))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("name", ["cuda", "triton"])
 def test_step_replays_in_a_cuda_graph(name):

@@ -141,6 +141,7 @@ def test_cuda_graphs_are_ignored_on_a_cpu(reference):
     assert not reference._captured
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 def test_cuda_graph_replay_equals_eager_and_sees_in_place_lora_updates(tiny_sd_path):
     torch.manual_seed(0)
