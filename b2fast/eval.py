@@ -312,7 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     except (ValueError, FileNotFoundError) as exc:  # bad argument, model, LoRA, prompts or reward
-        print(f"error: {exc}", file=sys.stderr)
+        message = str(exc)
+        if message.startswith("model.path: "):  # the model loader speaks of the config field
+            message = "--model: " + message.removeprefix("model.path: ")
+        print(f"error: {message}", file=sys.stderr)
         return 2
     from b2fast.evaluation import format_rows
 

@@ -182,7 +182,7 @@ def test_lora_shape_and_model_come_from_its_run(tiny_sd_path, prompt_file, loras
      "error: --reward-options quality: expected an integer in [1, 100], got 0"),
     (["--reward", "jpeg_compressibility", "--reward-options", "{qualty: 80}"],
      "error: --reward-options: invalid options {'qualty': 80} for reward 'jpeg_compressibility'"),
-    (["--model", "./no/such/model"], "error: model.path: no such folder"),
+    (["--model", "./no/such/model"], "error: --model: no such folder"),
     (["--reward-options", "[1, 2]"], "error: --reward-options:"),
     (["--eta", "2"], "error: --eta: got 2.0"),
     (["--reward", "jpeg_compressibility", "jpeg_compressibility"],
