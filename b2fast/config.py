@@ -358,9 +358,9 @@ def validate(cfg: Config) -> Config:
     _check(sel.history_stages >= 0, "selection.history_stages", sel.history_stages, "an integer >= 0")
     _check(sel.neg_threshold < sel.pos_threshold, "selection.neg_threshold", sel.neg_threshold,
            f"a number < selection.pos_threshold={sel.pos_threshold}")
-    for name in ("lr", "adam_eps"):
+    for name in ("lr", "adam_eps", "clip_range", "adv_clip"):
         _check(getattr(t, name) > 0, f"train.{name}", getattr(t, name), "a number > 0")
-    for name in ("weight_decay", "max_grad_norm", "clip_range", "adv_clip", "pos_weight", "neg_weight"):
+    for name in ("weight_decay", "max_grad_norm", "pos_weight", "neg_weight"):
         _check(getattr(t, name) >= 0, f"train.{name}", getattr(t, name), "a number >= 0")
     for name in ("adam_beta1", "adam_beta2"):
         _check(0 <= getattr(t, name) < 1, f"train.{name}", getattr(t, name), "a number in [0, 1)")

@@ -32,6 +32,8 @@ def test_yaml_round_trip_and_overrides(tmp_path):
     (["--train.lr", "abc"], "train.lr"),
     (["--train.lr", "-1"], "train.lr"),
     (["--train.lr", "inf"], "train.lr"),
+    (["--train.clip_range", "0"], "train.clip_range"),
+    (["--train.adv_clip", "0"], "train.adv_clip"),
     (["--seed", "-1"], "seed"),
     (["--seed", str(2 ** 64)], "seed"),
     (["--train.nope", "1"], "train.nope"),
