@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from b2fast.policy import LoraMismatchError
-from b2fast.utils import atomic_write_text
+from b2fast.utils import atomic_write_text, default_mode
 
 STATE_NAME = "trainer_state.pt"
 LATEST = "latest"
@@ -53,13 +53,14 @@ def set_rng_state(state: dict) -> None:
 
 def _write_folder(folder: Path, fill) -> Path:
     """Call ``fill(tmp)`` on a temporary sibling folder, then put it in place of ``folder``."""
-    from b2fast.utils import default_mode
-
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        os.chmod(tmp, default_mode(folder=True))  # mkdtemp makes 0o700; a folder normally gets 0o777 - umask
         fill(tmp)
+        # the usual modes (mkdtemp makes 0o700, and some writers, e.g. safetensors, 0o600 files)
+        os.chmod(tmp, default_mode(folder=True))
+        for path in tmp.rglob("*"):
+            os.chmod(path, default_mode(folder=path.is_dir()))
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

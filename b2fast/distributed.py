@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -94,9 +95,9 @@ def init(device: torch.device, backend: str = "auto", timeout_s: float = 1800.0,
         backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, rank=world.rank, world_size=world.size,
-                            timeout=datetime.timedelta(seconds=timeout_s),
-                            device_id=device if backend == "nccl" else None)
+    _collective(world, "joining the process group", dist.init_process_group, backend, rank=world.rank,
+                world_size=world.size, timeout=datetime.timedelta(seconds=timeout_s),
+                device_id=device if backend == "nccl" else None)
     return world
 
 
@@ -105,12 +106,20 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def _first_words(message: str, limit: int = 160) -> str:
+    """The first line of a backend's error, without its ``[source/file.cc:123]`` prefix, cut at a
+    word boundary."""
+    first = (message.strip().splitlines() or [""])[0]
+    first = re.sub(r"^\[[^\]]*:\d+\]\s*", "", first)
+    return first if len(first) <= limit else first[:limit].rsplit(" ", 1)[0] + " …"
+
+
 def _collective(world: World, what: str, fn, *args, **kwargs):
     """Run one collective; any failure becomes a one-line :class:`CollectiveError`."""
     try:
         return fn(*args, **kwargs)
     except Exception as exc:  # gloo/NCCL raise RuntimeError or DistBackendError subclasses
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        first = _first_words(str(exc)) or type(exc).__name__
         raise CollectiveError(
             f"rank {world.rank}/{world.size}: {what} failed ({first}); another rank probably "
             "crashed or stalled (see its log), or the collective timed out (distributed.timeout_s)"

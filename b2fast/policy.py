@@ -33,6 +33,18 @@ class LoraMismatchError(ValueError):
     """LoRA weights of another rank or other target modules than this policy's adapter."""
 
 
+def hide_loading_progress() -> None:
+    """No "Loading weights" bars from diffusers / transformers / the hub (ranks other than 0, or
+    ``log.progress: false``)."""
+    import diffusers.utils.logging
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
 def resolve_model_path(path: str) -> str:
     """Map ``b2fast:tiny-sd`` to its built folder; check a local folder's layout up front."""
     if path == TINY_SD:

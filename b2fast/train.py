@@ -12,6 +12,7 @@ Bad values stop the run before any model loads, with a one-line message naming t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -47,72 +48,76 @@ def parse_config(argv: list[str]):
     args, overrides = parser.parse_known_args(argv)
     if args.out is not None and not args.out.strip():
         raise ConfigError("--out: empty; give an output folder")
-    run = run_folder(args.resume) if args.resume else None
-    run_config = run / "config.yaml" if run else None
-    resuming_own_config = not args.config and run_config is not None and run_config.is_file()
+    run = run_folder(args.resume) if args.resume else None  # a run folder, when it is one
     if args.config:
         config_file = Path(args.config)
-    elif resuming_own_config:
-        config_file = run_config  # continue with the run's own config
+    elif run is not None and (run / "config.yaml").is_file():
+        config_file = run / "config.yaml"  # continue with the run's own config
     else:
         config_file = preset_path(DEFAULT_PRESET)
     cfg = load_yaml(config_file)
     apply_overrides(cfg, overrides)
     if args.out:
         cfg.out = args.out
-    elif resuming_own_config:
-        cfg.out = str(run)
+    elif run is not None:
+        cfg.out = str(run)  # a resumed run goes on writing into its own folder
     return validate(cfg), args.resume
 
 
-def run_folder(resume: str) -> Path:
-    """The run folder of ``--resume``: the folder itself, or the run above a checkpoint folder
-    (``RUN/checkpoints/stage-NNNNNN``)."""
+def run_folder(resume: str) -> Path | None:
+    """The run folder of ``--resume``: the folder itself when it holds ``checkpoints/``, or the run
+    above a checkpoint folder (``RUN/checkpoints/stage-NNNNNN``); None for a lone checkpoint."""
     path = Path(resume)
-    return path.parent.parent if path.parent.name == "checkpoints" else path
+    if path.parent.name == "checkpoints":
+        return path.parent.parent
+    return path if (path / "checkpoints").is_dir() else None
+
+
+def _error(message: str) -> None:
+    """One line on stderr; under torchrun it says which rank (``rank i/W:``) unless it does."""
+    rank, size = os.environ.get("RANK", "0"), int(os.environ.get("WORLD_SIZE", "1"))
+    prefix = f"rank {rank}/{size}: " if size > 1 and not message.startswith("rank ") else ""
+    print(f"error: {prefix}{message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg, resume = parse_config(argv)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except ConfigError as exc:  # the same on every rank: rank 0 says it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     from b2fast import backends, distributed, ops
     from b2fast.trainer import Trainer
 
     try:
         world = distributed.world_from_env()
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-    if cfg.backend != "auto":  # else B2FAST_BACKEND, if set, or the best available per op
-        try:
+        if cfg.backend != "auto":  # else B2FAST_BACKEND, if set, or the best available per op
             ops.set_backend(cfg.backend, by="the config field `backend`",
                             device=distributed.resolve_device(cfg.device, world))
-        except (RuntimeError, ValueError) as exc:  # an unusable backend, or device
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+    except (RuntimeError, ValueError) as exc:  # a bad launch environment, backend or device
+        _error(str(exc))
+        return 2
     if world.is_main:
         print(f"b2fast: backends {backends()}" + (f", {world.size} ranks" if world.distributed else ""))
     try:
         try:
             trainer = Trainer(cfg, resume=resume)
         except ValueError as exc:  # bad model path, reward, prompts or checkpoint: one line, no traceback
-            print(f"error: {exc}", file=sys.stderr)
+            _error(str(exc))
             return 2
         trainer.run()
     except distributed.CollectiveError as exc:  # another rank failed: say so in one line, do not hang
-        print(f"error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 1
-    except ValueError as exc:  # found mid-run (a reward's output, diverged weights): one line
-        print(f"error: {exc}; the last complete checkpoint is kept in {cfg.out}", file=sys.stderr)
+    except ValueError as exc:  # found mid-run (a reward's failure, diverged weights): one line
+        _error(f"{exc}; the last complete checkpoint is kept in {cfg.out}")
         return 1
     except KeyboardInterrupt:
-        print(f"interrupted; the last complete checkpoint is kept: continue with --resume {cfg.out}",
-              file=sys.stderr)
+        if world.is_main:
+            print(f"interrupted; the last complete checkpoint is kept: continue with --resume {cfg.out}",
+                  file=sys.stderr)
         return 130
     finally:
         distributed.shutdown()

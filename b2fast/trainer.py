@@ -26,7 +26,7 @@ from b2fast.config import Config, TrainConfig, differences, dump_yaml, to_dict, 
 from b2fast.evaluation import EvalRow, default_eval_sets, evaluate_sets, format_rows
 from b2fast.outputs import (TensorBoardLogger, log_metrics, log_samples, plot_reward_curve, save_grid,
                             truncate_metrics)
-from b2fast.policy import Policy
+from b2fast.policy import Policy, hide_loading_progress
 from b2fast.prompts import load_prompts
 from b2fast.rewards import build_reward
 from b2fast.sampling import TrajectoryBatch, sample_branches
@@ -70,6 +70,8 @@ class Trainer:
             raise ValueError(f"sampling.batches_per_stage: got {cfg.sampling.batches_per_stage}, expected at "
                              f"least one batch per rank ({self.world.size} ranks)")
         self.device = distributed.resolve_device(cfg.device, self.world)
+        if not (cfg.log.progress and self.world.is_main):
+            hide_loading_progress()
         distributed.init(self.device, cfg.distributed.backend, cfg.distributed.timeout_s, self.world)
         self.reward = build_reward(cfg.reward.name, cfg.reward.options, self.device)
         torch.manual_seed(cfg.seed)  # LoRA initialisation

@@ -123,12 +123,29 @@ def test_a_failed_rank_stops_the_other_with_a_clear_error(tiny_sd_path, tmp_path
     finally:
         for p in procs:
             p.kill()
-        procs[1].communicate()
+        _, err1 = procs[1].communicate()
     assert procs[0].returncode == 1, err0[-2000:]
     last = err0.strip().splitlines()[-1]
     assert last.startswith("error: rank 0/2: ") and "another rank" in last, err0[-2000:]
     if failure == "stall":
         assert waited >= 10  # rank 0 waited for the timeout, then gave up instead of hanging
+    else:  # the failing rank says why in one line, naming itself and the reward
+        assert "Traceback" not in err1
+        assert err1.strip().splitlines()[-1].startswith(
+            "error: rank 1/2: reward 'failing_reward:reward' failed on "), err1[-2000:]
+
+
+def test_joining_failures_and_backend_messages_are_one_clean_line(monkeypatch):
+    from b2fast import distributed
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("[/build/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:5306\nmore")
+
+    monkeypatch.setattr(distributed.dist, "init_process_group", refuse)
+    with pytest.raises(distributed.CollectiveError,
+                       match=r"^rank 1/2: joining the process group failed \(Connection closed by peer "):
+        distributed.init(torch.device("cpu"), "gloo", 5.0, World(rank=1, size=2))
+    assert distributed._first_words("word " * 100, limit=20) == "word word word word …"
 
 
 def test_resolve_device_gives_each_rank_its_own_gpu_or_refuses():

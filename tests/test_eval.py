@@ -281,6 +281,7 @@ def test_atomic_write_and_write_folder_give_the_usual_permissions(tmp_path):
     class Policy:
         def save_lora(self, folder):
             atomic_write_text(folder / "weights.txt", "w\n")
+            os.close(os.open(folder / "private.bin", os.O_CREAT | os.O_WRONLY, 0o600))  # as safetensors does
 
     previous = os.umask(0o027)  # not the usual 0o022: the result must follow the umask
     try:
@@ -292,6 +293,7 @@ def test_atomic_write_and_write_folder_give_the_usual_permissions(tmp_path):
     assert stat.S_IMODE((tmp_path / "sub" / "a.txt").stat().st_mode) == 0o640
     assert stat.S_IMODE((tmp_path / "lora").stat().st_mode) == 0o750
     assert stat.S_IMODE((tmp_path / "lora" / "weights.txt").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "lora" / "private.bin").stat().st_mode) == 0o640
     assert current_umask() == previous
 
 

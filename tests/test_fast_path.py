@@ -129,7 +129,8 @@ def test_a_failing_reward_in_the_worker_raises_in_the_caller(reference):
 
     scorer = StageScorer(reference, broken, overlap=True)
     scorer.submit(_sample(reference))
-    with pytest.raises(RuntimeError, match="reward model exploded"):
+    failed = r"reward '.*broken' failed on \d+ images: RuntimeError: reward model exploded"
+    with pytest.raises(ValueError, match=failed):
         scorer.finish()
 
 

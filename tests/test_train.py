@@ -1,5 +1,6 @@
 """The stage loop end to end on a tiny model: CLI, outputs, resume, one-line errors."""
 import json
+import os
 import subprocess
 import sys
 
@@ -127,6 +128,16 @@ def test_bad_input_gives_one_line_error(args, fragment, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_config_errors_are_printed_once_under_torchrun():
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1"}
+    other = subprocess.run([sys.executable, "-m", "b2fast.train", "--train.lr", "-1"], capture_output=True,
+                           text=True, timeout=300, env=env)
+    assert other.returncode == 2 and other.stderr == ""  # rank 0 says it
+    first = subprocess.run([sys.executable, "-m", "b2fast.train", "--train.lr", "-1"], capture_output=True,
+                           text=True, timeout=300, env={**env, "RANK": "0"})
+    assert first.returncode == 2 and first.stderr.strip() == "error: train.lr: got -1.0, expected a number > 0"
+
+
 def test_corrupt_checkpoint_gives_one_line_error(tiny_sd_path, tmp_path):
     out = tmp_path / "run"
     assert main([*TINY, "--schedule.num_stages", "1", "--model.path", tiny_sd_path, "--out", str(out)]) == 0
@@ -148,6 +159,9 @@ def test_checkpoint_folder_resume_new_run_over_old_and_lora_mismatch(tiny_sd_pat
     # resuming from a checkpoint folder continues the run it belongs to (its config and folder)
     cfg, resume = parse_config(["--resume", str(out / "checkpoints" / "stage-000000"), "--schedule.num_stages", "2"])
     assert cfg.out == str(out) and cfg.model.path == tiny_sd_path and cfg.sampling.num_steps == 6
+    # ... also with another config file, whose own `out` names some other folder
+    cfg, _ = parse_config(["--config", str(preset_path("tiny_sd_jpeg.yaml")), "--resume", str(out)])
+    assert cfg.out == str(out) and cfg.model.path == "b2fast:tiny-sd"
 
     # other LoRA shape than the checkpoint's: says which setting, not "corrupt"
     result = _run_cli("--resume", str(out), "--model.lora_rank", "8")

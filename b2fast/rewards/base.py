@@ -97,12 +97,17 @@ def score_images(reward: Reward, images: torch.Tensor, prompts: Sequence[str],
     there were and which reward (``name``, else :func:`reward_label`) gave them.
     """
     n = images.shape[0]
-    scores = torch.as_tensor(reward(images, list(prompts))).detach().to("cpu", torch.float32).reshape(-1)
+    label = name or reward_label(reward)
+    try:
+        scores = torch.as_tensor(reward(images, list(prompts))).detach().to("cpu", torch.float32).reshape(-1)
+    except Exception as exc:  # the user's code or a model: one line naming the reward, cause chained
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"reward {label!r} failed on {n} images: {type(exc).__name__}: {first}") from exc
     if scores.numel() != n:
-        raise ValueError(f"reward returned {scores.numel()} scores for {n} images")
+        raise ValueError(f"reward {label!r} returned {scores.numel()} scores for {n} images")
     bad = ~torch.isfinite(scores)
     if bad.any():
         warnings.warn(f"{int(bad.sum())} non-finite score(s) out of {n} from reward "
-                      f"{name or reward_label(reward)!r} are ignored", RuntimeWarning, stacklevel=2)
+                      f"{label!r} are ignored", RuntimeWarning, stacklevel=2)
         scores = torch.where(bad, torch.full_like(scores, float("nan")), scores)
     return scores
