@@ -264,6 +264,11 @@ class Trainer:
         while the other ranks wait (within ``distributed.timeout_s``)."""
         records = []
         main = self.world.is_main
+        if self.start_stage >= self.cfg.schedule.num_stages:
+            if main:
+                print(f"nothing to do: the run has all {self.cfg.schedule.num_stages} stages; raise "
+                      "--schedule.num_stages to train further")
+            return records
         before = self._evaluation_before() if self.cfg.eval.enabled and main else None
         distributed.barrier(self.world, "waiting for rank 0's evaluation before training")
         stages = range(self.start_stage, self.cfg.schedule.num_stages)

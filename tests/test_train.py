@@ -163,6 +163,11 @@ def test_checkpoint_folder_resume_new_run_over_old_and_lora_mismatch(tiny_sd_pat
     cfg, _ = parse_config(["--config", str(preset_path("tiny_sd_jpeg.yaml")), "--resume", str(out)])
     assert cfg.out == str(out) and cfg.model.path == "b2fast:tiny-sd"
 
+    # a finished run resumed as it is: nothing to do, said so
+    result = _run_cli("--resume", str(out))
+    assert result.returncode == 0 and "nothing to do: the run has all 1 stages" in result.stdout
+    assert (out / "metrics.jsonl").read_text() == metrics
+
     # other LoRA shape than the checkpoint's: says which setting, not "corrupt"
     result = _run_cli("--resume", str(out), "--model.lora_rank", "8")
     assert result.returncode == 2 and "model.lora_rank=4" in result.stderr and "corrupt" not in result.stderr
