@@ -212,7 +212,8 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
     return value
 
 
-def _set(cfg: Config, dotted: str, value: Any) -> None:
+def _resolve(cfg: Config, dotted: str) -> tuple[Any, str, Any]:
+    """(section object, field name, type annotation) of a leaf field; ConfigError if none."""
     node: Any = cfg
     parts = dotted.split(".")
     for i, part in enumerate(parts):
@@ -220,13 +221,17 @@ def _set(cfg: Config, dotted: str, value: Any) -> None:
             where = ".".join(parts[:i]) or "config"
             known = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
             raise ConfigError(f"{dotted}: unknown field {part!r} in {where}; known: {', '.join(known)}")
-        if i == len(parts) - 1:
-            annotation = get_type_hints(type(node))[part]
-            if dataclasses.is_dataclass(annotation):
-                raise ConfigError(f"{dotted}: is a section; set its fields, e.g. {dotted}.<field>")
-            setattr(node, part, _coerce(value, annotation, dotted))
-        else:
+        if i < len(parts) - 1:
             node = getattr(node, part)
+    annotation = get_type_hints(type(node))[parts[-1]]
+    if dataclasses.is_dataclass(annotation):
+        raise ConfigError(f"{dotted}: is a section; set its fields, e.g. {dotted}.<field>")
+    return node, parts[-1], annotation
+
+
+def _set(cfg: Config, dotted: str, value: Any) -> None:
+    node, name, annotation = _resolve(cfg, dotted)
+    setattr(node, name, _coerce(value, annotation, dotted))
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -272,6 +277,7 @@ def apply_overrides(cfg: Config, args: list[str]) -> Config:
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}; overrides look like --train.lr 3e-4")
         key, eq, value = arg[2:].partition("=")
+        _resolve(cfg, key)  # an unknown field is named as such, even without a value
         if not eq:
             if i + 1 >= len(args):
                 raise ConfigError(f"{key}: missing value after --{key}")
