@@ -11,6 +11,7 @@ cheap.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -58,11 +59,15 @@ def create_clip_model(model_name: str, pretrained: str | None, device: str | tor
         raise ValueError(f"reward.options.model_name: unknown open_clip model {model_name!r}; "
                          "see open_clip.list_models() (e.g. 'ViT-H-14')")
     model_name = clip_name_for_tag(model_name, pretrained)
+    previous = logging.root.manager.disable
+    logging.disable(logging.ERROR)  # open_clip also logs the failure it raises: one line is enough
     try:
         model = open_clip.create_model(model_name, pretrained=pretrained, device=device)
     except Exception as exc:  # open_clip raises RuntimeError/OSError/hub errors for one cause
         raise ValueError(f"reward.options: cannot create open_clip model {model_name!r} with "
                          f"pretrained={pretrained!r} ({one_line(exc)}); {_FIX_HINT}") from None
+    finally:
+        logging.disable(previous)
     return model.eval().requires_grad_(False)
 
 
