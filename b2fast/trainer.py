@@ -65,7 +65,7 @@ class Trainer:
         checkpoint = find_checkpoint(resume) if resume else None
         self.world = distributed.world_from_env()
         if self.world.is_main:
-            self._check_out(resume)
+            self._check_out(checkpoint)
         if cfg.sampling.batches_per_stage < self.world.size:
             raise ValueError(f"sampling.batches_per_stage: got {cfg.sampling.batches_per_stage}, expected at "
                              f"least one batch per rank ({self.world.size} ranks)")
@@ -107,11 +107,12 @@ class Trainer:
             for split in ev.splits:
                 load_prompts(name, split, field="eval.prompt_sets")
 
-    def _check_out(self, resume: str | None) -> None:
-        """The output folder must be writable, and not hold an earlier run unless resuming it."""
+    def _check_out(self, checkpoint: Path | None) -> None:
+        """The output folder must be writable, and hold no other run than the one resumed."""
         check_writable(self.out, "out", folder=True)
         holds_run = (self.out / "checkpoints" / "latest").is_file() or (self.out / "metrics.jsonl").is_file()
-        if holds_run and not resume:
+        resumed_here = checkpoint is not None and checkpoint.parent.parent.resolve() == self.out.resolve()
+        if holds_run and not resumed_here:
             raise ValueError(f"out: {str(self.out)!r} already holds a run; continue it with --resume {self.out}, "
                              "or choose another --out")
 

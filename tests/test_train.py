@@ -163,6 +163,12 @@ def test_checkpoint_folder_resume_new_run_over_old_and_lora_mismatch(tiny_sd_pat
     cfg, _ = parse_config(["--config", str(preset_path("tiny_sd_jpeg.yaml")), "--resume", str(out)])
     assert cfg.out == str(out) and cfg.model.path == "b2fast:tiny-sd"
 
+    # resuming one run into another run's folder is refused too
+    other = tmp_path / "other"
+    assert main([*TINY, "--schedule.num_stages", "1", "--model.path", tiny_sd_path, "--out", str(other)]) == 0
+    result = _run_cli("--resume", str(out), "--out", str(other), "--schedule.num_stages", "2")
+    assert result.returncode == 2 and "already holds a run" in result.stderr
+
     # a finished run resumed as it is: nothing to do, said so
     result = _run_cli("--resume", str(out))
     assert result.returncode == 0 and "nothing to do: the run has all 1 stages" in result.stdout
