@@ -30,6 +30,7 @@ from b2fast.utils import LORA_WEIGHTS_NAME, check_writable
 
 DEFAULT_MODEL = "b2fast:toy"
 DEFAULT_SETS = TOY_SETS
+DEFAULT_REWARD = "toy_align"
 DESCRIPTION = """\
 Sample fixed-seed images per prompt from the base weights (and, with --lora, the trained
 weights, same seeds); score them with every --reward; report per prompt set and split the
@@ -60,14 +61,16 @@ def _parser() -> argparse.ArgumentParser:
                         f"the --lora run when it has a config.yaml, else {DEFAULT_MODEL!r})")
     add("--lora", metavar="DIR", help="LoRA folder (holding pytorch_lora_weights.safetensors), checkpoint "
                                       "folder, or run folder of b2fast.train (its lora/, else its latest checkpoint)")
-    add("--prompts", nargs="+", default=list(DEFAULT_SETS), metavar="SET_OR_FILE",
-        help="built-in prompt set names and/or prompt files (default: %(default)s)")
+    add("--prompts", nargs="+", metavar="SET_OR_FILE",
+        help="built-in prompt set names and/or prompt files (default: the sets the --lora run evaluates, "
+             f"from its config.yaml; else {' '.join(DEFAULT_SETS)})")
     add("--splits", nargs="+", default=["train", "test"], metavar="SPLIT",
         help="splits of each set: train, test or all; a file holding one plain list gives it to every split "
              "(default: %(default)s)")
-    add("--reward", nargs="+", default=["toy_align"], metavar="NAME",
+    add("--reward", nargs="+", metavar="NAME",
         help="one or more rewards, each a registered name or 'module:function'; the first one fills the "
-             "score/success fields of eval.json (default: %(default)s)")
+             f"score/success fields of eval.json (default: the --lora run's reward and its options; else "
+             f"{DEFAULT_REWARD})")
     add("--reward-options", default="", metavar="MAPPING",
         help="reward keyword options as a YAML/JSON mapping keyed by reward name, e.g. "
              "'{clipscore: {batch_size: 16}, bertscore: {captioner: ./blip}}' (rewards left out keep "
@@ -103,7 +106,7 @@ def validate_args(a: argparse.Namespace) -> argparse.Namespace:
              "--device", a.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
     for split in a.splits:
         _require(split in ("train", "test", "all"), "--splits", split, "'train', 'test' or 'all'")
-    _require(len(set(a.reward)) == len(a.reward), "--reward", a.reward, "distinct reward names")
+    _require(a.reward is None or len(set(a.reward)) == len(a.reward), "--reward", a.reward, "distinct reward names")
     return a
 
 
@@ -145,8 +148,8 @@ def resolve_lora(path: str) -> Path:
                         "LoRA folder, a checkpoint folder or a run folder of b2fast.train")
 
 
-def run_model_section(lora: Path) -> dict:
-    """The ``model`` section of the run that wrote ``lora`` (run/lora, run/checkpoints/stage-N), or {}."""
+def run_config(lora: Path) -> dict:
+    """The config tree of the run that wrote ``lora`` (run/lora, run/checkpoints/stage-N), or {}."""
     for folder in (lora, lora.parent, lora.parent.parent):
         config = folder / "config.yaml"
         if config.is_file():
@@ -154,14 +157,36 @@ def run_model_section(lora: Path) -> dict:
                 tree = yaml.safe_load(config.read_text(encoding="utf-8"))
             except yaml.YAMLError:
                 return {}
-            model = tree.get("model") if isinstance(tree, dict) else None
-            return model if isinstance(model, dict) else {}
+            return tree if isinstance(tree, dict) else {}
     return {}
+
+
+def _section(tree: dict, name: str) -> dict:
+    section = tree.get(name)
+    return section if isinstance(section, dict) else {}
+
+
+def fill_from_run(args: argparse.Namespace, run: dict) -> dict[str, dict] | None:
+    """--prompts and --reward left out: what the --lora run evaluated and was trained on (its
+    eval.prompt_sets, else its prompt source; its reward), else the toy world's. Returns the
+    run's reward options when its reward is used and --reward-options is empty, else None."""
+    from b2fast.evaluation import default_eval_sets
+
+    source = _section(run, "prompts").get("source")
+    if args.prompts is None:
+        sets = _section(run, "eval").get("prompt_sets") or (default_eval_sets(source) if source else None)
+        args.prompts = list(sets or DEFAULT_SETS)
+    name = _section(run, "reward").get("name")
+    if args.reward is None:
+        args.reward = [name or DEFAULT_REWARD]
+        if name and not args.reward_options.strip():
+            return {name: dict(_section(run, "reward").get("options") or {})}
+    return None
 
 
 def model_config(args: argparse.Namespace, lora: Path | None) -> ModelConfig:
     """--model and --dtype, with the LoRA's rank/alpha/targets (and model) from its run when known."""
-    run = run_model_section(lora) if lora else {}
+    run = _section(run_config(lora), "model") if lora else {}
     keep = ("lora_rank", "lora_alpha", "lora_targets") + (() if args.model else ("path", "revision"))
     cfg = apply_dict(Config(), {"model": {k: run[k] for k in keep if k in run}}).model  # type-checked
     cfg.path = args.model or run.get("path") or DEFAULT_MODEL
@@ -229,7 +254,8 @@ def prepare(argv: list[str]):
     if args.out:  # before any sampling: a run must not end unable to write its results
         check_writable(args.out, "--out", folder=True)
     lora = resolve_lora(args.lora) if args.lora else None
-    options = parse_reward_options(args.reward_options, args.reward)
+    options = fill_from_run(args, run_config(lora) if lora else {}) \
+        or parse_reward_options(args.reward_options, args.reward)
     return args, model_config(args, lora), lora, plan_sets(args), options
 
 
@@ -320,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     from b2fast.evaluation import format_rows
 
     print(f"model {model_cfg.path}" + (f", LoRA {lora}" if lora else "") + f", device {device}, "
-          f"rewards {', '.join(rewards)}")
+          f"rewards {', '.join(rewards)}, prompts {' '.join(args.prompts)}")
     columns = evaluate(args, policy, rewards, trained, plan)
     print(format_rows(columns))
     if args.out:

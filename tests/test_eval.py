@@ -172,6 +172,26 @@ def test_lora_shape_and_model_come_from_its_run(tiny_sd_path, prompt_file, loras
     assert _error_line(capsys).startswith(f"error: --lora: cannot load {str(run / 'lora')!r} into {tiny_sd_path!r}")
 
 
+def test_prompts_and_reward_default_to_the_runs(tiny_sd_path, loras, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "lora").mkdir(parents=True)
+    (run / "lora" / "pytorch_lora_weights.safetensors").write_bytes((loras / "untrained" /
+                                                                     "pytorch_lora_weights.safetensors").read_bytes())
+    config = (f"model:\n  path: {tiny_sd_path}\nprompts:\n  source: color_fruit\n"
+              "reward:\n  name: jpeg_compressibility\n  options: {quality: 70}\n")
+    (run / "config.yaml").write_text(config)
+    common = ["--lora", str(run), "--splits", "train", "--prompts-per-set", "1", "--images-per-prompt", "1",
+              "--num-steps", "2", "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "eval")]) == 0
+    arguments = json.loads((tmp_path / "eval" / "eval.json").read_text())["arguments"]
+    assert arguments["prompts"] == ["color_fruit"] and arguments["reward"] == ["jpeg_compressibility"]
+    # the run's reward options come along (an invalid one shows they are used); --reward overrides
+    (run / "config.yaml").write_text(config.replace("70", "0"))
+    assert main(common) == 2
+    assert "quality: expected an integer in [1, 100], got 0" in _error_line(capsys)
+    assert main([*common, "--reward", "jpeg_incompressibility"]) == 0
+
+
 @pytest.mark.parametrize("extra, fragment", [
     (["--images-per-prompt", "0"], "error: --images-per-prompt: got 0, expected an integer >= 1"),
     (["--lora", "no/such/lora"], "error: --lora: no such folder"),
