@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -251,11 +252,27 @@ def apply_dict(cfg: Config, tree: dict) -> Config:
     return cfg
 
 
-def load_yaml(path: str | Path, cfg: Config | None = None) -> Config:
-    """Read a YAML config over the defaults (or over ``cfg``)."""
+def presets_dir() -> Path:
+    """The presets shipped in the package (``b2fast/configs``)."""
+    return Path(str(resources.files("b2fast") / "configs"))
+
+
+def find_config(path: str | Path) -> Path:
+    """A YAML file, or the name of a shipped preset: ``sd15_clipscore`` or ``sd15_clipscore.yaml``
+    work from any folder."""
     path = Path(path)
+    if path.is_file() or path.parent != Path("."):
+        return path
+    candidates = (presets_dir() / path.name, presets_dir() / f"{path.name}.yaml")
+    return next((c for c in candidates if c.is_file()), path)
+
+
+def load_yaml(path: str | Path, cfg: Config | None = None) -> Config:
+    """Read a YAML config (a file or a shipped preset's name) over the defaults (or over ``cfg``)."""
+    path = find_config(path)
     if not path.is_file():
-        raise ConfigError(f"--config: no such file {str(path)!r}")
+        shipped = ", ".join(sorted(p.stem for p in presets_dir().glob("*.yaml")))
+        raise ConfigError(f"--config: no such file {str(path)!r}; give a YAML file or a shipped preset ({shipped})")
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:

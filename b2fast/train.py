@@ -14,17 +14,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from importlib import resources
 from pathlib import Path
 
-from b2fast.config import ConfigError, apply_overrides, iter_fields, load_yaml, validate
+from b2fast.config import ConfigError, apply_overrides, iter_fields, load_yaml, presets_dir, validate
 
 DEFAULT_PRESET = "default.yaml"
 
 
 def preset_path(name: str) -> Path:
     """A preset shipped in ``b2fast/configs`` (copy one to start your own)."""
-    return Path(str(resources.files("b2fast") / "configs" / name))
+    return presets_dir() / name
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
 def parse_config(argv: list[str]):
     """argv → (validated Config, resume path or None). Raises ConfigError on bad input."""
     parser = _parser()
-    parser.add_argument("--config", help=f"YAML preset (default: the built-in {DEFAULT_PRESET})")
+    parser.add_argument("--config", help="YAML config file, or a shipped preset's name (e.g. sd15_clipscore; "
+                                         f"default: the built-in {DEFAULT_PRESET})")
     parser.add_argument("--out", help="output directory (same as --out in the config)")
     parser.add_argument("--resume", metavar="DIR", help="run folder or checkpoint folder to continue from")
     args, overrides = parser.parse_known_args(argv)
