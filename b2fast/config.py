@@ -90,7 +90,8 @@ class ScheduleConfig:
     kind: str = _f("linear", "interval schedule: 'linear' (equal plateaus), 'constant', or 'module:function'")
     num_stages: int = _f(100, "number of stages N")
     min_interval: int = _f(14, "trained steps L_min at stage 0")
-    max_interval: int = _f(20, "trained steps L_max at the last stage (<= sampling.num_steps)")
+    max_interval: int = _f(20, "trained steps L_max of the last plateau (<= sampling.num_steps); 'linear' reaches "
+                               "it when num_stages >= max_interval - min_interval + 1")
 
 
 @dataclass

@@ -22,6 +22,7 @@ from typing import Mapping
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from b2fast.config import SamplingConfig
 from b2fast.policy import Policy
@@ -174,16 +175,16 @@ def evaluate_prompts(policy: Policy, prompts: list[str], rewards: Reward | Mappi
 
 def evaluate_sets(policy: Policy, sets: list[str], splits: list[str], rewards: Reward | Mapping[str, Reward],
                   cfg: SamplingConfig, n_per_prompt: int, prompts_per_set: int, seed: int,
-                  images_out: dict | None = None) -> list[EvalRow]:
+                  images_out: dict | None = None, progress: bool = False) -> list[EvalRow]:
     """One row per (prompt set, split); ``images_out[(set, split)]`` gets the images if given."""
     rows = []
-    for name in sets:
-        for split in splits:
-            prompts = pick_prompts(load_prompts(name, split), prompts_per_set)
-            metrics, images = evaluate_prompts(policy, prompts, rewards, cfg, n_per_prompt, seed)
-            rows.append(EvalRow(name, split, len(prompts), len(prompts) * n_per_prompt, **metrics))
-            if images_out is not None:
-                images_out[(name, split)] = images
+    for name, split in tqdm([(n, s) for n in sets for s in splits], desc="evaluating", leave=False,
+                            disable=not progress):
+        prompts = pick_prompts(load_prompts(name, split), prompts_per_set)
+        metrics, images = evaluate_prompts(policy, prompts, rewards, cfg, n_per_prompt, seed)
+        rows.append(EvalRow(name, split, len(prompts), len(prompts) * n_per_prompt, **metrics))
+        if images_out is not None:
+            images_out[(name, split)] = images
     return rows
 
 

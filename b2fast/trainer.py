@@ -25,7 +25,7 @@ from b2fast.checkpoint import (TrainerState, find_checkpoint, load_checkpoint, r
 from b2fast.config import Config, TrainConfig, differences, dump_yaml, to_dict, validate
 from b2fast.evaluation import EvalRow, default_eval_sets, evaluate_sets, format_rows
 from b2fast.outputs import (TensorBoardLogger, log_metrics, log_samples, plot_reward_curve, save_grid,
-                            truncate_metrics)
+                            save_prompt_grid, truncate_metrics)
 from b2fast.policy import Policy, hide_loading_progress
 from b2fast.prompts import load_prompts
 from b2fast.rewards import build_reward
@@ -226,14 +226,17 @@ class Trainer:
     # -- before/after evaluation ------------------------------------------------------------------
     def evaluate(self, label: str) -> list[EvalRow]:
         """Alignment table of the current weights (fixed seeds); the first prompt's images of each
-        (set, split) go to ``images/<label>.png``."""
+        (set, split) go to ``images/<label>.png``, one labelled row each."""
         ev = self.cfg.eval
         images: dict = {}
+        if self.progress:
+            tqdm.write(f"evaluating alignment ({label}): {ev.images_per_prompt} images per prompt ...")
         rows = evaluate_sets(self.policy, ev.prompt_sets or default_eval_sets(self.cfg.prompts.source),
                              ev.splits, {self.cfg.reward.name: self.reward}, self.cfg.sampling, ev.images_per_prompt,
-                             ev.prompts_per_set, self.cfg.seed, images)
+                             ev.prompts_per_set, self.cfg.seed, images, progress=self.progress)
         first = torch.cat([v[:ev.images_per_prompt] for v in images.values()])
-        save_grid(self.out / "images" / f"{label}.png", first, columns=ev.images_per_prompt)
+        save_prompt_grid(self.out / "images" / f"{label}.png", first,
+                         [f"{name} {split} ({label})" for name, split in images], ev.images_per_prompt)
         return rows
 
     def _eval_settings(self) -> dict:
@@ -271,6 +274,8 @@ class Trainer:
                       "--schedule.num_stages to train further")
             return records
         before = self._evaluation_before() if self.cfg.eval.enabled and main else None
+        if before is not None:
+            print("alignment before training:\n" + format_rows({"before": before}) + "\n")
         distributed.barrier(self.world, "waiting for rank 0's evaluation before training")
         stages = range(self.start_stage, self.cfg.schedule.num_stages)
         for stage in tqdm(stages, desc="stages", disable=not self.progress):

@@ -89,15 +89,22 @@ def summarise(results: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default="runs/toy_compare")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Any config field of python -m b2fast.train can follow as --section.field VALUE (applied to "
+               "every run, e.g. --eval.images_per_prompt 8). Each run writes OUT/<method>-seed<N>, "
+               "replacing that folder if it exists.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: %(default)s)")
+    parser.add_argument("--out", default="runs/toy_compare", help="output folder (default: %(default)s)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                        help="methods to run (default: all)")
     parser.add_argument("--table-only", action="store_true",
                         help="print the table of OUT/results.json again without running anything")
     args, extra = parser.parse_known_args()
     out = Path(args.out)
     if args.table_only:
+        if not (out / "results.json").is_file():
+            parser.error(f"--table-only: no {out / 'results.json'}; run the comparison first (or give --out)")
         print(summarise(json.loads((out / "results.json").read_text())))
         return
     results = []

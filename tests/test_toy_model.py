@@ -40,7 +40,7 @@ def test_base_alignment_matches_the_model_card(card):
         assert abs(row.score - ref["score"]) <= 2 / row.n_images + 1e-9
 
 
-def test_short_b2diffurl_run_raises_train_reward(tmp_path):
+def test_short_b2diffurl_run_raises_train_reward(tmp_path, capsys):
     cfg = load_yaml(preset_path("default.yaml"))
     apply_overrides(cfg, ["--out", str(tmp_path), "--device", "cpu", "--prompts.source", "toy_attribute",
                           "--schedule.num_stages", "4", "--sampling.batches_per_stage", "2",
@@ -48,6 +48,8 @@ def test_short_b2diffurl_run_raises_train_reward(tmp_path):
                           "--eval.prompts_per_set", "0", "--eval.images_per_prompt", "4",
                           "--log.progress", "false", "--log.grid_every", "0"])
     Trainer(cfg).run()
+    printed = capsys.readouterr().out
+    assert printed.index("alignment before training:") < printed.index("alignment before and after training")
     result = json.loads((tmp_path / "eval.json").read_text())
     before, after = result["before"][0], result["after"][0]
     assert after["score"] > before["score"], (before, after)
