@@ -57,6 +57,7 @@ import torch
 
 import b2fast
 from b2fast import ops
+from b2fast.utils import one_line
 
 NUM_STEPS, ETA, GUIDANCE = 20, 1.0, 5.0  # SD sampling as in the default config
 L2_FLUSH_BYTES = 256 * 2 ** 20            # > any GPU's L2 (H100: 50 MB)
@@ -247,7 +248,7 @@ def _time_backend(case: Case, backend: str, device, args, flush) -> dict:
     except Exception as exc:
         if backend == "torch":
             raise
-        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+        return {"error": one_line(exc)}
 
 
 def progress(line: str) -> None:

@@ -60,6 +60,7 @@ import torch
 
 import b2fast
 from b2fast.bench_kernels import _sig, device_name, progress, resolve_device, summarize, time_calls
+from b2fast.utils import one_line
 
 STAGE_IMAGES = 1280                 # 32 batches × 8 prompts × 5 branches
 BERT_VOCAB = 30522                  # bert-base-uncased, BLIP's text vocabulary
@@ -318,8 +319,7 @@ def _run_case(name: str, images, prompts, device, args, matmul_tflops: float, pr
             case = BUILDERS[name](args, device, Path(tmp))
             record = measure_case(case, images, prompts, device, args, matmul_tflops)
     except Exception as exc:  # OOM, a library's failure: one line, the other rewards still run
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        record = {"reward": name, "error": f"{type(exc).__name__}: {text}"[:300]}
+        record = {"reward": name, "error": one_line(exc, 280)}
         progress(f"{name}: FAILED {record['error']}")
     else:
         progress(f"{name}: {_sig(record['images_per_s'])} images/s, {_sig(record['s_per_1280'])} s per "

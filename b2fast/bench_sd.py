@@ -32,6 +32,7 @@ import b2fast
 from b2fast.bench_kernels import _sig, device_name, progress, resolve_device, summarize, time_calls
 from b2fast.bench_rewards import flop_counter_mode, matmul_ceiling
 from b2fast.config import Config, ModelConfig, to_dict
+from b2fast.utils import one_line
 
 FLOP_CONVENTION = ("FlopCounterMode on one untimed call of the timed function: 2 FLOPs per "
                    "multiply-add of matmuls, convolutions and attention (forward; training also "
@@ -252,8 +253,7 @@ def guarded(what: str, fn: Callable[[], dict], device: torch.device) -> dict:
     try:
         return fn()
     except Exception as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        error = f"{type(exc).__name__}: {text}"[:300]
+        error = one_line(exc, 280)
     progress(f"{what}: FAILED {error}")
     free(device)  # out of the except block: the traceback no longer holds the failed call's tensors
     return {"error": error}

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from b2fast.policy import LoraMismatchError
-from b2fast.utils import atomic_write_text, default_mode
+from b2fast.utils import atomic_write_text, default_mode, one_line
 
 STATE_NAME = "trainer_state.pt"
 LATEST = "latest"
@@ -118,7 +118,6 @@ def load_checkpoint(path: str | os.PathLike, policy) -> tuple[Path, TrainerState
                               f"used model.lora_rank={model.get('lora_rank')} and model.lora_targets="
                               f"{model.get('lora_targets')}: resume with the same") from None
     except Exception as exc:  # any unreadable file is the same problem to the user
-        reason = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise CheckpointError(f"--resume: checkpoint {str(ckpt)!r} is corrupt or incomplete "
-                              f"({type(exc).__name__}: {reason}); resume from an earlier checkpoint folder") from None
+                              f"({one_line(exc)}); resume from an earlier checkpoint folder") from None
     return ckpt, state

@@ -27,6 +27,8 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from b2fast.utils import first_line
+
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -109,9 +111,7 @@ def shutdown() -> None:
 def _first_words(message: str, limit: int = 160) -> str:
     """The first line of a backend's error, without its ``[source/file.cc:123]`` prefix, cut at a
     word boundary."""
-    first = (message.strip().splitlines() or [""])[0]
-    first = re.sub(r"^\[[^\]]*:\d+\]\s*", "", first)
-    return first if len(first) <= limit else first[:limit].rsplit(" ", 1)[0] + " …"
+    return first_line(re.sub(r"^\[[^\]]*:\d+\]\s*", "", message.strip()), limit)
 
 
 def _collective(world: World, what: str, fn, *args, **kwargs):

@@ -26,7 +26,7 @@ import yaml
 
 from b2fast.config import DTYPES, Config, ModelConfig, SamplingConfig, apply_dict
 from b2fast.prompts import TOY_SETS
-from b2fast.utils import LORA_WEIGHTS_NAME, check_writable
+from b2fast.utils import LORA_WEIGHTS_NAME, check_writable, first_line
 
 DEFAULT_MODEL = "b2fast:toy"
 DEFAULT_SETS = TOY_SETS
@@ -310,7 +310,7 @@ def load_models(args, model_cfg: ModelConfig, lora: Path | None, options: dict[s
     try:
         policy.load_lora(lora)
     except Exception as exc:  # mismatched or corrupt weights are the same problem to the user
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc, 160) or type(exc).__name__
         raise ArgumentError(f"--lora: cannot load {str(lora)!r} into {model_cfg.path!r} ({reason})") from None
     trained = policy.lora_state_dict()
     policy.load_lora_state_dict(base)

@@ -17,7 +17,7 @@ from b2fast.config import ModelConfig
 from b2fast.cuda_graphs import CapturedCalls
 from b2fast.reference.ddim import SQRT_1M_AB, SQRT_AB
 from b2fast.schedule import StepTable, build_step_table
-from b2fast.utils import LORA_WEIGHTS_NAME
+from b2fast.utils import LORA_WEIGHTS_NAME, first_line
 
 TINY_SD = "b2fast:tiny-sd"
 TOY = "b2fast:toy"  # the pretrained toy-world model shipped inside the package
@@ -71,7 +71,7 @@ def _load(cls, path: str, subfolder: str, **kwargs):
     try:
         return cls.from_pretrained(path, subfolder=subfolder, **kwargs)
     except (OSError, ValueError, EnvironmentError) as exc:
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc) or type(exc).__name__
         raise ModelLoadError(f"model.path: cannot load {subfolder}/ from {path!r} ({reason}); check the "
                              "path or hub id, and that the weights are downloaded") from None
 
@@ -86,7 +86,7 @@ def _set_attention(modules: list[torch.nn.Module], choice: str, device: torch.de
             return "xformers"
         except Exception as exc:  # not installed, no CUDA, or built for another torch
             if choice == "xformers":
-                reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+                reason = first_line(exc, 160) or type(exc).__name__
                 raise ModelLoadError(f"model.attention: xformers is not usable here ({reason}); "
                                      "use 'sdpa' or 'auto'") from None
     from diffusers.models.attention_processor import AttnProcessor2_0

@@ -28,6 +28,18 @@ def load_callable(spec: str, field: str) -> Callable:
     return fn
 
 
+def first_line(message: object, limit: int = 200) -> str:
+    """The first line of ``message`` (an exception or text), cut at a word to at most ``limit``
+    characters: the reason part of a one-line error ('' when there is none)."""
+    text = (str(message).strip().splitlines() or [""])[0]
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " …"
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``: for one-line errors about a library's failure."""
+    return f"{type(exc).__name__}: {first_line(exc, limit)}"
+
+
 def current_umask() -> int:
     """The process umask, read without changing it where the OS allows (Linux: /proc), so other
     threads never see a temporarily cleared umask; elsewhere set-and-restore."""

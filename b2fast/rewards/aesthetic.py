@@ -18,7 +18,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from b2fast.rewards.base import one_line, register_reward
+from b2fast.rewards.base import register_reward
+from b2fast.utils import one_line
 from b2fast.rewards.clipscore import CLIPScore, clipscore
 
 HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"

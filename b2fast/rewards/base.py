@@ -12,7 +12,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from b2fast.utils import load_callable
+from b2fast.utils import load_callable, one_line
 
 
 class Reward(Protocol):
@@ -21,13 +21,6 @@ class Reward(Protocol):
 
 RewardFactory = Callable[..., Reward]
 _REGISTRY: dict[str, RewardFactory] = {}
-
-
-def one_line(exc: BaseException, limit: int = 200) -> str:
-    """``Type: first line of the message`` (shortened): for one-line errors about a library's failure."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}"
 
 
 def check_reward_inputs(images: torch.Tensor, prompts: Sequence[str]) -> None:
@@ -101,8 +94,7 @@ def score_images(reward: Reward, images: torch.Tensor, prompts: Sequence[str],
     try:
         scores = torch.as_tensor(reward(images, list(prompts))).detach().to("cpu", torch.float32).reshape(-1)
     except Exception as exc:  # the user's code or a model: one line naming the reward, cause chained
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"reward {label!r} failed on {n} images: {type(exc).__name__}: {first}") from exc
+        raise ValueError(f"reward {label!r} failed on {n} images: {one_line(exc)}") from exc
     if scores.numel() != n:
         raise ValueError(f"reward {label!r} returned {scores.numel()} scores for {n} images")
     bad = ~torch.isfinite(scores)

@@ -20,7 +20,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from b2fast.rewards.base import check_reward_inputs, one_line, register_reward
+from b2fast.rewards.base import check_reward_inputs, register_reward
+from b2fast.utils import one_line
 
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-large"
 DEFAULT_SCORER = "roberta-large"

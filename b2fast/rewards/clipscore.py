@@ -18,7 +18,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from b2fast.rewards.base import check_reward_inputs, one_line, register_reward
+from b2fast.rewards.base import check_reward_inputs, register_reward
+from b2fast.utils import one_line
 
 PRECISIONS = ("float32", "bfloat16", "float16")
 _FIX_HINT = ("pre-download the weights into the Hugging Face cache on a machine with internet, or "

@@ -19,7 +19,8 @@ from typing import Any, Sequence
 
 import torch
 
-from b2fast.rewards.base import Reward, build_reward, one_line, register_reward
+from b2fast.rewards.base import Reward, build_reward, register_reward
+from b2fast.utils import first_line, one_line
 
 _TERM_KEYS = ("name", "weight", "options")
 _TERMS_HELP = ("expected a non-empty list of {name, weight, options} mappings or a mapping "
@@ -69,8 +70,7 @@ def _build_term(label: str, name: str, options: dict, device: str | torch.device
     try:
         return build_reward(name, options, device)
     except Exception as exc:  # a term may fail in any way; the run must stop here, in one line
-        message = str(exc).strip().splitlines()[0] if isinstance(exc, ValueError) and str(exc).strip() \
-            else one_line(exc)
+        message = first_line(exc, 1000) if isinstance(exc, ValueError) and first_line(exc) else one_line(exc)
         field, sep, rest = message.partition(":")
         if sep and " " not in field and field.split(".")[:2] in (["reward", "options"], ["reward", "name"]):
             # "reward.options.quality: ..." -> "reward.options.terms[0].options.quality (jpeg...): ..."
