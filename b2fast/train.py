@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return 2
     from b2fast import backends, distributed, ops
-    from b2fast.trainer import Trainer
+    from b2fast.run.trainer import Trainer
 
     try:
         world = distributed.world_from_env()

@@ -4,7 +4,7 @@
     pytest benchmarks/ --benchmark-only --benchmark-group-by=group
 
 Each group pairs the b2fast path with the baseline of ``python -m b2fast.bench`` (the same
-functions: b2fast.bench_sample.baseline_sample, b2fast.bench_train.baseline_update) on the tiny
+functions: b2fast.bench.sample.baseline_sample, b2fast.bench.train.baseline_update) on the tiny
 test model, in float32 on the CPU (or the GPU when one is visible): a branch-sampling batch,
 VAE decoding of its images, and one optimizer step of the LoRA update. The tiny model makes
 these regression timings of the Python and kernel-launch overhead, not of the UNet's matmuls;
@@ -18,13 +18,13 @@ import dataclasses
 import pytest
 import torch
 
-from b2fast import bench_sd
-from b2fast.bench import QUICK_CONFIG
-from b2fast.bench_sample import baseline_sample
-from b2fast.bench_train import baseline_update, synthetic_trajectories
+from b2fast.bench import sd as bench_sd
+from b2fast.bench.cli import QUICK_CONFIG
+from b2fast.bench.sample import baseline_sample
+from b2fast.bench.train import baseline_update, synthetic_trajectories
 from b2fast.config import Config, apply_overrides
-from b2fast.sampling import sample_branches
-from b2fast.update import make_optimizer, policy_update
+from b2fast.core.sampling import sample_branches
+from b2fast.core.update import make_optimizer, policy_update
 
 INTERVAL = 4
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from b2fast.config import apply_overrides, load_yaml
 from b2fast.train import preset_path
-from b2fast.trainer import Trainer
+from b2fast.run.trainer import Trainer
 from b2fast.utils import atomic_write_text
 
 METHODS = {

@@ -1,7 +1,7 @@
 """Triton kernels of b2fast, one op per file (``kernels/<op>.py``), installed as ``b2fast.kernels``.
 
 Only :mod:`b2fast.ops` imports them; each is tested against its reference in
-:mod:`b2fast.reference` (on CPU under ``TRITON_INTERPRET=1``).
+:mod:`b2fast.ops.reference` (on CPU under ``TRITON_INTERPRET=1``).
 
 Entry points: ``ddim_step.ddim_step_with_logprob``, ``ddim_logprob.ddim_logprob_forward``,
 ``ddim_logprob.ddim_logprob_backward`` and ``branch_fork.branch_fork_out``; ``_common`` holds

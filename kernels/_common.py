@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from b2fast.reference.ddim import TABLE_COLUMNS
+from b2fast.ops.reference.ddim import TABLE_COLUMNS
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 HALF_LOG_2PI: tl.constexpr = tl.constexpr(0.5 * math.log(2.0 * math.pi))

@@ -1,4 +1,4 @@
-"""Triton kernel of the branch fork (spec: b2fast.reference.branch_fork): trunk latents
+"""Triton kernel of the branch fork (spec: b2fast.ops.reference.branch_fork): trunk latents
 (P, ...) → K adjacent branches each, written into preallocated buffers.
 
 Each (trunk, chunk) program reads its chunk once and writes it K times, cast to the cache dtype

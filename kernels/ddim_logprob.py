@@ -1,4 +1,4 @@
-"""Triton kernels of the training log-prob (spec: b2fast.reference.ddim.ddim_logprob) and of
+"""Triton kernels of the training log-prob (spec: b2fast.ops.reference.ddim.ddim_logprob) and of
 its gradient w.r.t. both ε halves.
 
 Forward: per (sample, chunk) program, μ from the current ε-prediction, then the log-density of

@@ -1,5 +1,5 @@
 """Triton kernel of the fused DDIM sampling step with log-prob (spec:
-b2fast.reference.ddim.ddim_step_with_logprob; CPU twin: csrc/ddim_step.cpp).
+b2fast.ops.reference.ddim.ddim_step_with_logprob; CPU twin: csrc/ddim_step.cpp).
 
 One pass over the inputs per (sample, chunk) program, in the compute dtype:
     ε̂ = ε_u + w(ε_c − ε_u) → x̂0 (optionally clamped) → μ → x' = μ + σz, stored in the cache dtype

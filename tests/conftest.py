@@ -27,7 +27,7 @@ def tiny_sd_path(tmp_path_factory):
 @pytest.fixture()
 def tiny_policy(tiny_sd_path):
     from b2fast.config import ModelConfig
-    from b2fast.policy import Policy
+    from b2fast.core.policy import Policy
 
     torch.manual_seed(0)
     cfg = ModelConfig(path=tiny_sd_path, dtype="float32")

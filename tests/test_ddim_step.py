@@ -13,8 +13,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from b2fast import ops, reference
-from b2fast.schedule import build_step_table
+from b2fast import ops
+from b2fast.ops import reference
+from b2fast.core.schedule import build_step_table
 
 OP = "ddim_step_with_logprob"
 LIVE = ops.available_backends(OP, "cpu")
@@ -67,7 +68,7 @@ def rel_err(actual: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 def schedule(num_steps: int, eta: float, table_dtype=torch.float64):
-    """(step table from b2fast.schedule, ᾱ_t and ᾱ_t' per step straight from diffusers' ᾱ)."""
+    """(step table from b2fast.core.schedule, ᾱ_t and ᾱ_t' per step straight from diffusers' ᾱ)."""
     sched = DDIMScheduler(**SD)
     steps = build_step_table(sched, num_steps, eta)
     ab = sched.alphas_cumprod.double()

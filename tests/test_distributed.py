@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from b2fast.distributed import World, resolve_device
-from b2fast.stage_table import gather_stage_table
+from b2fast.run.stage_table import gather_stage_table
 from b2fast.train import preset_path
 
 # One stage of 4 batches (2 per rank); a fixed interval so the schedule ignores num_stages.
@@ -164,7 +164,7 @@ def test_world_shards_batches_round_robin():
 
 def test_stage_table_of_one_process_is_its_batch():
     """A single rank's table is its own batch: global row = local row, groups as in cat."""
-    from b2fast.sampling import TrajectoryBatch
+    from b2fast.core.sampling import TrajectoryBatch
 
     def fake_batch(prompts, n_groups):
         n = len(prompts)

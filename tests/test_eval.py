@@ -10,11 +10,11 @@ import textwrap
 import pytest
 import torch
 
-import b2fast.eval
-import b2fast.evaluation
+import b2fast.eval.cli
+import b2fast.eval.evaluator
 import b2fast.rewards
-from b2fast.eval import main, parse_reward_options, resolve_lora
-from b2fast.evaluation import EvalRow, image_features, image_diversity, mean_pairwise_distance
+from b2fast.eval.cli import main, parse_reward_options, resolve_lora
+from b2fast.eval.evaluator import EvalRow, image_features, image_diversity, mean_pairwise_distance
 from b2fast.utils import atomic_write_text, current_umask
 
 ROWS = ("score", "success", "diversity", "vendi")
@@ -34,7 +34,7 @@ def _one_thread():
 def loras(tiny_sd_path, tmp_path_factory):
     """An untrained LoRA (B = 0) and one with noise added to every LoRA weight."""
     from b2fast.config import ModelConfig
-    from b2fast.policy import Policy
+    from b2fast.core.policy import Policy
 
     root = tmp_path_factory.mktemp("loras")
     torch.manual_seed(1)
@@ -85,8 +85,8 @@ def sampled(monkeypatch):
         calls.append((list(prompts), real(policy, prompts, cfg, generator)))
         return calls[-1][1]
 
-    real = b2fast.evaluation.generate
-    monkeypatch.setattr(b2fast.evaluation, "generate", generate)
+    real = b2fast.eval.evaluator.generate
+    monkeypatch.setattr(b2fast.eval.evaluator, "generate", generate)
     return calls
 
 
@@ -227,7 +227,7 @@ def no_models(monkeypatch):
     """Fails the test if eval gets as far as loading a model (a check came too late)."""
     def load_models(*args, **kwargs):
         raise AssertionError("a model was loaded before the argument check")
-    monkeypatch.setattr(b2fast.eval, "load_models", load_models)
+    monkeypatch.setattr(b2fast.eval.cli, "load_models", load_models)
 
 
 def test_bad_out_fails_before_any_model_loads(tiny_sd_path, prompt_file, tmp_path, capsys, no_models):
@@ -296,7 +296,7 @@ def test_all_nan_reward_writes_strict_json_and_an_evaluation_warning(tiny_sd_pat
 def test_atomic_write_and_write_folder_give_the_usual_permissions(tmp_path):
     """mkstemp / mkdtemp make 0o600 / 0o700 (unreadable by the group on a shared cluster); the
     final file / folder gets 0o666 / 0o777 minus the umask, as open() / mkdir() would give."""
-    from b2fast.checkpoint import save_lora_folder
+    from b2fast.run.checkpoint import save_lora_folder
 
     class Policy:
         def save_lora(self, folder):
@@ -323,7 +323,7 @@ def test_help_exits_zero(capsys):
 
 
 def test_vendi_score_counts_distinct_samples():
-    from b2fast.evaluation import mean_vendi, vendi_score
+    from b2fast.eval.evaluator import mean_vendi, vendi_score
 
     same = torch.randn(1, 16).repeat(5, 1)
     assert vendi_score(same) == pytest.approx(1.0, abs=1e-9)          # five copies: one sample
@@ -393,7 +393,7 @@ def test_rows_without_reward_names_read_as_score_and_success():
                     successes={"toy_align": 0.25})
     assert named.reward_cells() == [("toy_align", 0.5), ("toy_align_success", 0.25), ("jpeg", -3.0)]
     assert EvalRow(**named.as_dict()) == named
-    text = b2fast.evaluation.format_rows({"before": [legacy], "after": [legacy]})
+    text = b2fast.eval.evaluator.format_rows({"before": [legacy], "after": [legacy]})
     assert text.splitlines()[0].split()[3:] == ["before", "score", "success", "divers.", "vendi",
                                                 "after", "score", "success", "divers.", "vendi"]
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from b2fast.config import ModelConfig, SamplingConfig
-from b2fast.policy import ModelLoadError, Policy
+from b2fast.core.policy import ModelLoadError, Policy
 from b2fast.rewards import score_images
-from b2fast.sampling import sample_branches
-from b2fast.scoring import StageScorer
+from b2fast.core.sampling import sample_branches
+from b2fast.run.scoring import StageScorer
 
 
 def _policy(path, **options):
@@ -173,7 +173,7 @@ def test_cuda_graph_replay_equals_eager_and_sees_in_place_lora_updates(tiny_sd_p
 
 
 def test_micro_batch_from_free_memory():
-    from b2fast.update import MAX_MICRO_BATCH, micro_batch_for_memory
+    from b2fast.core.update import MAX_MICRO_BATCH, micro_batch_for_memory
 
     gib = 2 ** 30
     assert micro_batch_for_memory(10 * gib, 1 * gib) == 8            # 80% of 10 GiB at 1 GiB per pair
@@ -183,8 +183,8 @@ def test_micro_batch_from_free_memory():
 
 def test_automatic_micro_batch_is_resolved_once_per_run(tiny_sd_path, tmp_path):
     from b2fast.config import Config, ConfigError, apply_overrides, validate
-    from b2fast.trainer import Trainer
-    from b2fast.update import AUTO_MICRO_BATCH_CPU
+    from b2fast.run.trainer import Trainer
+    from b2fast.core.update import AUTO_MICRO_BATCH_CPU
 
     cfg = apply_overrides(Config(), ["--model.path", tiny_sd_path, "--reward.name", "jpeg_compressibility",
                                      "--device", "cpu", "--train.micro_batch", "0", "--out", str(tmp_path)])
@@ -200,7 +200,7 @@ def test_lora_updates_keep_parameter_storage(tiny_sd_path):
     """What keeps captured CUDA graphs valid across stages: the optimizer step and a LoRA load
     write into the parameters' existing storage, never new tensors."""
     from b2fast.config import TrainConfig
-    from b2fast.update import make_optimizer
+    from b2fast.core.update import make_optimizer
 
     policy = _policy(tiny_sd_path)
     params = policy.lora_parameters()

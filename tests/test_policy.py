@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from b2fast.config import ModelConfig
-from b2fast.policy import ModelLoadError, Policy, resolve_model_path
+from b2fast.core.policy import ModelLoadError, Policy, resolve_model_path
 
 
 def test_lora_is_trainable_fp32_and_starts_as_the_base_model(tiny_policy):
@@ -109,7 +109,7 @@ def test_v_prediction_model_steps_like_diffusers(tiny_sd_path, tmp_path):
 
     from diffusers import DDIMScheduler
 
-    from b2fast.reference.ddim import ddim_mean
+    from b2fast.ops.reference.ddim import ddim_mean
 
     folder = tmp_path / "v-model"
     shutil.copytree(tiny_sd_path, folder)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from b2fast.algorithms import LOSSES, advantage_weights, get_loss, ppo_clip_loss
+from b2fast.core.objectives import LOSSES, advantage_weights, get_loss, ppo_clip_loss
 
 EPS = 0.1
 

@@ -198,7 +198,7 @@ def test_openai_tags_get_the_quickgelu_model_they_were_trained_with():
 def test_vendi_uses_the_clip_rewards_image_embeddings(tiny_clipscore):
     """With a CLIP reward, diversity features are its unit-norm image embeddings (semantic
     diversity); copies of one image count as one distinct image."""
-    from b2fast.evaluation import diversity_features, mean_vendi
+    from b2fast.eval.evaluator import diversity_features, mean_vendi
 
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     features = diversity_features(tiny_clipscore, images)

@@ -82,7 +82,7 @@ def test_aesthetic_is_batch_size_invariant(tiny_aesthetic):
 
 def test_aesthetic_diversity_features_are_its_clip_embeddings(tiny_aesthetic):
     """Evaluation measures diversity on the embeddings the head reads (cosine distance)."""
-    from b2fast.evaluation import diversity_features, embedding_reward
+    from b2fast.eval.evaluator import diversity_features, embedding_reward
 
     images = _images(3, seed=8)
     assert embedding_reward({"jpeg": build_reward("jpeg_compressibility"), "aesthetic": tiny_aesthetic}) \

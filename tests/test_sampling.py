@@ -4,7 +4,7 @@ import torch
 
 from b2fast import ops
 from b2fast.config import SamplingConfig
-from b2fast.sampling import TrajectoryBatch, sample_branches
+from b2fast.core.sampling import TrajectoryBatch, sample_branches
 
 
 def _sample(policy, prompts=("a cat", "a dog"), interval=4, branches=3, seed=0, **kw):
@@ -87,7 +87,7 @@ def test_on_policy_ratio_is_one_on_the_fast_path(tiny_sd_path):
     """Channels-last sampling, then the training path's re-evaluation with autograd on and
     gradient checkpointing: still ratio = 1."""
     from b2fast.config import ModelConfig
-    from b2fast.policy import Policy
+    from b2fast.core.policy import Policy
 
     torch.manual_seed(0)
     policy = Policy(ModelConfig(path=tiny_sd_path, dtype="float32", channels_last=True), torch.device("cpu"),

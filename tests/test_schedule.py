@@ -4,7 +4,7 @@ from collections import Counter
 import pytest
 import torch
 
-from b2fast.schedule import build_step_table, constant_max, linear_plateaus, resolve_schedule
+from b2fast.core.schedule import build_step_table, constant_max, linear_plateaus, resolve_schedule
 from b2fast.testing.tiny_sd import SD_SCHEDULER
 
 
@@ -25,7 +25,7 @@ def test_schedule_edge_cases():
 
 def test_resolve_schedule_names_and_user_functions():
     assert resolve_schedule("linear") is linear_plateaus
-    assert resolve_schedule("b2fast.schedule:constant_max") is constant_max
+    assert resolve_schedule("b2fast.core.schedule:constant_max") is constant_max
     with pytest.raises(ValueError, match="schedule.kind"):
         resolve_schedule("cosine")
     with pytest.raises(ValueError, match="schedule.kind"):

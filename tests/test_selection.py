@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from b2fast.selection import RewardHistory, normalize, normalize_stage, select
+from b2fast.core.selection import RewardHistory, normalize, normalize_stage, select
 
 
 def t(values):

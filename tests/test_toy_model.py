@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from b2fast.config import ModelConfig, SamplingConfig, apply_overrides, load_yaml
-from b2fast.evaluation import evaluate_sets
-from b2fast.policy import Policy, resolve_model_path
+from b2fast.eval.evaluator import evaluate_sets
+from b2fast.core.policy import Policy, resolve_model_path
 from b2fast.rewards import build_reward
 from b2fast.toy.model import pretrained_path
 from b2fast.train import preset_path
-from b2fast.trainer import Trainer
+from b2fast.run.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 
 from b2fast.config import ConfigError, apply_overrides, load_yaml
 from b2fast.train import main, parse_config, preset_path
-from b2fast.trainer import Trainer
+from b2fast.run.trainer import Trainer
 
 TINY = ["--config", str(preset_path("tiny_sd_jpeg.yaml")), "--sampling.num_steps", "6", "--sampling.branches", "3", "--sampling.prompts_per_batch", "2",
         "--sampling.batches_per_stage", "2", "--schedule.num_stages", "3", "--schedule.min_interval", "2",
@@ -195,7 +195,7 @@ def test_problems_found_at_start_up_before_models_load(tiny_sd_path, tmp_path, m
 
 
 def test_diverged_weights_stop_the_run_before_their_checkpoint(tiny_sd_path, tmp_path, monkeypatch):
-    import b2fast.trainer
+    import b2fast.run.trainer
 
     def diverging_update(policy, *args, **kwargs):
         stats = real_update(policy, *args, **kwargs)
@@ -203,8 +203,8 @@ def test_diverged_weights_stop_the_run_before_their_checkpoint(tiny_sd_path, tmp
             policy.lora_parameters()[0].fill_(float("nan"))
         return stats
 
-    real_update = b2fast.trainer.policy_update
-    monkeypatch.setattr(b2fast.trainer, "policy_update", diverging_update)
+    real_update = b2fast.run.trainer.policy_update
+    monkeypatch.setattr(b2fast.run.trainer, "policy_update", diverging_update)
     trainer = Trainer(_cfg(tiny_sd_path, tmp_path))
     with pytest.raises(ValueError, match="stage 0: the LoRA weights are no longer finite"):
         trainer.run_stage(0)
@@ -212,7 +212,7 @@ def test_diverged_weights_stop_the_run_before_their_checkpoint(tiny_sd_path, tmp
 
 
 def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
-    from b2fast.checkpoint import TrainerState, save_checkpoint
+    from b2fast.run.checkpoint import TrainerState, save_checkpoint
 
     class Policy:
         def save_lora(self, folder):
@@ -259,7 +259,7 @@ def test_help_lists_config_fields():
 
 
 def test_tensorboard_logging_or_a_clear_error(tmp_path):
-    from b2fast.outputs import TensorBoardLogger
+    from b2fast.run.outputs import TensorBoardLogger
     try:
         import tensorboard  # noqa: F401
     except ImportError:

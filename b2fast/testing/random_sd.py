@@ -4,7 +4,7 @@ Benchmarks must measure the FLOPs and memory of the real models, yet must also r
 weights can be downloaded. So :func:`save_random_sd15` builds the five SD 1.x components from their
 published configs (``runwayml/stable-diffusion-v1-5``: UNet 860M, VAE 84M, CLIP ViT-L/14 text
 encoder 123M), saves them in diffusers layout in the model dtype, and a benchmark loads the folder
-through :class:`b2fast.policy.Policy` exactly as a user's checkpoint is loaded. The tokenizer is
+through :class:`b2fast.core.policy.Policy` exactly as a user's checkpoint is loaded. The tokenizer is
 :mod:`b2fast.testing.tiny_sd`'s offline CLIP BPE tokenizer; prompts are padded to 77 tokens, so
 the text encoder's cost is the real one whatever the vocabulary.
 """

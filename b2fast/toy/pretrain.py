@@ -140,9 +140,9 @@ def train(args: argparse.Namespace, device: torch.device, folder: Path) -> dict:
 def measure_alignment(folder: Path, device: torch.device, args: argparse.Namespace) -> list[dict]:
     """toy_align success and score per template and split, with the card's fixed seed."""
     from b2fast.config import ModelConfig, SamplingConfig
-    from b2fast.evaluation import evaluate_sets
+    from b2fast.eval.evaluator import evaluate_sets
     from b2fast.prompts import TOY_SETS
-    from b2fast.policy import Policy
+    from b2fast.core.policy import Policy
     from b2fast.rewards import build_reward
 
     policy = Policy(ModelConfig(path=str(folder), dtype="float32"), device, 20, 1.0)

@@ -14,7 +14,7 @@ import torch
 
 from b2fast import ops
 from b2fast.config import SamplingConfig
-from b2fast.policy import Policy
+from b2fast.core.policy import Policy
 
 
 @dataclass

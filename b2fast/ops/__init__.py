@@ -8,7 +8,7 @@ name       what                                                        serves te
 ``cuda``   CUDA kernels of the compiled extension ``b2fast._C``        cuda
 ``triton`` Triton kernels in ``b2fast.kernels``                       cuda (cpu: tests)
 ``cpp``    C++ CPU kernels of ``b2fast._C``                            cpu
-``torch``  the plain-PyTorch reference (:mod:`b2fast.reference`)      any
+``torch``  the plain-PyTorch reference (:mod:`b2fast.ops.reference`)      any
 =========  ==========================================================  ================
 
 By default each call takes the best backend that has a kernel for the op on the tensors'
@@ -30,7 +30,7 @@ import warnings
 
 import torch
 
-from b2fast import reference
+from b2fast.ops import reference
 
 KNOWN_BACKENDS = ("cuda", "triton", "cpp", "torch")  # preference order
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -336,7 +336,7 @@ def _check_step_args(op: str, eps_uncond, eps_cond, x_t, other, other_name: str,
                              f"{tuple(eps_cond.shape)}, got {tuple(t.shape)}")
     if table.ndim != 2 or table.shape[1] != reference.ddim.TABLE_COLUMNS:
         raise ValueError(f"{op}: table must be (S, {reference.ddim.TABLE_COLUMNS}) "
-                         f"(b2fast.schedule.build_step_table), got {tuple(table.shape)}")
+                         f"(b2fast.core.schedule.build_step_table), got {tuple(table.shape)}")
     if step_index.dtype != torch.int64 or tuple(step_index.shape) != (eps_cond.shape[0],):
         raise ValueError(f"{op}: step_index must be int64 of shape ({eps_cond.shape[0]},), got "
                          f"{step_index.dtype} of shape {tuple(step_index.shape)}")
@@ -354,7 +354,7 @@ def _check_dtype(op: str, name: str, dtype) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Public ops (signatures and semantics of b2fast.reference.ddim)
+# Public ops (signatures and semantics of b2fast.ops.reference.ddim)
 
 
 def cfg_combine(eps_uncond: torch.Tensor | None, eps_cond: torch.Tensor,

@@ -33,23 +33,23 @@ import sys
 # suite → (module with ``measure(args) -> JSON document`` and ``format_report(document) -> text``,
 # or ``run(args)`` for a suite of suites; one-line summary)
 SUITES = {
-    "kernels": ("b2fast.bench_kernels",
+    "kernels": ("b2fast.bench.kernels",
                 "time, GB/s, %% of copy bandwidth and speed-up vs the torch reference of the "
                 "DDIM step, log-prob (fwd, fwd+bwd) and branch-fork ops on every live backend"),
-    "rewards": ("b2fast.bench_rewards",
+    "rewards": ("b2fast.bench.rewards",
                 "images/s, s per 1,280 images, TFLOP/s and speed-up vs PIL preprocessing of each "
                 "reward (clipscore ViT-H-14, aesthetic, bertscore, jpeg) on full-size random-weight "
                 "models"),
-    "sample": ("b2fast.bench_sample",
+    "sample": ("b2fast.bench.sample",
                "images/s, UNet TFLOP/s, %% of the bf16 matmul ceiling, peak GiB and speed-up vs the "
                "per-branch batch-P loop of branch sampling and VAE decoding, SD 1.x random weights"),
-    "train": ("b2fast.bench_train",
+    "train": ("b2fast.bench.train",
               "(trajectory, step) pairs/s, TFLOP/s, %% of ceiling, peak GiB and speed-up vs batch-2 "
               "accumulation of the LoRA PPO update, SD 1.x random weights"),
-    "stage": ("b2fast.bench_stage",
+    "stage": ("b2fast.bench.stage",
               "seconds per stage (sampling, reward, training) at the reference settings, composed "
               "from parts measured in the same run, b2fast vs baseline; --full runs a real stage"),
-    "all": ("b2fast.bench_all", "kernels, rewards, sample, train and stage in turn"),
+    "all": ("b2fast.bench.all", "kernels, rewards, sample, train and stage in turn"),
 }
 SD_SUITES = ("sample", "train", "stage", "all")  # take config overrides
 DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "float16": "float16",
@@ -71,7 +71,7 @@ speed-up vs the eager torch reference measured in the same run, for each case
 
 on every backend live on the device. Bytes are what a fused kernel must move: every tensor
 the op reads counted once in its dtype, every tensor it writes counted once; the same count
-for every backend (see b2fast.bench_kernels). Time: median over --repeats calls after
+for every backend (see b2fast.bench.kernels). Time: median over --repeats calls after
 --warmup calls; CUDA events with the L2 cache flushed before each call on cuda,
 time.perf_counter on cpu."""
 REWARD_CASES = ("clipscore", "aesthetic", "bertscore", "jpeg")
@@ -89,14 +89,14 @@ the full-size architecture with random weights (no downloads):
   jpeg       jpeg_compressibility, quality 95 (PIL on the CPU; no baseline)
 
 --quick uses the tiny test models instead. Time: median over --repeats calls after --warmup
-calls; CUDA events on cuda, time.perf_counter on cpu (see b2fast.bench_rewards)."""
+calls; CUDA events on cuda, time.perf_counter on cpu (see b2fast.bench.rewards)."""
 
 
 SD_HELP = """\
 {what}
 
 Models: SD 1.x with random weights (UNet 860M, VAE, CLIP ViT-L/14 text encoder; no downloads),
-saved in the model dtype (model.dtype, bfloat16 by default) and loaded through b2fast.policy.Policy
+saved in the model dtype (model.dtype, bfloat16 by default) and loaded through b2fast.core.policy.Policy
 as a user's checkpoint is; --quick uses the tiny test model and tiny settings instead (CPU,
 seconds). Settings come from the config, defaults being the reference ones (8 prompts x 5
 branches, 20 DDIM steps, intervals schedule.min_interval and schedule.max_interval = 14 and 20,
@@ -125,7 +125,7 @@ calls) and % of ceiling, peak GiB, speed-up vs baseline."""
 TRAIN_WHAT = """\
 One optimizer step of the LoRA PPO-clip update over --trajectories kept trajectories x L interval
 steps (one epoch), on trajectories the model itself sampled, at each interval L:
-  b2fast    b2fast.update.policy_update: train.micro_batch (trajectory, step) pairs per UNet
+  b2fast    b2fast.core.update.policy_update: train.micro_batch (trajectory, step) pairs per UNet
             forward+backward (2x with CFG; 0 = sized to the free GPU memory, as the trainer
             does), fused log-prob op, train.gradient_checkpointing as configured
   baseline  the DDPO-style scripts: 2 trajectories per call (4 with CFG), one timestep at a
@@ -402,7 +402,3 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(args.json, json.dumps(records, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -170,7 +170,7 @@ def fill_from_run(args: argparse.Namespace, run: dict) -> dict[str, dict] | None
     """--prompts and --reward left out: what the --lora run evaluated and was trained on (its
     eval.prompt_sets, else its prompt source; its reward), else the toy world's. Returns the
     run's reward options when its reward is used and --reward-options is empty, else None."""
-    from b2fast.evaluation import default_eval_sets
+    from b2fast.eval.evaluator import default_eval_sets
 
     source = _section(run, "prompts").get("source")
     if args.prompts is None:
@@ -196,7 +196,7 @@ def model_config(args: argparse.Namespace, lora: Path | None) -> ModelConfig:
 
 def plan_sets(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
     """(label, split, prompts) per prompt set and split; a file's label is its file name stem."""
-    from b2fast.evaluation import pick_prompts
+    from b2fast.eval.evaluator import pick_prompts
     from b2fast.prompts import available_prompt_sets, load_prompts
 
     plan = []
@@ -214,8 +214,8 @@ def plan_sets(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
 def evaluate_column(policy, plan, rewards: dict, cfg: SamplingConfig, args, column: str, out: Path | None) -> list:
     """One EvalRow per (set, split), its images sampled once and scored by every reward; with
     ``out``, a grid per (set, split): one labelled row per prompt."""
-    from b2fast.evaluation import EvalRow, evaluate_prompts
-    from b2fast.outputs import save_prompt_grid
+    from b2fast.eval.evaluator import EvalRow, evaluate_prompts
+    from b2fast.run.outputs import save_prompt_grid
 
     rows = []
     for label, split, prompts in plan:
@@ -296,7 +296,7 @@ def load_models(args, model_cfg: ModelConfig, lora: Path | None, options: dict[s
     """(device, rewards, policy with base weights, trained LoRA state or None); LoRA errors here."""
     import torch
 
-    from b2fast.policy import Policy, resolve_model_path
+    from b2fast.core.policy import Policy, resolve_model_path
     from b2fast.distributed import resolve_device
 
     device = resolve_device(args.device)
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             message = "--model: " + message.removeprefix("model.path: ")
         print(f"error: {message}", file=sys.stderr)
         return 2
-    from b2fast.evaluation import format_rows
+    from b2fast.eval.evaluator import format_rows
 
     print(f"model {model_cfg.path}" + (f", LoRA {lora}" if lora else "") + f", device {device}, "
           f"rewards {', '.join(rewards)}, prompts {' '.join(args.prompts)}")
@@ -354,7 +354,3 @@ def main(argv: list[str] | None = None) -> int:
         write_results(Path(args.out), columns, plan, arguments)
         print(f"wrote eval.json, eval.csv and grids to {args.out}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

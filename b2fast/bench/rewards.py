@@ -59,7 +59,8 @@ from typing import Callable
 import torch
 
 import b2fast
-from b2fast.bench_kernels import _sig, device_name, progress, resolve_device, summarize, time_calls
+from b2fast.bench.common import (device_name, flop_count, matmul_ceiling, progress, resolve_device, sig,
+                                 summarize, time_calls)
 from b2fast.utils import one_line
 
 STAGE_IMAGES = 1280                 # 32 batches × 8 prompts × 5 branches
@@ -226,15 +227,6 @@ def inputs(args, device: torch.device) -> tuple[torch.Tensor, list[str]]:
     return images, [prompts[i % len(prompts)] for i in range(args.images)]
 
 
-def matmul_ceiling(device: torch.device, n: int, warmup: int, repeats: int,
-                   dtype: torch.dtype = torch.float32) -> dict:
-    """Dense ``a @ b`` of n×n matrices in ``dtype``: the ceiling a model in that dtype runs against
-    (float32 for the rewards; bfloat16 for the SD suites on a GPU)."""
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    ms = summarize(time_calls(lambda: a @ b, device, warmup, repeats))["ms"]
-    return {"n": n, "ms": ms, "tflops": 2 * n ** 3 / (ms * 1e-3) / 1e12}
-
-
 def _timed(fn: Callable[[], object], device: torch.device, args) -> dict:
     """Timing stats of ``fn`` and, on CUDA, the peak memory allocated while it ran (GiB)."""
     if device.type == "cuda":
@@ -243,51 +235,6 @@ def _timed(fn: Callable[[], object], device: torch.device, args) -> dict:
     stats = summarize(time_calls(fn, device, args.warmup, args.repeats))
     stats["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     return stats
-
-
-def _native_mha_flops(query, key, value, embed_dim, num_head, *args, out_shape=None, **kwargs) -> int:
-    """FLOPs of ``aten._native_multi_head_attention`` (batch first): the inference fast path of
-    ``nn.MultiheadAttention`` that open_clip's towers take, which FlopCounterMode does not count
-    (ViT-H-14 read 216 of its 335 GFLOP without it): q, k, v and output projections, Q·Kᵀ, P·V."""
-    b, lq, e = query
-    lk = key[1]
-    return 2 * b * e * e * (2 * lq + 2 * lk) + 4 * b * lq * lk * e
-
-
-def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    """FLOPs of the CPU flash attention that ``F.scaled_dot_product_attention`` runs on CPU
-    tensors, which FlopCounterMode does not count (its CUDA kernels it does): the same formula."""
-    from torch.utils.flop_counter import sdpa_flop_count
-
-    return sdpa_flop_count(query, key, value)
-
-
-def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_backward_flop_count
-
-    return sdpa_backward_flop_count(grad_out, query, key, value)
-
-
-def flop_counter_mode():
-    """A ``FlopCounterMode`` (not yet entered) that also counts the fused attention of
-    ``nn.MultiheadAttention`` and CPU ``scaled_dot_product_attention``, forward and backward.
-    Its convention: 2 FLOPs per multiply-add of matmuls, convolutions and attention; elementwise
-    ops are not counted."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    aten = torch.ops.aten
-    mapping = {aten._native_multi_head_attention: _native_mha_flops,
-               aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
-               aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops}
-    return FlopCounterMode(display=False, custom_mapping=mapping)
-
-
-def flop_count(fn: Callable[[], object]) -> int:
-    """FLOPs of one call of ``fn`` counted by :func:`flop_counter_mode` (matmuls, convolutions,
-    attention, and the fused attention of ``nn.MultiheadAttention``)."""
-    with flop_counter_mode() as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def measure_case(case: Case, images, prompts, device, args, matmul_tflops: float) -> dict:
@@ -322,7 +269,7 @@ def _run_case(name: str, images, prompts, device, args, matmul_tflops: float, pr
         record = {"reward": name, "error": one_line(exc, 280)}
         progress(f"{name}: FAILED {record['error']}")
     else:
-        progress(f"{name}: {_sig(record['images_per_s'])} images/s, {_sig(record['s_per_1280'])} s per "
+        progress(f"{name}: {sig(record['images_per_s'])} images/s, {sig(record['s_per_1280'])} s per "
                  f"{STAGE_IMAGES}")
     case = None
     gc.collect()
@@ -350,7 +297,7 @@ def measure(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     matmul = matmul_ceiling(device, args.matmul_n, args.warmup, args.repeats)
-    progress(f"float32 matmul {_sig(matmul['tflops'])} TFLOP/s")
+    progress(f"float32 matmul {sig(matmul['tflops'])} TFLOP/s")
     images, prompts = inputs(args, device)
     records = [_run_case(name, images, prompts, device, args, matmul["tflops"], progress)
                for name in args.rewards]
@@ -368,7 +315,7 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def _cell(value) -> str:
-    return "-" if value is None else _sig(value)
+    return "-" if value is None else sig(value)
 
 
 def format_report(doc: dict) -> str:
@@ -384,7 +331,7 @@ def format_report(doc: dict) -> str:
         f"b2fast {doc['b2fast']}, {doc['date']}",
         f"{doc['images']} random {doc['image_size']}² images per call; median of {doc['repeats']} calls "
         f"after {doc['warmup']} warm-up ({doc['timer']}); float32 matmul {matmul['n']}² "
-        f"{_sig(matmul['tflops'])} TFLOP/s (precision {doc['float32_matmul_precision']}); baseline: "
+        f"{sig(matmul['tflops'])} TFLOP/s (precision {doc['float32_matmul_precision']}); baseline: "
         "PIL preprocessing per image, same models",
         "",
         f"| reward | model | batch | ms/call | images/s | s per {STAGE_IMAGES} | GFLOP/image | TFLOP/s | "
@@ -396,8 +343,8 @@ def format_report(doc: dict) -> str:
             lines.append(f"| {r['reward']} | failed: {r['error'][:80]} | | | | | | | | | | |")
             continue
         lines.append(
-            f"| {r['reward']} | {r['model']} | {r['batch_size'] or '-'} | {_sig(r['ms'])} | "
-            f"{_sig(r['images_per_s'])} | {_sig(r['s_per_1280'])} | {_cell(r['gflop_per_image'])} | "
+            f"| {r['reward']} | {r['model']} | {r['batch_size'] or '-'} | {sig(r['ms'])} | "
+            f"{sig(r['images_per_s'])} | {sig(r['s_per_1280'])} | {_cell(r['gflop_per_image'])} | "
             f"{_cell(r['tflops'])} | {_cell(r['pct_of_matmul'])} | {_cell(r['peak_gib'])} | "
             f"{_cell(r['baseline_images_per_s'])} | {_cell(r['speedup_vs_baseline'])} |")
     return "\n".join(lines)

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from b2fast.config import ModelConfig
-from b2fast.cuda_graphs import CapturedCalls
-from b2fast.reference.ddim import SQRT_1M_AB, SQRT_AB
-from b2fast.schedule import StepTable, build_step_table
+from b2fast.core.cuda_graphs import CapturedCalls
+from b2fast.ops.reference.ddim import SQRT_1M_AB, SQRT_AB
+from b2fast.core.schedule import StepTable, build_step_table
 from b2fast.utils import LORA_WEIGHTS_NAME, first_line
 
 TINY_SD = "b2fast:tiny-sd"

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 import torch
 
 from b2fast import distributed, ops
-from b2fast.algorithms import advantage_weights, ppo_clip_loss
+from b2fast.core.objectives import advantage_weights, ppo_clip_loss
 from b2fast.config import SamplingConfig, TrainConfig
 from b2fast.distributed import World
-from b2fast.policy import Policy
-from b2fast.sampling import TrajectoryBatch
-from b2fast.selection import Selection
+from b2fast.core.policy import Policy
+from b2fast.core.sampling import TrajectoryBatch
+from b2fast.core.selection import Selection
 
 
 @dataclass

@@ -24,7 +24,7 @@ def suite_argv(name: str, args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> tuple[dict, str, int]:
     """(``{"suite": "all", "suites": {...}}``, the reports one after the other, the worst exit code)."""
-    from b2fast.bench import parse_args, run_suite
+    from b2fast.bench.cli import parse_args, run_suite
 
     docs, reports, code = {}, [], 0
     for name in ORDER:

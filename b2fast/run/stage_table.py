@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from b2fast.distributed import World, gather_in_order
-from b2fast.sampling import TrajectoryBatch
+from b2fast.core.sampling import TrajectoryBatch
 
 
 @dataclass

@@ -45,11 +45,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
-import platform
-import statistics
 import sys
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -57,6 +53,7 @@ import torch
 
 import b2fast
 from b2fast import ops
+from b2fast.bench.common import device_name, progress, resolve_device, sig, summarize, time_calls
 from b2fast.utils import one_line
 
 NUM_STEPS, ETA, GUIDANCE = 20, 1.0, 5.0  # SD sampling as in the default config
@@ -85,7 +82,7 @@ def sd_step_table(device: torch.device) -> torch.Tensor:
     """The (20, 6) fp32 DDIM table of SD 1.x's scheduler config, η = 1."""
     from diffusers import DDIMScheduler
 
-    from b2fast.schedule import build_step_table
+    from b2fast.core.schedule import build_step_table
     from b2fast.testing.tiny_sd import SD_SCHEDULER
     return build_step_table(DDIMScheduler(**SD_SCHEDULER), NUM_STEPS, ETA).table.to(
         device, torch.float32)
@@ -151,37 +148,6 @@ def build_cases(args, shape, eps_dtype, cache_dtype, table, device) -> list[Case
 # Timing
 
 
-def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
-               flush: torch.Tensor | None = None) -> list[float]:
-    """Milliseconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    if device.type != "cuda":
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return times
-    torch.cuda.synchronize(device)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(repeats)]
-    for start, end in events:
-        if flush is not None:
-            flush.zero_()
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize(device)
-    return [start.elapsed_time(end) for start, end in events]
-
-
-def summarize(times: list[float]) -> dict:
-    """median, p20, p80 of a list of times (ms)."""
-    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
-    return {"ms": statistics.median(times), "ms_p20": q[0], "ms_p80": q[3]}
-
-
 def gbps(num_bytes: int, ms: float) -> float:
     return num_bytes / (ms * 1e-3) / 1e9
 
@@ -197,32 +163,6 @@ def copy_bandwidth(device: torch.device, mib: int, warmup: int, repeats: int) ->
 
 # ----------------------------------------------------------------------------------------------
 # The run
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device: got {name!r} but no CUDA device is visible")
-        if (device.index or 0) >= torch.cuda.device_count():
-            raise ValueError(f"--device: got {name!r}, only {torch.cuda.device_count()} "
-                             "CUDA device(s) visible")
-    return device
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def backends_to_run(op: str, device: torch.device, requested: list[str] | None) -> list[str]:
@@ -251,11 +191,6 @@ def _time_backend(case: Case, backend: str, device, args, flush) -> dict:
         return {"error": one_line(exc)}
 
 
-def progress(line: str) -> None:
-    """One line of progress on stderr (stdout carries the report)."""
-    print(f"bench: {line}", file=sys.stderr, flush=True)
-
-
 def measure_case(case: Case, device, args, flush, copy_gbps: float, progress) -> list[dict]:
     """One record per backend; the torch reference first, it is the baseline."""
     records = []
@@ -270,7 +205,7 @@ def measure_case(case: Case, device, args, flush, copy_gbps: float, progress) ->
             rate = gbps(case.bytes, record["ms"])
             record.update(gbps=rate, pct_of_copy=100 * rate / copy_gbps,
                           speedup_vs_torch=records[0]["ms"] / record["ms"] if records else 1.0)
-            progress(f"{head} {_sig(record['ms'])} ms {_sig(rate)} GB/s")
+            progress(f"{head} {sig(record['ms'])} ms {sig(rate)} GB/s")
         records.append(record)
     return records
 
@@ -292,7 +227,7 @@ def measure(args: argparse.Namespace) -> dict:
     progress(f"backends {ops.backends(device)}")
     eps_dtype, cache_dtype = getattr(torch, args.dtype), getattr(torch, args.cache_dtype)
     copy = copy_bandwidth(device, args.copy_mib, args.warmup, args.repeats)
-    progress(f"copy bandwidth {_sig(copy['gbps'])} GB/s")
+    progress(f"copy bandwidth {sig(copy['gbps'])} GB/s")
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device) \
         if device.type == "cuda" else None
     table = sd_step_table(device)
@@ -313,13 +248,6 @@ def measure(args: argparse.Namespace) -> dict:
     }
 
 
-def _sig(x: float, digits: int = 3) -> str:
-    """``x`` to ``digits`` significant digits, never in scientific notation (2950, 0.0123)."""
-    if x == 0 or not math.isfinite(x):
-        return str(x)
-    return f"{x:.{max(0, digits - 1 - math.floor(math.log10(abs(x))))}f}"
-
-
 def format_report(doc: dict) -> str:
     """The Markdown table, headed by device, versions, settings and the copy bandwidth."""
     n = doc["threads"]
@@ -329,7 +257,7 @@ def format_report(doc: dict) -> str:
         f"## b2fast kernels on {doc['device']} ({doc['device_type']}{threads})",
         "",
         f"torch {doc['torch']}{cuda}, b2fast {doc['b2fast']}, {doc['date']}",
-        f"copy bandwidth {_sig(doc['copy']['gbps'])} GB/s (fp32 .copy_ of "
+        f"copy bandwidth {sig(doc['copy']['gbps'])} GB/s (fp32 .copy_ of "
         f"{doc['copy']['bytes'] // 2 // 2 ** 20} MiB, read + write)",
         f"eps {doc['eps_dtype']}, cache {doc['cache_dtype']}, noise {doc['noise_dtype']}, "
         f"{doc['steps']}-step table, mixed step indices; median of {doc['repeats']} calls after "
@@ -343,7 +271,7 @@ def format_report(doc: dict) -> str:
             lines.append(f"| {r['case']} | {r['backend']} | {r['label']} | failed: "
                          f"{r['error'][:60]} | | | |")
             continue
-        lines.append(f"| {r['case']} | {r['backend']} | {r['label']} | {_sig(r['ms'])} | "
-                     f"{_sig(r['gbps'])} | {_sig(r['pct_of_copy'])} | "
-                     f"{_sig(r['speedup_vs_torch'])} |")
+        lines.append(f"| {r['case']} | {r['backend']} | {r['label']} | {sig(r['ms'])} | "
+                     f"{sig(r['gbps'])} | {sig(r['pct_of_copy'])} | "
+                     f"{sig(r['speedup_vs_torch'])} |")
     return "\n".join(lines)

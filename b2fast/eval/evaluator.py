@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from b2fast.config import SamplingConfig
-from b2fast.policy import Policy
+from b2fast.core.policy import Policy
 from b2fast.prompts import TOY_SETS, load_prompts
 from b2fast.rewards import Reward, score_images
-from b2fast.sampling import generate
+from b2fast.core.sampling import generate
 
 # Rewards whose score 1 means "every constraint of the prompt met", so the fraction of images
 # scoring >= 1 is a success rate. For the others (cosines, F1, 1-10 ratings, kB) a threshold

@@ -45,8 +45,8 @@ import time
 
 import torch
 
-from b2fast import bench_rewards, bench_sample, bench_sd, bench_train
-from b2fast.bench_sd import cell, progress
+from b2fast.bench import rewards as bench_rewards, sample as bench_sample, sd as bench_sd, train as bench_train
+from b2fast.bench.sd import cell, progress
 
 PARTS = ("sample", "train", "rewards")
 
@@ -57,7 +57,7 @@ def measure_parts(args) -> tuple[dict, str]:
     earlier = getattr(args, "earlier", None) or {}
     if all(name in earlier for name in PARTS):
         return {name: earlier[name] for name in PARTS}, "earlier suites of all"
-    from b2fast.bench import parse_args
+    from b2fast.bench.cli import parse_args
 
     reward_args = parse_args(["rewards", "--rewards", "clipscore", "--device", args.device]
                              + ["--quick"] * args.quick)
@@ -106,7 +106,7 @@ def _timed_method(timings: dict, name: str, fn, device: torch.device):
 
 def _warm_up(trainer, cfg, interval_len: int) -> None:
     """One sampling batch and one update, so the measured stages exclude one-time costs."""
-    from b2fast.update import policy_update
+    from b2fast.core.update import policy_update
 
     n = min(cfg.sampling.prompts_per_batch * cfg.sampling.branches, 8)
     gen = torch.Generator(trainer.device).manual_seed(0)
@@ -120,7 +120,7 @@ def full_stages(args, device: torch.device) -> list[dict]:
     """One ``Trainer.run_stage`` per interval (the first stage whose schedule gives it)."""
     from b2fast.config import apply_overrides
     from b2fast.testing.tiny_clip import register_tiny_clip
-    from b2fast.trainer import Trainer
+    from b2fast.run.trainer import Trainer
 
     clip = register_tiny_clip() if args.quick else "ViT-H-14"
     with tempfile.TemporaryDirectory(prefix="b2fast-bench-stage-") as out:

@@ -4,17 +4,17 @@ Per interval length L of the config (``schedule.min_interval`` and ``schedule.ma
 timed call is one optimizer step of the PPO-clip update over ``--trajectories`` T kept
 trajectories × their L interval steps (one epoch: T·L pairs; a stage runs kept × L × epochs
 pairs, an optimizer step per 128 trajectories). The trajectories are sampled by the model itself
-with :func:`b2fast.sampling.sample_branches` (so the PPO ratio starts at 1, as in a stage) and
+with :func:`b2fast.core.sampling.sample_branches` (so the PPO ratio starts at 1, as in a stage) and
 kept alternately as positives and negatives with advantages ±1:
 
-* **b2fast**: :func:`b2fast.update.policy_update` with the config's ``train`` section:
+* **b2fast**: :func:`b2fast.core.update.policy_update` with the config's ``train`` section:
   ``train.micro_batch`` pairs per UNet forward+backward (2× with CFG, ``train.cfg``; 0 = sized
   to the free GPU memory as the trainer sizes it), the fused log-prob op and its fused backward,
   gradient checkpointing when ``train.gradient_checkpointing``.
 * **baseline**, the DDPO-style research scripts: 2 trajectories per UNet call (4 with CFG), one
   timestep at a time (each trajectory's steps in its own shuffled order), the plain-PyTorch
-  log-prob (:mod:`b2fast.reference.ddim`), the same PPO-clip loss, gradients accumulated over
-  the same optimizer step, on the eager baseline policy (:mod:`b2fast.bench_sd`).
+  log-prob (:mod:`b2fast.ops.reference.ddim`), the same PPO-clip loss, gradients accumulated over
+  the same optimizer step, on the eager baseline policy (:mod:`b2fast.bench.sd`).
 
 Reported per interval and method: ms per call (median, p20, p80), pairs/s, ms per pair, GFLOP per
 pair, TFLOP/s of the whole call and its % of the matmul ceiling measured in the same run (the
@@ -43,9 +43,9 @@ from functools import partial
 
 import torch
 
-from b2fast import bench_sd
-from b2fast.bench_sd import cell, progress
-from b2fast.reference import ddim as reference
+from b2fast.bench import sd as bench_sd
+from b2fast.bench.sd import cell, progress
+from b2fast.ops.reference import ddim as reference
 
 METHODS = {
     "b2fast": "policy_update: train.micro_batch pairs per UNet forward+backward, fused log-prob op",
@@ -59,8 +59,8 @@ def synthetic_trajectories(policy, cfg, interval_len: int, n: int, generator: to
     """(TrajectoryBatch, Selection): ``n`` branches sampled by ``policy`` (whole batches of P·K,
     not decoded: training needs no images), kept alternately as positives (z = 1) and negatives
     (z = −1)."""
-    from b2fast.sampling import TrajectoryBatch, sample_branches
-    from b2fast.selection import Selection
+    from b2fast.core.sampling import TrajectoryBatch, sample_branches
+    from b2fast.core.selection import Selection
 
     s = cfg.sampling
     per_batch = s.prompts_per_batch * s.branches
@@ -77,7 +77,7 @@ def synthetic_trajectories(policy, cfg, interval_len: int, n: int, generator: to
 def baseline_update(policy, optimizer, batch, selection, tcfg, scfg, generator: torch.Generator) -> None:
     """One epoch of the scripts' update: 2 trajectories × one timestep per UNet call, gradients
     accumulated over ``trajectories_per_step`` trajectories, then clip and AdamW."""
-    from b2fast.algorithms import advantage_weights, ppo_clip_loss
+    from b2fast.core.objectives import advantage_weights, ppo_clip_loss
 
     kept, L = selection.indices.cpu(), batch.interval_len
     adv = advantage_weights(selection.advantages.float(), tcfg.adv_clip, tcfg.pos_weight, tcfg.neg_weight)
@@ -111,7 +111,7 @@ def _measure_method(args, folder: str, device, ceiling_tflops: float, baseline: 
                     data: dict) -> list[dict]:
     """Load one method's policy, time one update call per interval. ``data`` holds the
     trajectories per interval: sampled by the b2fast policy (measured first), reused by the baseline."""
-    from b2fast.update import make_optimizer, policy_update
+    from b2fast.core.update import make_optimizer, policy_update
 
     cfg, method = args.cfg, "baseline" if baseline else "b2fast"
     policy = bench_sd.load_policy(cfg, folder, device, baseline)
@@ -138,7 +138,7 @@ def _measure_method(args, folder: str, device, ceiling_tflops: float, baseline: 
 def one_epoch_config(cfg, policy, batch):
     """``cfg.train`` for one timed call: one epoch, an automatic micro-batch (0) resolved the way
     the trainer resolves it (a probe of the free GPU memory; 8 on a CPU)."""
-    from b2fast.update import auto_micro_batch
+    from b2fast.core.update import auto_micro_batch
 
     tcfg = dataclasses.replace(cfg.train, epochs=1)
     if tcfg.micro_batch == 0:

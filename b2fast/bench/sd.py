@@ -2,7 +2,7 @@
 
 * The model: SD 1.x with random weights (:func:`b2fast.testing.random_sd.save_random_sd15`; the
   tiny test model with ``--quick``), saved once per process in the model dtype to a temporary
-  folder and loaded through :class:`b2fast.policy.Policy`, exactly as a user's checkpoint is.
+  folder and loaded through :class:`b2fast.core.policy.Policy`, exactly as a user's checkpoint is.
 * Two policies, loaded one at a time so each case's peak memory is its own: **b2fast** with the
   config's ``model`` section as given (every fast-path option applies, and gradient
   checkpointing with ``train.gradient_checkpointing``), and the **baseline** with only its path,
@@ -10,7 +10,7 @@
   as the research scripts run. Both get the same LoRA initialisation (``seed``).
 * One measurement per case (:func:`measure_call`): ``--warmup`` untimed calls, ``--repeats``
   timed calls (CUDA events on cuda, ``time.perf_counter`` on cpu, see
-  :func:`b2fast.bench_kernels.time_calls`), the peak CUDA memory allocated during them (weights
+  :func:`b2fast.bench.kernels.time_calls`), the peak CUDA memory allocated during them (weights
   included), the time spent inside one module (the UNet) during the timed calls, and the FLOPs
   of one more, untimed call counted by ``FlopCounterMode`` (:data:`FLOP_CONVENTION`).
 * The ceiling: a dense square matmul in the model dtype on cuda (bfloat16 by default), float32
@@ -29,8 +29,8 @@ from typing import Callable
 import torch
 
 import b2fast
-from b2fast.bench_kernels import _sig, device_name, progress, resolve_device, summarize, time_calls
-from b2fast.bench_rewards import flop_counter_mode, matmul_ceiling
+from b2fast.bench.common import device_name, progress, resolve_device, sig, summarize, time_calls
+from b2fast.bench.common import flop_counter_mode, matmul_ceiling
 from b2fast.config import Config, ModelConfig, to_dict
 from b2fast.utils import one_line
 
@@ -109,7 +109,7 @@ def load_policy(cfg: Config, folder: str, device: torch.device, baseline: bool):
     """The b2fast policy (``cfg.model`` as given, and gradient checkpointing when
     ``train.gradient_checkpointing``, as the trainer sets it up) or the baseline's (see the
     module doc)."""
-    from b2fast.policy import Policy
+    from b2fast.core.policy import Policy
 
     model = dataclasses.replace(cfg.model, path=folder)
     torch.manual_seed(cfg.seed)  # the same LoRA initialisation for both
@@ -264,7 +264,7 @@ def ceiling(device: torch.device, dtype: str, n: int, warmup: int, repeats: int)
     --quick's models (a bf16 model on a CPU may then exceed 100%)."""
     name = dtype if device.type == "cuda" else "float32"
     result = matmul_ceiling(device, n, max(warmup, 3), max(repeats, 5), getattr(torch, name))
-    progress(f"{name} matmul {n}³ {_sig(result['tflops'])} TFLOP/s")
+    progress(f"{name} matmul {n}³ {sig(result['tflops'])} TFLOP/s")
     return {"dtype": name, **result}
 
 
@@ -331,7 +331,7 @@ def header_lines(doc: dict, what: str) -> list[str]:
              f"{' '.join(doc['overrides']) or 'none'}"]
     if "ceiling" in doc:
         c = doc["ceiling"]
-        lines.append(f"ceiling: {c['dtype']} matmul {c['n']}³ {_sig(c['tflops'])} TFLOP/s, measured "
+        lines.append(f"ceiling: {c['dtype']} matmul {c['n']}³ {sig(c['tflops'])} TFLOP/s, measured "
                      f"in this run; FLOPs: {doc['flops']}")
     n = doc["repeats"]
     lines.append(f"median of {n} call{'s' * (n != 1)} after {doc['warmup']} warm-up ({doc['timer']})")
@@ -339,4 +339,4 @@ def header_lines(doc: dict, what: str) -> list[str]:
 
 
 def cell(value, digits: int = 3) -> str:
-    return "-" if value is None else _sig(value, digits)
+    return "-" if value is None else sig(value, digits)

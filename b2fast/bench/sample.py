@@ -4,13 +4,13 @@ Sampling time is mostly UNet calls, then VAE decoding. Per interval length L of 
 (``schedule.min_interval`` and ``schedule.max_interval``: 14 and 20 of 20 steps by default),
 one call samples one batch of P prompts × K branches (8 × 5 by default), decoded images included:
 
-* **b2fast**: :func:`b2fast.sampling.sample_branches`: the trunk at batch P, the fork, then all
+* **b2fast**: :func:`b2fast.core.sampling.sample_branches`: the trunk at batch P, the fork, then all
   P·K branches in one UNet call per step, the fused DDIM step + log-prob (``b2fast.ops``), and
   ``Policy.decode`` of the P·K final latents at once.
 * **baseline**, the DDPO-style research scripts: the same trunk, then a Python loop over the K
   branches, each running the interval at batch P (2P with CFG) with the plain-PyTorch DDIM step
-  + log-prob (:mod:`b2fast.reference.ddim`, the spec) and decoding its P images, on the eager
-  baseline policy (:mod:`b2fast.bench_sd`). Prompt embeddings are cached for both (the scripts
+  + log-prob (:mod:`b2fast.ops.reference.ddim`, the spec) and decoding its P images, on the eager
+  baseline policy (:mod:`b2fast.bench.sd`). Prompt embeddings are cached for both (the scripts
   re-encode each batch: a few GFLOP, not counted against them).
 
 The ``decode`` case times ``Policy.decode`` of P·K random latents: b2fast at the whole batch
@@ -49,9 +49,9 @@ from functools import partial
 
 import torch
 
-from b2fast import bench_sd
-from b2fast.bench_sd import cell, progress
-from b2fast.reference import ddim as reference
+from b2fast.bench import sd as bench_sd
+from b2fast.bench.sd import cell, progress
+from b2fast.ops.reference import ddim as reference
 
 METHODS = {
     "b2fast": "sample_branches: trunk at batch P, fork, P·K branches in one UNet call per step, "
@@ -104,7 +104,7 @@ def unet_batches(cfg, baseline: bool) -> tuple[str, str]:
 
 def _measure_method(args, folder: str, device, ceiling_tflops: float, baseline: bool) -> list[dict]:
     """Load one method's policy, time its sampling at each interval and its decode."""
-    from b2fast.sampling import sample_branches
+    from b2fast.core.sampling import sample_branches
 
     cfg, method = args.cfg, "baseline" if baseline else "b2fast"
     s = cfg.sampling

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from b2fast.algorithms.ppo import advantage_weights, ppo_clip_loss
+from b2fast.core.objectives.ppo import advantage_weights, ppo_clip_loss
 
 LOSSES: dict[str, Callable] = {"ppo_clip": ppo_clip_loss}
 

@@ -12,9 +12,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from b2fast.policy import Policy
+from b2fast.core.policy import Policy
 from b2fast.rewards import Reward, score_images
-from b2fast.sampling import TrajectoryBatch
+from b2fast.core.sampling import TrajectoryBatch
 
 
 class StageScorer:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from b2fast.policy import LoraMismatchError
+from b2fast.core.policy import LoraMismatchError
 from b2fast.utils import atomic_write_text, default_mode, one_line
 
 STATE_NAME = "trainer_state.pt"

@@ -20,21 +20,21 @@ import torch
 from tqdm.auto import tqdm
 
 from b2fast import distributed
-from b2fast.checkpoint import (TrainerState, find_checkpoint, load_checkpoint, rng_state, save_checkpoint,
+from b2fast.run.checkpoint import (TrainerState, find_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                                save_lora_folder, set_rng_state)
 from b2fast.config import Config, TrainConfig, differences, dump_yaml, to_dict, validate
-from b2fast.evaluation import EvalRow, default_eval_sets, evaluate_sets, format_rows
-from b2fast.outputs import (TensorBoardLogger, log_metrics, log_samples, plot_reward_curve, save_grid,
+from b2fast.eval.evaluator import EvalRow, default_eval_sets, evaluate_sets, format_rows
+from b2fast.run.outputs import (TensorBoardLogger, log_metrics, log_samples, plot_reward_curve, save_grid,
                             save_prompt_grid, truncate_metrics)
-from b2fast.policy import Policy, hide_loading_progress
+from b2fast.core.policy import Policy, hide_loading_progress
 from b2fast.prompts import load_prompts
 from b2fast.rewards import build_reward
-from b2fast.sampling import TrajectoryBatch, sample_branches
-from b2fast.schedule import resolve_schedule
-from b2fast.scoring import StageScorer
-from b2fast.selection import RewardHistory, Selection, normalize_stage, select
-from b2fast.stage_table import StageTable, gather_stage_table
-from b2fast.update import auto_micro_batch, make_optimizer, policy_update
+from b2fast.core.sampling import TrajectoryBatch, sample_branches
+from b2fast.core.schedule import resolve_schedule
+from b2fast.run.scoring import StageScorer
+from b2fast.core.selection import RewardHistory, Selection, normalize_stage, select
+from b2fast.run.stage_table import StageTable, gather_stage_table
+from b2fast.core.update import auto_micro_batch, make_optimizer, policy_update
 from b2fast.utils import atomic_write_text, check_writable, finite_json
 
 PURPOSES = {"prompts": 0, "noise": 1, "shuffle": 2}

@@ -12,7 +12,7 @@ symbol                     here
 σ_t, log σ_t               ``table[i, SIGMA]``, ``table[i, LOG_SIGMA]``
 =========================  ===========================================================
 
-The table has one row per DDIM step (built by ``b2fast.schedule.build_step_table``) and is
+The table has one row per DDIM step (built by ``b2fast.core.schedule.build_step_table``) and is
 indexed by a *device* tensor of step indices, one per sample, so no op ever syncs with the
 host and a batch may mix steps (training micro-batches do).
 

@@ -1,0 +1,22 @@
+"""Helpers of the benchmark tests: run ``python -m b2fast.bench`` in-process, read its tables."""
+from __future__ import annotations
+
+import contextlib
+import io
+
+from b2fast.bench import cli as bench
+
+
+def run_main(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = bench.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def table_rows(report: str, first_header: str = "op") -> list[list[str]]:
+    """The body rows of the Markdown table, as lists of stripped cells."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in report.splitlines() if line.startswith("| ")]
+    assert rows and rows[0][0] == first_header, report
+    return rows[1:]
