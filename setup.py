@@ -120,9 +120,10 @@ def extension():
 
 setup(
     version=read_version(),
-    # b2fast/* plus the top-level kernels/ folder (Triton), installed as b2fast.kernels.
-    packages=find_packages(include=["b2fast", "b2fast.*"]) + ["b2fast.kernels"],
-    package_dir={"b2fast.kernels": "kernels"},
+    # The Triton kernels live in b2fast/kernels/, not in a top-level kernels/ package: that name is
+    # Hugging Face's ``kernels`` (a transformers dependency), which a kernels/ folder in the checkout
+    # would shadow whenever Python runs from the checkout root.
+    packages=find_packages(include=["b2fast", "b2fast.*"]),
     package_data={"b2fast": ["configs/*.yaml", "toy/pretrained/*", "toy/pretrained/*/*"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},

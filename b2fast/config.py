@@ -37,6 +37,9 @@ DTYPES = ("float32", "float16", "bfloat16")
 ATTENTION = ("auto", "sdpa", "xformers")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 OVERLAP = ("auto", "on", "off")
+# Objectives registered in b2fast.core.objectives (kept here too so the config stays torch-free;
+# tests/test_ppo.py checks the two lists agree).
+OBJECTIVES = ("ppo",)
 
 
 @dataclass
@@ -46,7 +49,9 @@ class ModelConfig:
                    "vae/, scheduler/); 'b2fast:toy' is the shipped toy-world model, 'b2fast:tiny-sd' "
                    "builds a tiny random SD-layout model for smoke tests")
     revision: str | None = _f(None, "hub revision (branch, tag or commit) when path is a hub id")
-    dtype: str = _f("bfloat16", f"dtype of the frozen base weights, one of {DTYPES}; LoRA weights stay fp32")
+    dtype: str = _f("float16", f"dtype of the frozen base weights, one of {DTYPES}; LoRA weights stay fp32. "
+                               "float16 (SD 1.x/2.x's own dtype) keeps a LoRA update of >= 0.05% of a projection's "
+                               "output visible in the forward pass; bfloat16 rounds away updates below ~0.2-0.4%")
     lora_rank: int = _f(4, "LoRA rank r")
     lora_alpha: float = _f(4.0, "LoRA alpha (scale = alpha / rank)")
     lora_targets: list[str] = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet module names that get LoRA")
@@ -103,6 +108,8 @@ class SelectionConfig:
 
 @dataclass
 class TrainConfig:
+    objective: str = _f("ppo", f"policy objective, one of {OBJECTIVES}: 'ppo' = DDPO-style PPO-clip on the kept "
+                                "branches' interval steps")
     lr: float = _f(1e-4, "AdamW learning rate")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     adam_beta1: float = _f(0.9, "AdamW beta1")
@@ -390,6 +397,7 @@ def validate(cfg: Config) -> Config:
         _check(0 <= getattr(t, name) < 1, f"train.{name}", getattr(t, name), "a number in [0, 1)")
     for name in ("trajectories_per_step", "epochs"):
         _check(getattr(t, name) >= 1, f"train.{name}", getattr(t, name), "an integer >= 1")
+    _check(t.objective in OBJECTIVES, "train.objective", t.objective, f"one of {OBJECTIVES}")
     _check(t.micro_batch >= 0, "train.micro_batch", t.micro_batch, "an integer >= 1, or 0 for automatic")
     _check(bool(cfg.reward.name), "reward.name", cfg.reward.name, "a reward name or 'module:function'")
     ev = cfg.eval

@@ -109,3 +109,27 @@ def test_config_takes_a_shipped_preset_by_name_from_any_folder(tmp_path, monkeyp
         load_yaml("nope")
     (tmp_path / "tiny_sd_jpeg.yaml").write_text("seed: 7\n")  # a file of that name wins
     assert load_yaml("tiny_sd_jpeg.yaml").seed == 7
+
+
+def test_readme_configuration_reference_lists_every_field_with_its_default():
+    """README's table is the config as it is: a field added or a default changed shows up there."""
+    import json
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    rows = [line for line in readme.splitlines() if line.startswith("| `") and line.count("|") >= 4]
+    table = {row.split("|")[1].strip().strip("`"): row.split("|")[2].strip().strip("`") for row in rows}
+    for name, default, _ in iter_fields():
+        assert name in table, f"README's configuration reference lacks {name}"
+        assert json.loads(table[name]) == default, f"README says {name} = {table[name]}, config {default!r}"
+
+
+def test_objective_is_validated_against_the_registry():
+    from b2fast.config import OBJECTIVES
+    from b2fast.core.objectives import OBJECTIVES as REGISTERED
+
+    assert set(OBJECTIVES) == set(REGISTERED)
+    cfg = Config()
+    cfg.train.objective = "dpo-typo"
+    with pytest.raises(ConfigError, match=r"train\.objective: got 'dpo-typo'.*ppo"):
+        validate(cfg)

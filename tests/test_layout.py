@@ -42,10 +42,7 @@ def layer_of(module: str) -> int:
 
 
 def module_name(path: Path) -> str:
-    rel = path.relative_to(ROOT).with_suffix("")
-    parts = list(rel.parts)
-    if parts[0] == "kernels":
-        parts = ["b2fast", "kernels"] + parts[1:]
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)
@@ -77,16 +74,12 @@ def imported_modules(path: Path, module: str) -> set[str]:
 
 
 def _is_module(name: str) -> bool:
-    parts = name.split(".")
-    if parts[:2] == ["b2fast", "kernels"]:
-        base = ROOT.joinpath("kernels", *parts[2:])
-    else:
-        base = ROOT.joinpath(*parts)
+    base = ROOT.joinpath(*name.split("."))
     return base.with_suffix(".py").exists() or (base / "__init__.py").exists()
 
 
 def package_modules() -> list[Path]:
-    return sorted(p for folder in ("b2fast", "kernels") for p in (ROOT / folder).rglob("*.py"))
+    return sorted((ROOT / "b2fast").rglob("*.py"))
 
 
 def test_every_module_is_in_a_layer():
@@ -117,7 +110,7 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     assert layer_of("b2fast.run.trainer") > layer_of("b2fast.core.sampling")
 
 
-@pytest.mark.parametrize("folder", ["b2fast", "kernels", "tests", "benchmarks"])
+@pytest.mark.parametrize("folder", ["b2fast", "tests", "benchmarks"])
 def test_no_python_file_over_the_limit(folder):
     long = [f"{p.relative_to(ROOT)}: {n} lines" for p in sorted((ROOT / folder).rglob("*.py"))
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES]
@@ -130,3 +123,11 @@ def test_flat_package_holds_only_entry_points_and_foundations():
     top = sorted(p.name for p in (ROOT / "b2fast").glob("*.py"))
     assert top == ["__init__.py", "__main__.py", "config.py", "distributed.py", "prompts.py",
                    "train.py", "utils.py"]
+
+
+def test_no_top_level_package_shadows_an_installed_one():
+    """Python puts the working folder first on sys.path: a top-level ``kernels/`` package in the
+    checkout hid Hugging Face's ``kernels`` (imported by transformers), breaking every command
+    run from the checkout root. Only ``b2fast`` may be an importable package at the top."""
+    packages = sorted(p.parent.name for p in ROOT.glob("*/__init__.py"))
+    assert packages == ["b2fast"]

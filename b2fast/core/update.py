@@ -1,4 +1,5 @@
-"""The policy update of one stage: PPO-clip over the kept trajectories' interval steps.
+"""The policy update of one stage: the objective (``train.objective``, PPO-clip by default) over
+the kept trajectories' interval steps.
 
 Semantics (docs/algorithm.md, "Policy update"): each epoch shuffles the kept trajectories
 and, independently per trajectory, the order of its interval steps. Trajectories are taken
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from b2fast import distributed, ops
-from b2fast.core.objectives import advantage_weights, ppo_clip_loss
+from b2fast.core.objectives import Objective, get_objective
 from b2fast.config import SamplingConfig, TrainConfig
 from b2fast.distributed import World
 from b2fast.core.policy import Policy
@@ -29,32 +30,34 @@ from b2fast.core.selection import Selection
 
 @dataclass
 class UpdateStats:
-    """Sums over (trajectory, step) pairs and optimizer steps; ``summary`` gives the means."""
+    """Pair-weighted sums of the loss and of the statistics the objective declares, over
+    (trajectory, step) pairs and optimizer steps; ``summary`` gives the means."""
+    names: tuple[str, ...]
     pairs: int = 0
-    loss: float = 0.0
-    clipfrac: float = 0.0
-    approx_kl: float = 0.0
+    totals: dict[str, float] = field(default_factory=dict)
     grad_norms: list[float] = field(default_factory=list)
 
     def add(self, n: int, loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
         self.pairs += n
-        self.loss += float(loss.detach().sum())
-        self.clipfrac += float(stats["clipfrac"]) * n
-        self.approx_kl += float(stats["approx_kl"]) * n
+        self.totals["loss"] = self.totals.get("loss", 0.0) + float(loss.detach().sum())
+        for name in self.names:
+            self.totals[name] = self.totals.get(name, 0.0) + float(stats[name]) * n
 
     def sum_over_ranks(self, world: World) -> None:
-        """Totals of the whole job (the grad norms are already identical on every rank)."""
-        self.pairs, self.loss, self.clipfrac, self.approx_kl = distributed.sum_floats(
-            world, [self.pairs, self.loss, self.clipfrac, self.approx_kl], "update statistics")
+        """Totals of the whole job (the grad norms are already identical on every rank). The names
+        come from the objective, so every rank sends the same list (0 where it had no pairs)."""
+        keys = ("loss",) + self.names
+        summed = distributed.sum_floats(world, [self.pairs] + [self.totals.get(k, 0.0) for k in keys],
+                                        "update statistics")
+        self.pairs, self.totals = int(summed[0]), dict(zip(keys, summed[1:]))
 
     def summary(self) -> dict[str, float | int | None]:
-        if not self.pairs:
-            return {"loss": None, "clipfrac": None, "approx_kl": None, "grad_norm": None,
-                    "optimizer_steps": 0}
-        return {"loss": self.loss / self.pairs, "clipfrac": self.clipfrac / self.pairs,
-                "approx_kl": self.approx_kl / self.pairs,
-                "grad_norm": sum(self.grad_norms) / len(self.grad_norms),
-                "optimizer_steps": len(self.grad_norms)}
+        """Means per pair; ``approx_kl`` and ``clipfrac`` always present (None if not reported)."""
+        keys = ("loss", "clipfrac", "approx_kl") + self.names
+        means = {k: (self.totals.get(k, 0.0) / self.pairs if self.pairs and k in ("loss",) + self.names
+                     else None) for k in keys}
+        grad_norm = sum(self.grad_norms) / len(self.grad_norms) if self.grad_norms else None
+        return {**means, "grad_norm": grad_norm, "optimizer_steps": len(self.grad_norms)}
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -109,15 +112,15 @@ def auto_micro_batch(policy: Policy, batch: TrajectoryBatch, tcfg: TrainConfig, 
 
 def _optimizer_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: TrajectoryBatch,
                     rows: torch.Tensor, positions: torch.Tensor, advantages: torch.Tensor, n_pairs: int,
-                    tcfg: TrainConfig, scfg: SamplingConfig, stats: UpdateStats, progress,
-                    world: World) -> None:
+                    objective: Objective, tcfg: TrainConfig, scfg: SamplingConfig, stats: UpdateStats,
+                    progress, world: World) -> None:
     """Accumulate this rank's share of the mean loss over the step's ``n_pairs`` pairs (the
     given local (row, position) pairs), sum the gradients over ranks, then one AdamW step."""
     for start in range(0, rows.numel(), tcfg.micro_batch):
         r, j = rows[start:start + tcfg.micro_batch], positions[start:start + tcfg.micro_batch]
         log_prob = _pair_log_probs(policy, batch, r, j, tcfg, scfg)
-        loss, loss_stats = ppo_clip_loss(log_prob, batch.log_probs[r, j].to(log_prob.device),
-                                         advantages[start:start + tcfg.micro_batch], tcfg.clip_range)
+        loss, loss_stats = objective.loss(log_prob, batch.log_probs[r, j].to(log_prob.device),
+                                          advantages[start:start + tcfg.micro_batch], tcfg)
         (loss.sum() / n_pairs).backward()
         stats.add(r.numel(), loss, loss_stats)
         progress.update(r.numel())
@@ -139,14 +142,14 @@ def policy_update(policy: Policy, optimizer: torch.optim.Optimizer, batch: Traje
     ``selection`` indexes the stage's global table; ``local_rows`` maps a table row to its row
     in this rank's ``batch`` (−1 when another rank holds it). Default: one process, table = batch.
     """
-    stats = UpdateStats()
+    objective = get_objective(tcfg.objective)
+    stats = UpdateStats(objective.stats)
     if tcfg.micro_batch == 0:
         raise ValueError("policy_update: resolve train.micro_batch = 0 with auto_micro_batch first")
     if local_rows is None:
         local_rows = torch.arange(len(batch))
     kept = selection.indices.cpu()
-    adv = advantage_weights(selection.advantages.float().cpu(), tcfg.adv_clip, tcfg.pos_weight,
-                            tcfg.neg_weight)
+    adv = objective.advantages(selection.advantages.float().cpu(), tcfg)
     m, L = kept.numel(), batch.interval_len
     for _ in range(tcfg.epochs if m else 0):
         order = torch.randperm(m, generator=generator)                         # trajectories
@@ -160,6 +163,7 @@ def policy_update(policy: Policy, optimizer: torch.optim.Optimizer, batch: Traje
             mine = rows >= 0                                                   # pairs this rank holds
             device = batch.latents.device
             _optimizer_step(policy, optimizer, batch, rows[mine].to(device), positions[mine].to(device),
-                            pair_adv[mine].to(device), rows.numel(), tcfg, scfg, stats, progress, world)
+                            pair_adv[mine].to(device), rows.numel(), objective, tcfg, scfg, stats, progress,
+                            world)
     stats.sum_over_ranks(world)
     return stats.summary()

@@ -1,4 +1,4 @@
-"""Triton kernels of b2fast, one op per file (``kernels/<op>.py``), installed as ``b2fast.kernels``.
+"""Triton kernels of b2fast, one op per file (``b2fast/kernels/<op>.py``).
 
 Only :mod:`b2fast.ops` imports them; each is tested against its reference in
 :mod:`b2fast.ops.reference` (on CPU under ``TRITON_INTERPRET=1``).
