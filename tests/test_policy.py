@@ -134,3 +134,37 @@ def test_v_prediction_model_steps_like_diffusers(tiny_sd_path, tmp_path):
     eps_u, eps_c = policy.predict_eps(x, step, cond, 5.0)
     torch.testing.assert_close(eps_c, eps, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(eps_u, eps_c)
+
+
+@pytest.mark.parametrize("dtype, visible", [(None, True), ("bfloat16", False)])
+def test_a_small_lora_update_reaches_the_forward_output(tiny_sd_path, dtype, visible):
+    """peft adds the fp32 LoRA delta to the base layer's output and casts the sum back to the base
+    dtype. A delta of 1e-3 of a projection's output survives that cast in the default base dtype
+    (float16: half an ulp is at most 0.05%), so the UNet's output moves; in bfloat16 (half an ulp is
+    0.2-0.4%) it is rounded away and the output is bit-for-bit the base model's. That is why
+    float16 is the default (docs/algorithm.md, "Base-weight precision")."""
+    from b2fast.config import ModelConfig
+
+    dtype = dtype or ModelConfig().dtype
+    policy = Policy(ModelConfig(path=tiny_sd_path, dtype=dtype), torch.device("cpu"), num_steps=10, eta=1.0)
+    lora_layers = [m for m in policy.unet.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    for layer in lora_layers:
+        torch.nn.init.zeros_(layer.lora_B["default"].weight)
+    layer = next(m for m in lora_layers if m.base_layer.bias is None)
+    weight, r = layer.base_layer.weight, layer.lora_A["default"].weight.shape[0]
+    with torch.no_grad():  # delta = 1e-3 · (x Wᵀ) on the first r output channels, exactly
+        layer.lora_A["default"].weight.copy_(weight[:r].float())
+        layer.lora_B["default"].weight[:r].copy_(torch.eye(r) * 1e-3 / layer.scaling["default"])
+
+    x = torch.randn(5, layer.base_layer.in_features, generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+    base_out = layer.base_layer(x)
+    moved = layer(x)[:, :r] != base_out[:, :r]
+    assert bool(moved.all()) if visible else not bool(moved.any())
+
+    latents = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(1))
+    cond, step = policy.embed(["a red cube", "a blue ball"]), torch.tensor([3, 7])
+    with torch.no_grad():
+        _, tuned = policy.predict_eps(latents, step, cond, 5.0, use_cfg=False)
+        with policy.base_weights():
+            _, base = policy.predict_eps(latents, step, cond, 5.0, use_cfg=False)
+    assert torch.equal(tuned, base) is not visible
