@@ -30,6 +30,8 @@ import importlib
 import re
 import sys
 
+from b2fast.utils import one_line_warnings
+
 # suite → (module with ``measure(args) -> JSON document`` and ``format_report(document) -> text``,
 # or ``run(args)`` for a suite of suites; one-line summary)
 SUITES = {
@@ -41,7 +43,7 @@ SUITES = {
                 "reward (clipscore ViT-H-14, aesthetic, bertscore, jpeg) on full-size random-weight "
                 "models"),
     "sample": ("b2fast.bench.sample",
-               "images/s, UNet TFLOP/s, %% of the bf16 matmul ceiling, peak GiB and speed-up vs the "
+               "images/s, UNet TFLOP/s, %% of the model-dtype matmul ceiling, peak GiB and speed-up vs the "
                "per-branch batch-P loop of branch sampling and VAE decoding, SD 1.x random weights"),
     "train": ("b2fast.bench.train",
               "(trajectory, step) pairs/s, TFLOP/s, %% of ceiling, peak GiB and speed-up vs batch-2 "
@@ -96,7 +98,7 @@ SD_HELP = """\
 {what}
 
 Models: SD 1.x with random weights (UNet 860M, VAE, CLIP ViT-L/14 text encoder; no downloads),
-saved in the model dtype (model.dtype, bfloat16 by default) and loaded through b2fast.core.policy.Policy
+saved in the model dtype (model.dtype, float16 by default) and loaded through b2fast.core.policy.Policy
 as a user's checkpoint is; --quick uses the tiny test model and tiny settings instead (CPU,
 seconds). Settings come from the config, defaults being the reference ones (8 prompts x 5
 branches, 20 DDIM steps, intervals schedule.min_interval and schedule.max_interval = 14 and 20,
@@ -188,7 +190,7 @@ def _add_kernels_arguments(p: argparse.ArgumentParser) -> None:
     add("--device", default="auto", help="'auto' (cuda if visible, else cpu), 'cpu', 'cuda' or "
                                          "'cuda:N' (default: %(default)s)")
     add("--dtype", type=_dtype, help="dtype of the ε halves, as the UNet returns them "
-                                     "(default: bfloat16 on cuda, float32 on cpu)")
+                                     "(default: float16 on cuda, the default model.dtype; float32 on cpu)")
     add("--cache-dtype", type=_dtype, default="float16",
         help="dtype of the stored latents x_t, x_prev (default: %(default)s); noise is float32")
     add("--shapes", type=_shape, nargs="+", metavar="BxCxHxW",
@@ -386,6 +388,7 @@ def run_suite(name: str, args: argparse.Namespace) -> tuple[dict, str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    one_line_warnings()
     try:
         args = parse_args(argv)
         records, report, code = run_suite(args.suite, args)

@@ -89,7 +89,7 @@ def sig(x: float, digits: int = 3) -> str:
 def matmul_ceiling(device: torch.device, n: int, warmup: int, repeats: int,
                    dtype: torch.dtype = torch.float32) -> dict:
     """Dense ``a @ b`` of n×n matrices in ``dtype``: the ceiling a model in that dtype runs against
-    (float32 for the rewards; bfloat16 for the SD suites on a GPU)."""
+    (float32 for the rewards; the model dtype, float16 by default, for the SD suites on a GPU)."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     ms = summarize(time_calls(lambda: a @ b, device, warmup, repeats))["ms"]
     return {"n": n, "ms": ms, "tflops": 2 * n ** 3 / (ms * 1e-3) / 1e12}

@@ -215,7 +215,7 @@ def _fill_defaults(args: argparse.Namespace, device: torch.device) -> None:
     args.warmup = args.warmup or warmup
     args.repeats = args.repeats or repeats
     args.copy_mib = args.copy_mib or copy_mib
-    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    args.dtype = args.dtype or ("float16" if device.type == "cuda" else "float32")
 
 
 def measure(args: argparse.Namespace) -> dict:

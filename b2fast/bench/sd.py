@@ -13,7 +13,7 @@
   :func:`b2fast.bench.kernels.time_calls`), the peak CUDA memory allocated during them (weights
   included), the time spent inside one module (the UNet) during the timed calls, and the FLOPs
   of one more, untimed call counted by ``FlopCounterMode`` (:data:`FLOP_CONVENTION`).
-* The ceiling: a dense square matmul in the model dtype on cuda (bfloat16 by default), float32
+* The ceiling: a dense square matmul in the model dtype on cuda (float16 by default), float32
   on cpu, timed in the same run.
 """
 from __future__ import annotations
