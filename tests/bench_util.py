@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 
 from b2fast.bench import cli as bench
 
@@ -20,3 +21,12 @@ def table_rows(report: str, first_header: str = "op") -> list[list[str]]:
             for line in report.splitlines() if line.startswith("| ")]
     assert rows and rows[0][0] == first_header, report
     return rows[1:]
+
+
+def run_quick(folder, suite: str) -> tuple[str, str, dict]:
+    """``python -m b2fast.bench SUITE --quick --device cpu --json``: stdout, stderr and the JSON
+    document of a run that must succeed."""
+    path = folder / f"{suite}.json"
+    code, out, err = run_main([suite, "--quick", "--device", "cpu", "--json", str(path)])
+    assert code == 0, err
+    return out, err, json.loads(path.read_text(encoding="utf-8"))

@@ -18,7 +18,7 @@ import torch
 
 from b2fast import ops
 from b2fast.bench import cli as bench, common as bench_common, kernels as bench_kernels, rewards as bench_rewards
-from bench_util import run_main, table_rows
+from bench_util import run_main, run_quick, table_rows
 
 CASE_OPS = {"ddim_step_with_logprob": "ddim_step_with_logprob", "ddim_logprob_fwd": "ddim_logprob",
             "ddim_logprob_fwd_bwd": "ddim_logprob", "branch_fork": "branch_fork"}
@@ -43,10 +43,7 @@ def expected_backends(op: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bench") / "kernels.json"
-    code, out, err = run_main(["kernels", "--quick", "--device", "cpu", "--json", str(path)])
-    assert code == 0, err
-    return out, err, json.loads(path.read_text(encoding="utf-8"))
+    return run_quick(tmp_path_factory.mktemp("bench"), "kernels")
 
 
 def test_table_has_a_row_per_case_and_live_backend(quick_run):
@@ -194,10 +191,8 @@ def test_a_failing_backend_gives_a_failed_row_and_exit_code_1(monkeypatch, tmp_p
 
 @pytest.fixture(scope="module")
 def rewards_run(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bench") / "rewards.json"
-    code, out, err = run_main(["rewards", "--quick", "--device", "cpu", "--json", str(path)])
-    assert code == 0, err
-    return out, json.loads(path.read_text(encoding="utf-8"))
+    out, _, doc = run_quick(tmp_path_factory.mktemp("bench"), "rewards")
+    return out, doc
 
 
 def test_rewards_table_has_a_row_per_reward_with_positive_numbers(rewards_run):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from b2fast.bench import cli as bench, common as bench_common
-from bench_util import run_main, table_rows
+from bench_util import run_main, run_quick, table_rows
 
 
 SD_TOP_FIELDS = {"suite", "date", "device", "device_type", "torch", "cuda", "diffusers", "b2fast", "threads",
@@ -31,10 +31,8 @@ QUICK_INTERVALS = [4, 6]  # schedule.min_interval, max_interval of --quick
 @pytest.fixture(scope="module")
 def all_run(tmp_path_factory):
     """``all --quick`` once: every suite in turn; stage composed from the earlier suites' parts."""
-    path = tmp_path_factory.mktemp("bench") / "all.json"
-    code, out, err = run_main(["all", "--quick", "--device", "cpu", "--json", str(path)])
-    assert code == 0, err
-    return out, json.loads(path.read_text(encoding="utf-8"))
+    out, _, doc = run_quick(tmp_path_factory.mktemp("bench"), "all")
+    return out, doc
 
 
 def report_of(out: str, suite: str) -> str:
