@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from b2fast.config import ConfigError, apply_overrides, iter_fields, load_yaml, presets_dir, validate
+from b2fast.utils import one_line_warnings
 
 DEFAULT_PRESET = "default.yaml"
 
@@ -82,6 +83,7 @@ def _error(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    one_line_warnings()
     try:
         cfg, resume = parse_config(argv)
     except ConfigError as exc:  # the same on every rank: rank 0 says it
@@ -115,9 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         _error(f"{exc}; the last complete checkpoint is kept in {cfg.out}")
         return 1
     except KeyboardInterrupt:
-        if world.is_main:
+        if world.is_main and (Path(cfg.out) / "checkpoints" / "latest").is_file():
             print(f"interrupted; the last complete checkpoint is kept: continue with --resume {cfg.out}",
                   file=sys.stderr)
+        elif world.is_main:  # nothing to resume from: the same command starts the run again
+            print("interrupted before the first checkpoint; start again with the same command", file=sys.stderr)
         return 130
     finally:
         distributed.shutdown()

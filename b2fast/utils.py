@@ -1,10 +1,13 @@
-"""Small helpers shared by several layers: importing user callables, atomic file writes."""
+"""Small helpers shared by several layers: importing user callables, atomic file and folder writes."""
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import math
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -38,6 +41,19 @@ def first_line(message: object, limit: int = 200) -> str:
 def one_line(exc: BaseException, limit: int = 200) -> str:
     """``Type: first line of the message``: for one-line errors about a library's failure."""
     return f"{type(exc).__name__}: {first_line(exc, limit)}"
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {' '.join(str(message).split())}\n"
+
+
+def one_line_warnings() -> None:
+    """Print warnings as ``warning: message`` on one line. Python's default format adds the file,
+    line number and source line that raised it: a path into b2fast or a library, not the user's
+    input. Called by the command-line entry points only (a library must not change it)."""
+    import warnings
+
+    warnings.formatwarning = _one_line_warning
 
 
 def current_umask() -> int:
@@ -82,9 +98,27 @@ def check_writable(path: str | os.PathLike, name: str, folder: bool = False) -> 
                          f"{str(existing)!r}; choose a writable location")
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or folder's data (a folder: its entries) to the disk, so a rename that
+    follows cannot reach the disk before what it renames. Skipped where the OS or filesystem
+    cannot (folders on Windows, some network filesystems)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (IsADirectoryError, PermissionError):
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EBADF, errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``, so a kill never leaves a partial file.
-    The file gets the usual permissions (0o666 minus the umask), like any newly created file."""
+    """Call ``write(tmp_path)`` then rename onto ``path``, so a kill (or a power cut: the file is
+    fsynced before the rename, the folder after it) never leaves a partial file. The file gets
+    the usual permissions (0o666 minus the umask), like any newly created file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -92,7 +126,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
     try:
         write(tmp)
         os.chmod(tmp, default_mode())  # after write(): a writer may have replaced the file
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -104,6 +140,74 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
     atomic_write(path, write)
+
+
+# A folder is replaced in steps: the new one is filled under ``.NAME.new-XXXX``, the old one
+# renamed aside to ``.NAME.old``, the new one renamed to ``NAME``, then the aside one deleted.
+# A kill between the two renames leaves only ``.NAME.old``: readers use it (readable_folder),
+# the next write puts it back (recover_folders).
+_NEW, _OLD = ".new-", ".old"
+_ASIDE_NAME = re.compile(r"\.(.+)\.old")
+_NEW_NAME = re.compile(r"\.(.+)\.new-[a-z0-9_]{8}")  # tempfile.mkdtemp's 8 random characters
+
+
+def _aside(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}{_OLD}")
+
+
+def readable_folder(folder: str | os.PathLike) -> Path:
+    """``folder``, or its complete previous version when a kill interrupted its replacement
+    (``.NAME.old``, left in place: only the writer moves it back, so readers never race it)."""
+    folder = Path(folder)
+    aside = _aside(folder)
+    return aside if not folder.exists() and aside.is_dir() else folder
+
+
+def recover_folders(parent: str | os.PathLike) -> None:
+    """Finish what a killed :func:`atomic_write_folder` left in ``parent``: put each aside folder
+    back where its replacement never arrived (else delete it), and delete unfinished new ones.
+    Only the one writer of ``parent`` may call this."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return
+    for entry in parent.iterdir():
+        aside, new = _ASIDE_NAME.fullmatch(entry.name), _NEW_NAME.fullmatch(entry.name)
+        if not entry.is_dir() or not (aside or new):
+            continue
+        if new or (parent / aside[1]).exists():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            os.replace(entry, parent / aside[1])
+            fsync_path(parent)
+
+
+def atomic_write_folder(folder: str | os.PathLike, fill: Callable[[Path], Any]) -> Path:
+    """Call ``fill(tmp)`` on a new temporary sibling folder, then put it in place of ``folder``,
+    so at every moment a reader (through :func:`readable_folder`) finds a complete folder: the
+    old one or the new one. Files and folders get the usual modes (mkdtemp makes 0o700, and some
+    writers, e.g. safetensors, 0o600 files)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    recover_folders(folder.parent)
+    aside = _aside(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}{_NEW}", dir=folder.parent))
+    try:
+        fill(tmp)
+        for path in [*tmp.rglob("*"), tmp]:
+            os.chmod(path, default_mode(folder=path.is_dir()))
+            fsync_path(path)
+        if folder.exists():
+            os.replace(folder, aside)
+        os.replace(tmp, folder)
+        fsync_path(folder.parent)
+    except BaseException:
+        if aside.is_dir() and not folder.exists():
+            os.replace(aside, folder)  # interrupted between the renames: the old one goes back
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(aside, ignore_errors=True)
+    return folder
 
 
 def finite_json(value: Any) -> Any:

@@ -303,3 +303,71 @@ def test_samples_log_has_rewards_selection_and_captions(tiny_sd_path, tmp_path, 
         # per prompt the rewards are 0, 1, 2 (repeated): best branch z > 0.5, worst z < -0.5
         assert i["kept"] == {0: "negative", 1: None, 2: "positive"}[branch]
         assert (i["z"] > 0.5) if branch == 2 else (i["z"] < -0.5) if branch == 0 else abs(i["z"]) < 1e-6
+
+
+def test_resume_with_a_smaller_history_window_keeps_only_the_last_stored_stages(tiny_sd_path, tmp_path, capsys):
+    first = Trainer(_cfg(tiny_sd_path, tmp_path, "--selection.history_stages", "2"))
+    for stage in range(2):
+        first.run_stage(stage)
+    stored = first.history.state_dict()["stages"]
+    assert len(stored) == 2 and stored[0] != stored[1]
+    capsys.readouterr()
+    resumed = Trainer(_cfg(tiny_sd_path, tmp_path, "--selection.history_stages", "1"), resume=str(tmp_path))
+    out = capsys.readouterr().out
+    assert "selection.history_stages changed 2 -> 1: keeping the last 1 stored stages" in out
+    assert "(the new values apply): selection.history_stages: 2 -> 1" in out
+    assert resumed.history.history_stages == 1 and resumed.history.state_dict()["stages"] == stored[1:]
+    resumed.run_stage(2)  # pools stage 2 with stage 1 only: the window is H + 1 = 2 stages
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    pooled = {}
+    for s in samples:
+        if s["stage"] >= 1:
+            pooled.setdefault(s["prompt"], []).append(s["reward"])
+    for s in samples:
+        if s["stage"] == 2:
+            assert resumed.history.rewards(s["prompt"]) == pooled[s["prompt"]]
+            r = torch.tensor(pooled[s["prompt"]], dtype=torch.float64)
+            assert s["z"] == pytest.approx(float((s["reward"] - r.mean()) / (r.std() + 1e-8)), rel=1e-5, abs=1e-5)
+
+
+def test_automatic_micro_batch_is_stored_and_reused_on_resume(tiny_sd_path, tmp_path, monkeypatch, capsys):
+    import b2fast.run.trainer
+
+    used = []
+
+    def spy_update(policy, optimizer, batch, selection, tcfg, *args, **kwargs):
+        used.append(tcfg.micro_batch)
+        return real_update(policy, optimizer, batch, selection, tcfg, *args, **kwargs)
+
+    real_update = b2fast.run.trainer.policy_update
+    monkeypatch.setattr(b2fast.run.trainer, "policy_update", spy_update)
+    Trainer(_cfg(tiny_sd_path, tmp_path, "--train.micro_batch", "0")).run_stage(0)
+    state = torch.load(tmp_path / "checkpoints" / "stage-000000" / "trainer_state.pt", weights_only=False)
+    assert used == [8] and state["micro_batch"] == 8  # measured (8 on a CPU) and stored
+
+    monkeypatch.setattr(b2fast.run.trainer, "auto_micro_batch", lambda *args: 3)  # a GPU would measure anew
+    capsys.readouterr()
+    Trainer(_cfg(tiny_sd_path, tmp_path, "--train.micro_batch", "0"), resume=str(tmp_path)).run_stage(1)
+    assert "train.micro_batch = 8 (automatic" in capsys.readouterr().out
+    state = torch.load(tmp_path / "checkpoints" / "stage-000001" / "trainer_state.pt", weights_only=False)
+    assert used == [8, 8] and state["micro_batch"] == 8
+    # an explicit micro-batch on resume wins
+    Trainer(_cfg(tiny_sd_path, tmp_path, "--train.micro_batch", "5"), resume=str(tmp_path)).run_stage(2)
+    assert used == [8, 8, 5]
+
+
+def test_run_stopped_before_its_first_checkpoint_is_started_again_not_resumed(tiny_sd_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    Trainer(_cfg(tiny_sd_path, out, "--schedule.num_stages", "2", "--checkpoint_every", "2")).run_stage(0)
+    assert (out / "metrics.jsonl").is_file() and not (out / "checkpoints").exists()  # killed here
+    capsys.readouterr()
+    assert main(["--resume", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "was stopped before its first checkpoint" in err
+    assert "neither a checkpoint folder" not in err
+    command = err.split("e.g. python -m b2fast.train ")[1].removesuffix(" (its saved config)").split()
+    assert command == ["--config", str(out / "config.yaml"), "--out", str(out)]
+    assert main(command) == 0  # the suggested command starts the run over, in the same folder
+    stages = [json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert stages == [0, 1] and (out / "checkpoints" / "latest").read_text().strip() == "stage-000001"
+

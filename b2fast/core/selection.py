@@ -87,12 +87,18 @@ class RewardHistory:
         return {"history_stages": self.history_stages, "stages_seen": self.stages_seen,
                 "stages": [{p: list(v) for p, v in stage.items()} for stage in self._stages]}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore from :meth:`state_dict` (also after a JSON round trip); replaces H too."""
-        self.history_stages = int(state["history_stages"])
+    def load_state_dict(self, state: dict, history_stages: int | None = None) -> None:
+        """Restore from :meth:`state_dict` (also after a JSON round trip). The stored H, unless
+        ``history_stages`` gives another (a resume with a changed window): then only the last
+        ``history_stages`` stored stages are kept, the previous stages the next one pools with."""
+        stored = int(state["history_stages"])
+        h = stored if history_stages is None else int(history_stages)
+        stages = [{p: [float(x) for x in v] for p, v in stage.items()} for stage in state["stages"]]
+        if h != stored:
+            stages = stages[max(len(stages) - h, 0):]
+        self.history_stages = h
         self.stages_seen = int(state["stages_seen"])
-        self._stages = deque(({p: [float(x) for x in v] for p, v in stage.items()}
-                              for stage in state["stages"]), maxlen=self.history_stages + 1)
+        self._stages = deque(stages, maxlen=h + 1)
 
 
 def _check_rewards(prompts: Sequence[str], rewards: torch.Tensor) -> torch.Tensor:

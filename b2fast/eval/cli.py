@@ -26,7 +26,8 @@ import yaml
 
 from b2fast.config import DTYPES, Config, ModelConfig, SamplingConfig, apply_dict
 from b2fast.prompts import TOY_SETS
-from b2fast.utils import LORA_WEIGHTS_NAME, check_writable, first_line
+from b2fast.utils import (LORA_WEIGHTS_NAME, check_writable, first_line, one_line_warnings,
+                          readable_folder)
 
 DEFAULT_MODEL = "b2fast:toy"
 DEFAULT_SETS = TOY_SETS
@@ -131,17 +132,19 @@ def parse_reward_options(text: str, names: list[str]) -> dict[str, dict]:
 
 
 def resolve_lora(path: str) -> Path:
-    """The folder holding the LoRA weights file, for a LoRA, checkpoint or run folder."""
+    """The folder holding the LoRA weights file, for a LoRA, checkpoint or run folder (each may be
+    the complete previous version of a folder whose replacement a kill interrupted)."""
     folder = Path(path).expanduser()
     if folder.is_file() and folder.name == LORA_WEIGHTS_NAME:
         folder = folder.parent
+    folder = readable_folder(folder)
     if not folder.is_dir():
         raise ArgumentError(f"--lora: no such folder {path!r}")
     latest = folder / "checkpoints" / "latest"
     candidates = [folder, folder / "lora"]
     if latest.is_file():
         candidates.append(folder / "checkpoints" / latest.read_text().strip())
-    for candidate in candidates:
+    for candidate in map(readable_folder, candidates):
         if (candidate / LORA_WEIGHTS_NAME).is_file():
             return candidate
     raise ArgumentError(f"--lora: {path!r} holds no {LORA_WEIGHTS_NAME}, lora/ or checkpoints/latest; give a "
@@ -330,6 +333,7 @@ def evaluate(args, policy, rewards: dict, trained: dict | None, plan) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    one_line_warnings()
     try:
         args, model_cfg, lora, plan, options = prepare(argv)
         from b2fast import backends

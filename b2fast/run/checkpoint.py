@@ -1,15 +1,16 @@
 """Checkpoints: LoRA weights (diffusers format) + optimizer, reward history, RNG and stage.
 
 A checkpoint is a folder ``checkpoints/stage-NNNNNN`` written under a temporary name and
-renamed into place, then named in ``checkpoints/latest`` (also written atomically), so a kill
-at any moment leaves either the previous complete checkpoint or the new one, never half of one.
+renamed into place (b2fast.utils.atomic_write_folder), then named in ``checkpoints/latest``
+(also written atomically), so a kill at any moment leaves either the previous complete
+checkpoint or the new one, never half of one.
 """
 from __future__ import annotations
 
 import os
 import random
+import shlex
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from b2fast.core.policy import LoraMismatchError
-from b2fast.utils import atomic_write_text, default_mode, one_line
+from b2fast.utils import atomic_write_folder, atomic_write_text, one_line, readable_folder
 
 STATE_NAME = "trainer_state.pt"
 LATEST = "latest"
@@ -34,6 +35,7 @@ class TrainerState:
     history: dict
     rng: dict
     config: dict
+    micro_batch: int | None = None  # train.micro_batch = 0 as resolved; None when set explicitly
 
 
 def rng_state() -> dict:
@@ -51,27 +53,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_folder(folder: Path, fill) -> Path:
-    """Call ``fill(tmp)`` on a temporary sibling folder, then put it in place of ``folder``."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        fill(tmp)
-        # the usual modes (mkdtemp makes 0o700, and some writers, e.g. safetensors, 0o600 files)
-        os.chmod(tmp, default_mode(folder=True))
-        for path in tmp.rglob("*"):
-            os.chmod(path, default_mode(folder=path.is_dir()))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-
 def save_lora_folder(policy, folder: str | os.PathLike) -> Path:
     """Write the LoRA weights alone into ``folder`` (replacing it whole, atomically)."""
-    return _write_folder(Path(folder), policy.save_lora)
+    return atomic_write_folder(Path(folder), policy.save_lora)
 
 
 def save_checkpoint(root: str | os.PathLike, policy, state: TrainerState, keep: int) -> Path:
@@ -83,7 +67,7 @@ def save_checkpoint(root: str | os.PathLike, policy, state: TrainerState, keep: 
         policy.save_lora(tmp)
         torch.save(state.__dict__, tmp / STATE_NAME)
 
-    final = _write_folder(ckpt_dir / name, fill)
+    final = atomic_write_folder(ckpt_dir / name, fill)
     atomic_write_text(ckpt_dir / LATEST, name + "\n")
     older = sorted(p for p in ckpt_dir.glob("stage-*") if p.name != name)  # never the one just written
     for old in older[:max(len(older) - (keep - 1), 0)]:
@@ -92,16 +76,22 @@ def save_checkpoint(root: str | os.PathLike, policy, state: TrainerState, keep: 
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint folder, or a run folder whose ``checkpoints/latest`` names one."""
+    """A checkpoint folder, or a run folder whose ``checkpoints/latest`` names one (either may be
+    the complete previous version of a folder whose replacement a kill interrupted)."""
     path = Path(path)
-    if (path / STATE_NAME).is_file():
-        return path
+    if (readable_folder(path) / STATE_NAME).is_file():
+        return readable_folder(path)
     latest = path / "checkpoints" / LATEST
     if latest.is_file():
-        ckpt = path / "checkpoints" / latest.read_text().strip()
+        ckpt = readable_folder(path / "checkpoints" / latest.read_text().strip())
         if (ckpt / STATE_NAME).is_file():
             return ckpt
         raise CheckpointError(f"--resume: {latest} names {ckpt.name!r}, which is missing or incomplete")
+    if (path / "config.yaml").is_file() or (path / "metrics.jsonl").is_file():
+        saved = (f", e.g. python -m b2fast.train --config {shlex.quote(str(path / 'config.yaml'))} --out "
+                 f"{shlex.quote(str(path))} (its saved config)") if (path / "config.yaml").is_file() else ""
+        raise CheckpointError(f"--resume: the run in {str(path)!r} was stopped before its first checkpoint; start "
+                              f"it again with the command that started it, without --resume{saved}")
     raise CheckpointError(f"--resume: {str(path)!r} is neither a checkpoint folder nor a run folder "
                           "with checkpoints/latest")
 

@@ -108,18 +108,25 @@ class Trainer:
                 load_prompts(name, split, field="eval.prompt_sets")
 
     def _check_out(self, checkpoint: Path | None) -> None:
-        """The output folder must be writable, and hold no other run than the one resumed."""
+        """The output folder must be writable, and hold no other run than the one resumed. A run
+        stopped before its first checkpoint cannot be resumed, so a new run may start over it:
+        its partial metrics and samples are dropped (the rest is overwritten as the run goes)."""
         check_writable(self.out, "out", folder=True)
-        holds_run = (self.out / "checkpoints" / "latest").is_file() or (self.out / "metrics.jsonl").is_file()
+        holds_run = (self.out / "checkpoints" / "latest").is_file()
         resumed_here = checkpoint is not None and checkpoint.parent.parent.resolve() == self.out.resolve()
         if holds_run and not resumed_here:
             raise ValueError(f"out: {str(self.out)!r} already holds a run; continue it with --resume {self.out}, "
                              "or choose another --out")
+        if checkpoint is None:
+            truncate_metrics(self.out, -1)
 
     def _resume(self, path: Path) -> None:
         ckpt, state = load_checkpoint(path, self.policy)
         self.optimizer.load_state_dict(state.optimizer)
-        self.history.load_state_dict(state.history)
+        stored_h, new_h = int(state.history["history_stages"]), self.cfg.selection.history_stages
+        self.history.load_state_dict(state.history, new_h)
+        if self.cfg.train.micro_batch == 0 and state.micro_batch:
+            self.micro_batch = state.micro_batch  # measured again, it could round the accumulation otherwise
         set_rng_state(state.rng)
         self.start_stage = state.stage + 1
         if self.world.is_main:
@@ -127,7 +134,13 @@ class Trainer:
             print(f"resumed from {ckpt} at stage {self.start_stage}")
             changed = [c for c in differences(state.config, to_dict(self.cfg)) if not c.startswith(_RUN_ONLY)]
             if changed:
-                print(f"warning: resuming with settings that differ from the checkpoint's: {'; '.join(changed)}")
+                print(f"warning: resuming with settings that differ from the checkpoint's (the new values apply): "
+                      f"{'; '.join(changed)}")
+            if new_h != stored_h:
+                kept = f"the last {len(self.history)}" if new_h < stored_h else f"all {len(self.history)}"
+                print(f"selection.history_stages changed {stored_h} -> {new_h}: keeping {kept} stored stages")
+            if self.micro_batch:
+                print(f"train.micro_batch = {self.micro_batch} (automatic, as measured by the run before)")
 
     # -- one stage ------------------------------------------------------------------------------
     def interval_len(self, stage: int) -> int:
@@ -220,7 +233,8 @@ class Trainer:
             self.tensorboard.log(record)
         if checkpoint:
             state = TrainerState(stage=stage, optimizer=self.optimizer.state_dict(),
-                                 history=self.history.state_dict(), rng=rng_state(), config=to_dict(self.cfg))
+                                 history=self.history.state_dict(), rng=rng_state(), config=to_dict(self.cfg),
+                                 micro_batch=self.micro_batch)
             save_checkpoint(self.out, self.policy, state, self.cfg.keep_checkpoints)
 
     # -- before/after evaluation ------------------------------------------------------------------

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from b2fast.toy.grammar import TEMPLATES, prompts as grammar_prompts
 from b2fast.toy.model import TEXT_LENGTH, build_toy_model
 from b2fast.toy.world import sample_images
-from b2fast.utils import default_mode
+from b2fast.utils import default_mode, one_line_warnings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -189,6 +189,7 @@ fraction of constraints met; diversity = mean pairwise distance of 8×8-pooled i
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    one_line_warnings()
     parser = _parser()
     parser.add_argument("--guidance-scale", type=float, default=5.0, help="CFG scale of the final evaluation")
     args = parser.parse_args(argv)
