@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random-weight SD-layout models, built once per session from configs."""
+"""Shared fixtures: tiny random-weight SD-layout models, built once per session from configs;
+``B2FAST_REQUIRE``, which turns a skip for want of a kernel backend into a failure."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,46 @@ import torch
 # switched on before triton is first imported (b2fast.ops imports it lazily).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# B2FAST_REQUIRE=cpp,triton-interpret (CI sets it: .ci/run): the backends that must be live
+# here. Every test that skips because a backend cannot run goes through the `skip_backend`
+# fixture, which fails instead when the backend is required; tests/test_build.py checks each
+# required backend serves all its ops, so a skip that bypasses the fixture still fails a test.
+REQUIRE_ENV = "B2FAST_REQUIRE"
+REQUIREMENTS = {"cpp": ("cpp", "cpu"),                # the C++ kernels of b2fast._C
+                "triton-interpret": ("triton", "cpu")}  # Triton kernels under TRITON_INTERPRET=1
+
+
+def required_backends() -> set[str]:
+    """The requirement names in B2FAST_REQUIRE (comma-separated); unknown names are an error."""
+    names = {n.strip() for n in os.environ.get(REQUIRE_ENV, "").split(",") if n.strip()}
+    unknown = sorted(names - set(REQUIREMENTS))
+    if unknown:
+        raise pytest.UsageError(f"{REQUIRE_ENV}: unknown name(s) {', '.join(unknown)}; "
+                                f"allowed: {', '.join(REQUIREMENTS)}")
+    return names
+
+
+def requirement_for(backend: str, device: str) -> str | None:
+    """The B2FAST_REQUIRE name that covers ``backend`` on ``device`` tensors, if any."""
+    return next((name for name, bd in REQUIREMENTS.items() if bd == (backend, device)), None)
+
+
+def pytest_configure(config):
+    required_backends()  # a misspelt B2FAST_REQUIRE stops the run before any test
+
+
+@pytest.fixture()
+def skip_backend(request):
+    """``skip_backend(backend, device, why)``: skip this test because ``backend`` cannot run on
+    ``device`` tensors, or fail it (one line) when B2FAST_REQUIRE names that backend. Tests
+    marked ``gpu`` always skip: they need hardware, not a build."""
+    def skip(backend: str, device: str, why: str):
+        name = requirement_for(backend, device)
+        if name in required_backends() and request.node.get_closest_marker("gpu") is None:
+            pytest.fail(f"{REQUIRE_ENV} names {name} but {why}", pytrace=False)
+        pytest.skip(why)
+    return skip
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -124,6 +124,49 @@ def test_stage_is_composed_from_the_measured_parts(all_run):
         assert r["speedup_vs_baseline"] == pytest.approx(base["total_s"] / r["total_s"])
 
 
+def test_stage_compose_on_round_numbers():
+    """compose() and the speed-ups on hand-made parts, expected seconds worked out by hand from
+    the module doc's formulas: sampling = batches × ms per batch; reward = batches·P·K images ÷
+    images/s; training = kept × L × epochs × ms per pair; total = their sum. 4 batches of 2
+    prompts × 5 branches = 40 images, kept 10, 2 epochs."""
+    from b2fast.bench import stage as bench_stage
+    from b2fast.config import Config
+
+    cfg = Config()
+    cfg.sampling.batches_per_stage, cfg.sampling.prompts_per_batch, cfg.sampling.branches = 4, 2, 5
+    cfg.train.epochs = 2
+    sample = [{"case": "sample", "interval": 4, "method": "b2fast", "ms": 250.0},
+              {"case": "sample", "interval": 4, "method": "baseline", "ms": 1000.0},
+              {"case": "decode", "interval": None, "method": "b2fast", "ms": 99.0},   # not a part
+              {"case": "sample", "interval": 6, "method": "b2fast", "ms": 500.0},
+              {"case": "sample", "interval": 6, "method": "baseline", "error": "out of memory"}]
+    train = [{"interval": 4, "method": "b2fast", "ms_per_pair": 10.0},
+             {"interval": 4, "method": "baseline", "ms_per_pair": 25.0},
+             {"interval": 6, "method": "b2fast", "ms_per_pair": 10.0}]
+    clip = {"reward": "clipscore", "images_per_s": 20.0, "baseline_images_per_s": 8.0}
+    parts = {"sample": {"records": sample}, "train": {"records": train},
+             "rewards": {"records": [{"reward": "jpeg", "images_per_s": 1.0}, clip]}}
+    records = bench_stage.compose(parts, cfg, kept=10, intervals=[4, 6])
+    measured = {"interval": 4, "method": "b2fast", "source": "measured", "sampling_s": 3.0,
+                "reward_s": None, "training_s": 1.0, "total_s": 4.0, "kept": 5}
+    bench_stage._add_speedups(records + [measured])
+    got = [(r["interval"], r["method"], r.get("sampling_s"), r.get("reward_s"), r.get("training_s"),
+            r.get("total_s"), r.get("speedup_vs_baseline"), r.get("error")) for r in records]
+    a = pytest.approx
+    assert got == [
+        # 4 × 0.25 s,  40 / 20,  10 × 4 × 2 × 0.010 s;  1 + 2 + 0.8;  baseline 11 s / 3.8 s
+        (4, "b2fast", a(1.0), a(2.0), a(0.8), a(3.8), a(11.0 / 3.8), None),
+        # 4 × 1 s,  40 / 8,  10 × 4 × 2 × 0.025 s;  4 + 5 + 2
+        (4, "baseline", a(4.0), a(5.0), a(2.0), a(11.0), a(1.0), None),
+        # 4 × 0.5 s,  40 / 20,  10 × 6 × 2 × 0.010 s;  no baseline at L = 6, so no speed-up
+        (6, "b2fast", a(2.0), a(2.0), a(1.2), a(5.2), None, None),
+        # its sample part failed (its train part is missing too: the first error is named)
+        (6, "baseline", None, None, None, None, None, "a part failed: out of memory")]
+    assert all(r["kept"] == 10 and r["source"] == "composed" for r in records)
+    # a measured row keeping 5: baseline 4 + 5 + 2 × 5/10 = 10 s, over its 4 s
+    assert measured["speedup_vs_baseline"] == pytest.approx(2.5)
+
+
 def test_stage_full_runs_real_stages(all_run, tmp_path):
     """--full: one Trainer.run_stage per interval after the composed rows (parts from ``all``)."""
     args = bench.parse_args(["stage", "--quick", "--device", "cpu", "--full"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,9 +24,9 @@ def test_backends_report_every_op():
         assert line.split()[0] in ops.KNOWN_BACKENDS, (op, line)
 
 
-def test_extension_matches_package_when_built():
+def test_extension_matches_package_when_built(skip_backend):
     if ops._C is None:
-        pytest.skip(f"extension not built: {ops._C_ERROR}")
+        skip_backend("cpp", "cpu", f"extension not built: {ops._C_ERROR}")
     import torch
     assert ops._C.__version__ == b2fast.__version__
     assert ops._C.torch_version == torch.__version__.split("+")[0]
@@ -38,13 +39,15 @@ def test_forcing_an_unknown_backend_is_a_clear_error():
         ops.set_backend("fast")
 
 
-def test_every_kernel_op_is_built_on_the_cpu():
-    """A built extension serves every fused op on the CPU, so no backend test skips silently."""
+def test_every_kernel_op_is_built_on_the_cpu(skip_backend):
+    """A built extension serves every fused op on the CPU, so no backend test skips silently.
+    Under B2FAST_REQUIRE=cpp a missing extension fails here whatever other tests do."""
     if ops._C is None:
-        pytest.skip(f"extension not built: {ops._C_ERROR}")
+        skip_backend("cpp", "cpu", f"extension not built: {ops._C_ERROR}")
     report = ops.backends("cpu")
     for op in ("ddim_step_with_logprob", "ddim_logprob", "branch_fork"):
         assert report[op] == "cpp", report[op]
+        assert "cpp" in ops.available_backends(op, "cpu")
 
 
 def test_forcing_an_unavailable_backend_is_a_clear_error():
@@ -78,12 +81,15 @@ def test_forcing_a_backend_for_a_device_it_cannot_serve_is_a_clear_error():
         assert ops.get_backend() == "torch"
 
 
-def test_triton_on_the_cpu_under_the_interpreter_can_still_be_forced(monkeypatch):
+def test_triton_on_the_cpu_under_the_interpreter_can_still_be_forced(monkeypatch, skip_backend):
+    """Also the check that B2FAST_REQUIRE=triton-interpret cannot pass with Triton missing."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     if ops._backend_unavailable("triton"):
-        pytest.skip(f"triton not usable here: {ops._backend_unavailable('triton')}")
+        skip_backend("triton", "cpu", f"triton not usable here: {ops._backend_unavailable('triton')}")
     with ops.use_backend("triton", device="cpu"):
-        assert ops.backend_for("ddim_step_with_logprob", "cpu") == "triton"
+        for op in ("ddim_step_with_logprob", "ddim_logprob", "branch_fork"):
+            assert ops.backend_for(op, "cpu") == "triton"
+            assert "triton" in ops.available_backends(op, "cpu")
 
 
 def test_train_cli_refuses_triton_on_the_cpu_in_one_line(tmp_path):
@@ -147,3 +153,58 @@ def test_import_survives_a_broken_extension():
     assert backend_line.startswith("torch (cpp: b2fast._C not loaded (ImportError: undefined")
     assert warnings_count == "1"
     assert error.startswith("backend 'cpp' is not available: b2fast._C not loaded")
+
+
+CONFTEST = Path(__file__).with_name("conftest.py")
+REQUIRE_PROBE = '''
+import pytest
+
+def test_cpp_missing(skip_backend):
+    skip_backend("cpp", "cpu", "extension not built: pretend")
+
+def test_triton_missing(skip_backend):
+    skip_backend("triton", "cpu", "triton not usable here: pretend")
+
+@pytest.mark.gpu
+def test_gpu_only(skip_backend):
+    skip_backend("cpp", "cpu", "pretend this needs a GPU")
+
+def test_unrelated_skip():
+    pytest.skip("nothing to do with backends")
+'''
+
+
+@pytest.mark.parametrize("require, failed", [
+    (None, []),
+    ("cpp", ["test_cpp_missing"]),
+    ("cpp, triton-interpret", ["test_cpp_missing", "test_triton_missing"]),
+])
+def test_b2fast_require_turns_backend_skips_into_failures(tmp_path, require, failed):
+    """The conftest's skip_backend: a skip for want of a backend named by B2FAST_REQUIRE fails
+    with one line; skips for other backends, gpu-marked tests and other reasons still skip."""
+    (tmp_path / "conftest.py").write_text(CONFTEST.read_text())
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: needs a GPU\n")
+    (tmp_path / "test_probe.py").write_text(REQUIRE_PROBE)
+    env = {k: v for k, v in os.environ.items() if k != "B2FAST_REQUIRE"}
+    if require is not None:
+        env["B2FAST_REQUIRE"] = require
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfs", "-p", "no:cacheprovider"],
+                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == (1 if failed else 0), proc.stdout + proc.stderr
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert summary.startswith(f"{len(failed)} failed, " if failed else "4 skipped"), summary
+    assert f"{4 - len(failed)} skipped" in summary, summary
+    names = {"test_cpp_missing": "cpp but extension not built: pretend",
+             "test_triton_missing": "triton-interpret but triton not usable here: pretend"}
+    lines = proc.stdout.splitlines()
+    for test in failed:  # the failure's whole report is one line
+        assert f"B2FAST_REQUIRE names {names[test]}" in lines and f"FAILED test_probe.py::{test}" in proc.stdout
+
+
+def test_b2fast_require_refuses_an_unknown_name(tmp_path):
+    (tmp_path / "conftest.py").write_text(CONFTEST.read_text())
+    (tmp_path / "test_probe.py").write_text("def test_nothing():\n    assert True\n")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=tmp_path, timeout=300,
+                          capture_output=True, text=True, env={**os.environ, "B2FAST_REQUIRE": "cpp,cuda"})
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert "B2FAST_REQUIRE: unknown name(s) cuda; allowed: cpp, triton-interpret" in proc.stderr

@@ -14,7 +14,7 @@ import b2fast.eval.cli
 import b2fast.eval.evaluator
 import b2fast.rewards
 from b2fast.eval.cli import main, parse_reward_options, resolve_lora
-from b2fast.eval.evaluator import EvalRow, image_features, image_diversity, mean_pairwise_distance
+from b2fast.eval.evaluator import EvalRow, image_diversity, mean_pairwise_distance
 from b2fast.utils import atomic_write_text, current_umask
 
 ROWS = ("score", "success", "diversity", "vendi")
@@ -372,7 +372,18 @@ def test_toy_world_end_to_end_keeps_success_and_pixel_diversity(sampled, tmp_pat
     assert row["n_images"] == 6 and list(row["successes"]) == ["toy_align"] == list(row["scores"])
     assert row["success"] == row["successes"]["toy_align"] and 0 <= row["success"] <= 1
     (images,) = [images for _, images in sampled]
-    assert row["diversity"] == pytest.approx(mean_pairwise_distance(image_features(images), 3, "l2"), rel=1e-6)
+    # by hand: 8×8 means of pixel blocks, then L2 over the 6 ordered pairs of each prompt's 3 images
+    n, c, h, w = images.shape
+    pooled = images.double().reshape(n, c, 8, h // 8, 8, w // 8).mean(dim=(3, 5)).flatten(1)
+    pairs = [(3 * p + i, 3 * p + j) for p in range(2) for i in range(3) for j in range(3) if i != j]
+    assert row["diversity"] == pytest.approx(sum(float((pooled[a] - pooled[b]).norm()) for a, b in pairs)
+                                             / len(pairs), rel=1e-5)
+    # vendi by another route: the eigenvalues of K/n = X·Xᵀ/n are the squared singular values of X/√n
+    vendis = []
+    for group in torch.nn.functional.normalize(pooled, dim=1).view(2, 3, -1):
+        lam = [float(s) ** 2 / 3 for s in torch.linalg.svdvals(group) if float(s) ** 2 / 3 > 1e-12]
+        vendis.append(math.exp(-sum(x * math.log(x) for x in lam)))
+    assert row["vendi"] == pytest.approx(sum(vendis) / 2, rel=1e-5)
     assert list(_csv(out)[0])[5:] == ["toy_align", "toy_align_success", "diversity", "vendi"]
     assert (out / "grid_toy_attribute_test_base.png").stat().st_size > 0
 
@@ -408,6 +419,30 @@ def test_cosine_distance_of_identical_orthogonal_and_opposite_embeddings():
     groups = torch.cat([x.repeat(3, 1), torch.eye(3, 8)])                       # prompt 1: 0, prompt 2: 1
     assert mean_pairwise_distance(groups, 3, "cosine") == pytest.approx(0.5, abs=1e-12)
     assert mean_pairwise_distance(torch.eye(3), 1, "cosine") == 0.0             # one image: no pairs
+
+
+def test_diversity_and_vendi_of_three_explicit_embeddings():
+    """a = (1, 0), b = (0, 2), c = (3, 3), written out: cosine distances 1 (a, b) and 1 − 1/√2
+    (a, c and b, c); L2 distances √5, √13, √10; cosine similarities K = [[1, 0, s], [0, 1, s],
+    [s, s, 1]] with s = 1/√2, whose eigenvalues are 1 (vector (1, −1, 0)) and 1 ± √2·s = 2, 0."""
+    features = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    cosine = (1 + 2 * (1 - 1 / math.sqrt(2))) / 3                       # each pair counted twice
+    vendi = math.exp(-(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3)))  # eigenvalues of K/3
+    assert mean_pairwise_distance(features, 3, "cosine") == pytest.approx(cosine, abs=1e-12)
+    assert mean_pairwise_distance(features, 3, "l2") == pytest.approx(
+        (math.sqrt(5) + math.sqrt(13) + math.sqrt(10)) / 3, rel=1e-6)
+    from b2fast.eval.evaluator import vendi_score
+    assert vendi_score(features) == pytest.approx(vendi, abs=1e-12) == pytest.approx(3 / 2 ** (2 / 3))
+
+    class Fixed:  # a reward with embeddings; a second prompt of three copies of a: distance 0, vendi 1
+        def __call__(self, images, prompts):
+            return torch.zeros(images.shape[0])
+
+        def image_embeddings(self, images):
+            return torch.cat([features, features[:1].repeat(3, 1)])
+
+    got = image_diversity(Fixed(), torch.zeros(6, 3, 8, 8), 3)
+    assert got == {"diversity": pytest.approx(cosine / 2, abs=1e-12), "vendi": pytest.approx((vendi + 1) / 2)}
 
 
 def test_l2_distance_is_the_mean_over_ordered_pairs():

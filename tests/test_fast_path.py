@@ -54,16 +54,36 @@ def test_attention_choice_and_a_clear_error_for_unusable_xformers(tiny_sd_path, 
         _policy(tiny_sd_path, attention="xformers")
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tiny_sd_path):
-    grads = []
+def test_gradient_checkpointing_recomputes_blocks_and_gives_the_same_gradients(tiny_sd_path):
+    """With checkpointing on, the backward runs the checkpointed units of the UNet's down, mid and
+    up blocks (resnets, transformer blocks) forward a second time; off, it runs none of them; the
+    gradients are the same either way. Counted by forward pre-hooks: recomputation stops once the
+    saved activations are rebuilt, before a forward hook would fire."""
+    grads, recomputed = [], []
     for checkpointing in (False, True):
         policy = _policy(tiny_sd_path)
         if checkpointing:
             policy.enable_gradient_checkpointing()
+        units = {name: m for name, m in policy.unet.named_modules()
+                 if name.split(".")[0] in ("down_blocks", "mid_block", "up_blocks")
+                 and type(m).__name__ in ("ResnetBlock2D", "BasicTransformerBlock")}
+        calls = {"forward": [], "backward": []}
+        phase = "forward"
+        for name, module in units.items():
+            module.register_forward_pre_hook(lambda m, args, name=name, calls=calls: calls[phase].append(name))
         x, step, cond = _inputs(policy)
         eps_u, eps_c = policy.predict_eps(x, step, cond, 5.0)
+        phase = "backward"
         (eps_c - eps_u).square().sum().backward()
+        assert sorted(calls["forward"]) == sorted(units)  # each unit once in the forward
+        recomputed.append(calls["backward"])
         grads.append([p.grad.clone() for p in policy.lora_parameters()])
+    assert recomputed[0] == [] and recomputed[1], recomputed  # off: nothing; on: recomputation
+    assert len(recomputed[1]) == len(set(recomputed[1]))  # at most once each
+    for block in ("down_blocks", "mid_block", "up_blocks"):
+        assert any(name.startswith(block) for name in recomputed[1]), (block, recomputed[1])
+    # everything in the up blocks lies downstream of LoRA weights, so all of it is recomputed
+    assert {n for n in units if n.startswith("up_blocks")} <= set(recomputed[1])
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
