@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "b2fast", "b2fast.ops", "b2fast.kernels", "b2fast.testing", "b2fast.prompts",
         "b2fast.toy", "b2fast.toy.grammar", "b2fast.toy.world", "b2fast.toy.detector",
         "b2fast.toy.model")),
-    ("algorithm and rewards", ("b2fast.core", "b2fast.rewards", "b2fast.toy.reward")),
+    ("algorithm and rewards", ("b2fast.core", "b2fast.rewards", "b2fast.toy.reward", "b2fast.toy.ladder")),
     ("evaluation", ("b2fast.eval", "b2fast.eval.evaluator")),
     ("run machinery", ("b2fast.run",)),
     ("entry points", ("b2fast.train", "b2fast.__main__", "b2fast.eval.cli", "b2fast.eval.__main__",
