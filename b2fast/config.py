@@ -65,10 +65,18 @@ class ModelConfig:
                                 "between runs (sets TORCHINDUCTOR_CACHE_DIR when compile is on)")
 
 
+PROMPT_SAMPLING = ("uniform", "balanced")
+SELECTION_KINDS = ("b2", "ddpo")
+
+
 @dataclass
 class PromptConfig:
-    source: str = _f("animal_activity", "built-in prompt set name, or a file: JSON list or one prompt per line")
+    source: str = _f("animal_activity", "built-in prompt set name, or a file: JSON list or one prompt per line; "
+                     "several as a YAML list or comma-separated ('toy_attribute,toy_spatial')", joins_list=True)
     split: str = _f("train", "split of a built-in prompt set: 'train' or 'test'")
+    sampling: str = _f("uniform", f"how stage prompts are drawn, one of {PROMPT_SAMPLING}: 'uniform' over all "
+                                  "prompts of all sources; 'balanced' = a source uniformly (the built-in 'toy' "
+                                  "counts as its three templates), then a prompt uniformly within it")
 
 
 @dataclass
@@ -104,6 +112,12 @@ class SelectionConfig:
     history_stages: int = _f(8, "previous stages H whose rewards join the per-prompt statistics")
     pos_threshold: float = _f(0.5, "keep a group's best branch when its z-score >= this")
     neg_threshold: float = _f(-0.5, "keep a group's worst branch when its z-score < this")
+    kind: str = _f("b2", f"selection and normalisation, one of {SELECTION_KINDS}: 'b2' = per-prompt z over "
+                         "H stages, best/worst branch per group by the thresholds; 'ddpo' = every sample kept, "
+                         "DDPO's per-prompt stat tracking (buffer_size, min_count)")
+    buffer_size: int = _f(32, "ddpo: rewards per prompt kept for its statistics (the newest; ddpo-pytorch's 32)")
+    min_count: int = _f(16, "ddpo: below this many buffered rewards a prompt is normalised with the whole "
+                            "stage's mean and std instead of its own (ddpo-pytorch's 16)")
 
 
 @dataclass
@@ -240,6 +254,11 @@ def _resolve(cfg: Config, dotted: str) -> tuple[Any, str, Any]:
 
 def _set(cfg: Config, dotted: str, value: Any) -> None:
     node, name, annotation = _resolve(cfg, dotted)
+    meta = next(f.metadata for f in dataclasses.fields(node) if f.name == name)
+    if meta.get("joins_list") and isinstance(value, list):  # a YAML list of names -> 'a,b,c'
+        if not value or not all(isinstance(v, str) and v.strip() and "," not in v for v in value):
+            raise ConfigError(f"{dotted}: expected a non-empty list of names or paths without commas, got {value!r}")
+        value = ",".join(v.strip() for v in value)
     setattr(node, name, _coerce(value, annotation, dotted))
 
 
@@ -371,6 +390,11 @@ def validate(cfg: Config) -> Config:
     _check(s.overlap_reward in OVERLAP, "sampling.overlap_reward", s.overlap_reward, f"one of {OVERLAP}")
     _check(len(m.lora_targets) > 0, "model.lora_targets", m.lora_targets, "a non-empty list of module names")
     _check(cfg.prompts.split in ("train", "test"), "prompts.split", cfg.prompts.split, "'train' or 'test'")
+    src = cfg.prompts.source
+    _check(Path(src).is_file() or all(part.strip() for part in src.split(",")), "prompts.source", src,
+           "a prompt set name or a file, or several separated by commas (no empty entries)")
+    _check(cfg.prompts.sampling in PROMPT_SAMPLING, "prompts.sampling", cfg.prompts.sampling,
+           f"one of {PROMPT_SAMPLING}")
     _check(s.num_steps >= 1, "sampling.num_steps", s.num_steps, "an integer >= 1")
     _check(s.guidance_scale >= 0, "sampling.guidance_scale", s.guidance_scale, "a number >= 0")
     _check(0 <= s.eta <= 1, "sampling.eta", s.eta, "a number in [0, 1]")
@@ -389,6 +413,10 @@ def validate(cfg: Config) -> Config:
     _check(sel.history_stages >= 0, "selection.history_stages", sel.history_stages, "an integer >= 0")
     _check(sel.neg_threshold < sel.pos_threshold, "selection.neg_threshold", sel.neg_threshold,
            f"a number < selection.pos_threshold={sel.pos_threshold}")
+    _check(sel.kind in SELECTION_KINDS, "selection.kind", sel.kind, f"one of {SELECTION_KINDS}")
+    _check(sel.buffer_size >= 1, "selection.buffer_size", sel.buffer_size, "an integer >= 1")
+    _check(1 <= sel.min_count <= sel.buffer_size, "selection.min_count", sel.min_count,
+           f"an integer in [1, selection.buffer_size={sel.buffer_size}]")
     for name in ("lr", "adam_eps", "clip_range", "adv_clip"):
         _check(getattr(t, name) > 0, f"train.{name}", getattr(t, name), "a number > 0")
     for name in ("weight_decay", "max_grad_norm", "pos_weight", "neg_weight"):

@@ -16,12 +16,25 @@ splits so that every run and every rank sees the same prompts:
 A file is a JSON list of strings (any split gets the whole list), a JSON object
 ``{"train": [...], "test": [...]}``, or plain text with one prompt per line ('#' comments and
 blank lines skipped).
+
+Several sources are given comma-separated, ``toy_attribute,toy_spatial`` (a YAML list in a
+config becomes that string): their prompts are concatenated. A string that is itself a built-in
+name or an existing file is always one source, so a file whose path holds a comma still works;
+a string is split only when every part is a built-in set or an existing file.
+
+:class:`PromptPool` draws a stage's prompts: ``uniform`` over the concatenated list, or
+``balanced``: a source (the built-in ``toy`` counting as its three templates) uniformly, then a
+prompt uniformly within it.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import torch
 
 SPLITS = ("train", "test", "all")
 
@@ -152,9 +165,30 @@ def _parse_file(path: Path, field: str) -> list[str] | dict[str, list[str]]:
     return strings(data)
 
 
+def _known(source: str) -> bool:
+    return source in _BUILTIN or Path(source).is_file()
+
+
+def split_sources(source: str, field: str = "prompts.source") -> list[str]:
+    """The sources named by ``source``: itself when it is a built-in set or an existing file, else
+    its comma-separated parts when every part is one (a one-line error names the first that is not)."""
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError(f"{field}: expected a built-in prompt set {available_prompt_sets()} or a file path, "
+                         f"got {source!r}")
+    if _known(source) or "," not in source:
+        return [source]
+    parts = [part.strip() for part in source.split(",")]
+    for part in parts:
+        if not part or not _known(part):
+            raise ValueError(f"{field}: {part!r} (in {source!r}) is neither a built-in prompt set "
+                             f"{available_prompt_sets()} nor an existing file")
+    return parts
+
+
 def load_prompts(source: str, split: str = "train", section: str = "prompts",
                  field: str | None = None) -> list[str]:
-    """Prompts of ``split`` ('train', 'test' or 'all') from a built-in set name or a file path.
+    """Prompts of ``split`` ('train', 'test' or 'all') from a built-in set name or a file path,
+    or several of them comma-separated (concatenated, in order).
 
     Errors are one line and name the config fields ``{section}.source`` / ``{section}.split``;
     ``field`` names the source otherwise (a CLI flag such as ``--prompts``).
@@ -162,9 +196,13 @@ def load_prompts(source: str, split: str = "train", section: str = "prompts",
     if split not in SPLITS:
         raise ValueError(f"{section}.split: expected one of {list(SPLITS)}, got {split!r}")
     field = field or f"{section}.source"
-    if not isinstance(source, str) or not source:
-        raise ValueError(f"{field}: expected a built-in prompt set {available_prompt_sets()} or a file path, "
-                         f"got {source!r}")
+    sources = split_sources(source, field)
+    if len(sources) > 1:
+        return [p for one in sources for p in _load_one(one, split, field)]
+    return _load_one(source, split, field)
+
+
+def _load_one(source: str, split: str, field: str) -> list[str]:
     if source in _BUILTIN:
         return _select(_BUILTIN[source](), split)
     path = Path(source)
@@ -181,3 +219,70 @@ def load_prompts(source: str, split: str = "train", section: str = "prompts",
     if not prompts:
         raise ValueError(f"{field}: {path} holds no prompts")
     return prompts
+
+
+SAMPLING = ("uniform", "balanced")
+
+
+@dataclass(frozen=True)
+class PromptGroup:
+    """One source (or toy template) of a pool: ``prompts[start:stop]``."""
+    name: str
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class PromptPool:
+    """The training prompts of a run and how a stage draws them (see the module docstring)."""
+    prompts: list[str]
+    groups: tuple[PromptGroup, ...]
+    sampling: str = "uniform"
+
+    def draw(self, n: int, generator: "torch.Generator") -> "torch.Tensor":
+        """``n`` indices into :attr:`prompts` (int64), with replacement, from ``generator`` alone:
+        the same generator state gives the same draw on any rank. ``uniform`` (or a single
+        group) makes exactly one ``torch.randint(len(prompts))`` call, as runs always have."""
+        import torch
+
+        if self.sampling == "uniform" or len(self.groups) == 1:
+            return torch.randint(len(self.prompts), (n,), generator=generator)
+        group = torch.randint(len(self.groups), (n,), generator=generator)
+        sizes = torch.tensor([len(g) for g in self.groups], dtype=torch.int64)[group]
+        starts = torch.tensor([g.start for g in self.groups], dtype=torch.int64)[group]
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        within = torch.minimum((u * sizes).long(), sizes - 1)
+        return starts + within
+
+    def shares(self) -> dict[str, float]:
+        """Expected share of the draws per group."""
+        total = len(self.prompts)
+        if self.sampling == "uniform":
+            return {g.name: len(g) / total for g in self.groups}
+        return {g.name: 1 / len(self.groups) for g in self.groups}
+
+
+def prompt_pool(source: str, split: str = "train", sampling: str = "uniform",
+                section: str = "prompts") -> PromptPool:
+    """The pool of ``source`` (one or several sources, :func:`split_sources`) for ``sampling``.
+
+    Its prompt list is :func:`load_prompts`' (so ``uniform`` draws what runs always drew); with
+    ``balanced``, ``toy`` is split into its templates' groups (for 'train' or 'test', the
+    same list in the same order).
+    """
+    if sampling not in SAMPLING:
+        raise ValueError(f"{section}.sampling: expected one of {list(SAMPLING)}, got {sampling!r}")
+    field = f"{section}.source"
+    names: list[str] = []
+    for one in split_sources(source, field):
+        names += list(TOY_SETS) if one == "toy" and sampling == "balanced" else [one]
+    prompts: list[str] = []
+    groups = []
+    for name in names:
+        part = load_prompts(name, split, section, field)
+        groups.append(PromptGroup(name, len(prompts), len(prompts) + len(part)))
+        prompts += part
+    return PromptPool(prompts, tuple(groups), sampling)

@@ -1,18 +1,23 @@
 """B²-DiffuRL vs plain DDPO on the toy world, the paper's comparison at toy scale.
 
-Both methods start from the same pretrained toy model, see the same number of reward queries
-per stage (128 images) and run the same number of stages:
+Both methods start from the same pretrained toy model, see the same prompts (balanced over the
+three templates), the same number of reward queries per stage (128 images) and run the same
+number of stages:
 
-- **B²-DiffuRL** (the default preset): trunk + 4 branches per prompt, backward progressive
+- **B²-DiffuRL** (preset ``default``): trunk + 4 branches per prompt, backward progressive
   interval 14 → 20 of 20 steps, best/worst-branch selection with thresholds ±0.5.
-- **DDPO**: 128 independent samples per stage (K = 1), the whole 20-step chain trained from the
-  first stage, every sample kept with its per-prompt z-score as advantage (thresholds 0).
+- **DDPO** (preset ``toy_ddpo``): 128 independent samples per stage (K = 1), the whole 20-step
+  chain trained from the first stage, every sample kept, DDPO's per-prompt stat tracking
+  (``selection.kind: ddpo``), PPO clip range 1e-4, one inner epoch.
 
-For each seed and method it records held-out (test-split) and train-split alignment after
-training, as mean score / success rate / diversity over the three templates, and writes a
-Markdown table and the raw JSON. Usage::
+``--lrs`` makes it a small learning-rate sweep: every method runs with every lr (and seed), and
+per method the lr with the best mean *training* reward over the last ``--select-last`` stages
+(mean over seeds; held-out prompts play no part) is chosen; the table reports the chosen runs.
+For each run it records held-out (test-split) and train-split alignment after training, as mean
+score / success rate / diversity over the three templates, and writes a Markdown table and the
+raw JSON. Usage::
 
-    python benchmarks/toy_compare.py --seeds 0 1 2 --out runs/toy_compare
+    python benchmarks/toy_compare.py --seeds 0 1 2 --lrs 3e-3 1e-2 3e-2 --out runs/toy_compare
 """
 from __future__ import annotations
 
@@ -28,43 +33,77 @@ from b2fast.train import preset_path
 from b2fast.run.trainer import Trainer
 from b2fast.utils import atomic_write_text
 
-METHODS = {
-    "B2-DiffuRL": [],
-    "DDPO": ["--sampling.branches", "1", "--sampling.prompts_per_batch", "32",
-             "--schedule.kind", "constant", "--schedule.min_interval", "20",
-             "--selection.pos_threshold", "0", "--selection.neg_threshold", "-1e-9"],
-}
+METHODS = {"B2-DiffuRL": "default.yaml", "DDPO": "toy_ddpo.yaml"}  # method -> preset
 
 
-def run_one(method: str, seed: int, out: Path, extra: list[str]) -> dict:
-    cfg = load_yaml(preset_path("default.yaml"))
-    apply_overrides(cfg, [*METHODS[method], "--seed", str(seed), "--out", str(out / f"{method}-seed{seed}"),
-                          "--log.progress", "false", *extra])
+def run_name(method: str, seed: int, lr: float | None) -> str:
+    return f"{method}-seed{seed}" if lr is None else f"{method}-lr{lr:g}-seed{seed}"
+
+
+def run_one(method: str, seed: int, out: Path, extra: list[str], lr: float | None = None) -> dict:
+    cfg = load_yaml(preset_path(METHODS[method]))
+    apply_overrides(cfg, ["--seed", str(seed), "--out", str(out / run_name(method, seed, lr)),
+                          "--log.progress", "false", *(["--train.lr", repr(lr)] if lr is not None else []),
+                          *extra])
     shutil.rmtree(cfg.out, ignore_errors=True)  # the script's own run folder: every run starts afresh
-    # Before training both methods are the same model evaluated with the same seeds: evaluate
-    # it once per seed (the trainer reads an eval_before.json made with the same settings).
-    for other in METHODS:
-        done = out / f"{other}-seed{seed}" / "eval_before.json"
-        if other != method and done.is_file():
-            Path(cfg.out).mkdir(parents=True, exist_ok=True)
-            atomic_write_text(Path(cfg.out) / "eval_before.json", done.read_text())
-            break
+    # Before training every run of a seed is the same model evaluated with the same seeds: reuse
+    # an evaluation already made (the trainer reads eval_before.json only if made with the same settings).
+    done = next(iter(sorted(out.glob(f"*-seed{seed}/eval_before.json"))), None)
+    if done is not None:
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(cfg.out) / "eval_before.json", done.read_text())
     started = time.perf_counter()
     trainer = Trainer(cfg)
     records = trainer.run()
-    result = json.loads((Path(cfg.out) / "eval.json").read_text())
-    return {"method": method, "seed": seed, "minutes": (time.perf_counter() - started) / 60,
+    result = json.loads((Path(cfg.out) / "eval.json").read_text()) if cfg.eval.enabled else {}
+    return {"method": method, "seed": seed, "lr": cfg.train.lr,
+            "minutes": (time.perf_counter() - started) / 60,
             "train_minutes": sum(r["seconds"] for r in records) / 60,  # stages only, no evaluation
             "reward_first": records[0]["reward_mean"], "reward_last": records[-1]["reward_mean"],
-            **result}
+            "stage_rewards": [r["reward_mean"] for r in records], **result}
+
+
+def _lr(lr: float | None) -> str:
+    return "?" if lr is None else f"{lr:g}"  # results.json of an older version holds no lr
+
+
+def train_reward(run: dict, last: int) -> float:
+    """Mean training (stage) reward over the run's last ``last`` stages."""
+    values = [v for v in run.get("stage_rewards", [run["reward_last"]])[-last:] if v is not None]
+    return statistics.mean(values) if values else float("-inf")
+
+
+def choose_lrs(results: list[dict], last: int) -> tuple[dict[str, float], list[str]]:
+    """Per method, the lr with the best mean (over seeds) training reward of the last stages;
+    and a Markdown table of the sweep."""
+    lines = [f"| method | lr | seeds | training reward, last {last} stages | chosen |", "|---|---|---|---|---|"]
+    chosen = {}
+    for method in METHODS:
+        by_lr: dict[float, list[float]] = {}
+        for r in results:
+            if r["method"] == method:
+                by_lr.setdefault(r.get("lr"), []).append(train_reward(r, last))
+        if not by_lr:
+            continue
+        means = {lr: statistics.mean(v) for lr, v in by_lr.items()}
+        chosen[method] = max(means, key=lambda lr: means[lr])
+        for lr, mean in means.items():
+            mark = "yes" if lr == chosen[method] else ""
+            lines.append(f"| {method} | {_lr(lr)} | {len(by_lr[lr])} | {mean:.4f} | {mark} |")
+    return chosen, lines
 
 
 def _mean(rows: list[dict], split: str, key: str) -> float:
     return statistics.mean(r[key] for r in rows if r["split"] == split)
 
 
-def summarise(results: list[dict]) -> str:
-    """Markdown: per method, mean ± std over seeds of test/train alignment after training."""
+def summarise(results: list[dict], last: int = 3) -> str:
+    """Markdown: the lr sweep, then per method (at its chosen lr) mean ± std over seeds of
+    test/train alignment after training."""
+    chosen, sweep = choose_lrs(results, last)
+    results = [r for r in results if r.get("lr") == chosen.get(r["method"])]
+    if not all("after" in r for r in results):  # evaluation switched off: the sweep only
+        return "\n".join(sweep)
     lines = ["| method | seeds | test success | test score | train success | train score | test diversity | train minutes |",
              "|---|---|---|---|---|---|---|---|"]
     def cell(runs, when, split, key):
@@ -83,9 +122,9 @@ def summarise(results: list[dict]) -> str:
     for method in METHODS:
         runs = [r for r in results if r["method"] == method]
         if runs:
-            lines.append(row(method, runs, "after",
+            lines.append(row(f"{method} (lr {_lr(chosen[method])})", runs, "after",
                              f"{statistics.mean(r['train_minutes'] for r in runs):.1f}"))
-    return "\n".join(lines)
+    return "\n".join(sweep + [""] + lines)
 
 
 def main() -> None:
@@ -98,6 +137,11 @@ def main() -> None:
     parser.add_argument("--out", default="runs/toy_compare", help="output folder (default: %(default)s)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
                         help="methods to run (default: all)")
+    parser.add_argument("--lrs", type=float, nargs="+", default=None,
+                        help="learning rates to sweep per method (default: each preset's own train.lr)")
+    parser.add_argument("--select-last", type=int, default=3,
+                        help="choose each method's lr by its mean training reward over this many last "
+                             "stages (default: %(default)s)")
     parser.add_argument("--table-only", action="store_true",
                         help="print the table of OUT/results.json again without running anything")
     args, extra = parser.parse_known_args()
@@ -105,14 +149,17 @@ def main() -> None:
     if args.table_only:
         if not (out / "results.json").is_file():
             parser.error(f"--table-only: no {out / 'results.json'}; run the comparison first (or give --out)")
-        print(summarise(json.loads((out / "results.json").read_text())))
+        print(summarise(json.loads((out / "results.json").read_text()), args.select_last))
         return
+    if args.select_last < 1:
+        parser.error(f"--select-last: got {args.select_last}, expected an integer >= 1")
     results = []
     for seed in args.seeds:
         for method in args.methods:
-            results.append(run_one(method, seed, out, extra))
-            atomic_write_text(out / "results.json", json.dumps(results, indent=1))
-    table = summarise(results)
+            for lr in args.lrs or [None]:
+                results.append(run_one(method, seed, out, extra, lr))
+                atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+    table = summarise(results, args.select_last)
     atomic_write_text(out / "results.md", table + "\n")
     print(table)
 

@@ -23,6 +23,13 @@ The stage loop calls, once per stage and with *all* of that stage's rewards::
 
 The history pools in *stages*, not in appearances: rewards a prompt got at stage s are used at
 stage s' only if s' − s <= H, so a prompt that returns after a long absence starts fresh.
+
+``selection.kind: ddpo`` is DDPO's (Black et al., ICLR 2024; ddpo-pytorch's
+``PerPromptStatTracker``) instead: :class:`PromptStatTracker` keeps the newest ``buffer_size``
+rewards per prompt, the advantage is ``(r − mean_p)/(std_p + 1e-6)`` over them (population std),
+or over the whole stage's rewards while the prompt has fewer than ``min_count``, and
+:func:`select_all` keeps every sample. The trainer goes through :func:`make_tracker` and
+:func:`normalize_and_select`, which dispatch on the kind.
 """
 from __future__ import annotations
 
@@ -32,6 +39,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from b2fast.config import SelectionConfig
 
 EPS = 1e-8  # added to std_p, as in the paper, so a prompt with equal rewards gives z = 0
 
@@ -193,3 +202,122 @@ def select(z: torch.Tensor, group_ids: torch.Tensor, pos_threshold: float = 0.5,
     positive = (torch.arange(indices.numel(), device=z.device) < int(keep_pos.sum()))[order]
     return Selection(indices=indices, advantages=z[indices], positive=positive,
                      n_positive=int(keep_pos.sum()), n_negative=int(keep_neg.sum()))
+
+
+
+# ---------------------------------------------------------------------------------------------
+# DDPO: per-prompt stat tracking with the batch fallback, every sample kept
+
+DDPO_EPS = 1e-6  # ddpo-pytorch's
+
+
+class PromptStatTracker:
+    """DDPO's per-prompt statistics: the newest ``buffer_size`` finite rewards of each prompt.
+
+    :meth:`update` adds a stage's rewards (in batch order), then gives each sample
+    ``(r − mean)/(std + 1e-6)`` with the mean and population std of its prompt's buffer, or of
+    the stage's finite rewards when the buffer holds fewer than ``min_count`` rewards. NaN
+    rewards stay out of every statistic and get NaN.
+    """
+
+    def __init__(self, buffer_size: int = 32, min_count: int = 16):
+        if not isinstance(buffer_size, int) or buffer_size < 1:
+            raise ValueError(f"buffer_size must be an integer >= 1, got {buffer_size!r}")
+        if not isinstance(min_count, int) or min_count < 1:
+            raise ValueError(f"min_count must be an integer >= 1, got {min_count!r}")
+        self.buffer_size, self.min_count = buffer_size, min_count
+        self.stages_seen = 0
+        self._buffers: dict[str, deque[float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+    def rewards(self, prompt: str) -> list[float]:
+        """The buffered rewards of ``prompt``, oldest first."""
+        return list(self._buffers.get(prompt, ()))
+
+    def update(self, prompts: Sequence[str], rewards: torch.Tensor) -> torch.Tensor:
+        """Add one stage's rewards, then return their advantages (float32 on ``rewards.device``)."""
+        r = _check_rewards(prompts, rewards)
+        values = r.tolist()
+        for prompt, value in zip(prompts, values):
+            if not math.isnan(value):
+                self._buffers.setdefault(prompt, deque(maxlen=self.buffer_size)).append(value)
+        self.stages_seen += 1
+        finite = r[~torch.isnan(r)]
+        batch = (finite.mean().item(), finite.std(unbiased=False).item()) if finite.numel() else (math.nan, 0.0)
+        stats = {}
+        for prompt in dict.fromkeys(prompts):
+            own = torch.tensor(self.rewards(prompt), dtype=torch.float64)
+            stats[prompt] = ((own.mean().item(), own.std(unbiased=False).item())
+                             if own.numel() >= self.min_count else batch)
+        mean = torch.tensor([stats[p][0] for p in prompts], dtype=torch.float64)
+        std = torch.tensor([stats[p][1] for p in prompts], dtype=torch.float64)
+        return ((r - mean) / (std + DDPO_EPS)).to(rewards.device, torch.float32)
+
+    def state_dict(self) -> dict:
+        """Plain lists/floats only (JSON-safe), tagged ``kind: ddpo``."""
+        return {"kind": "ddpo", "buffer_size": self.buffer_size, "min_count": self.min_count,
+                "stages_seen": self.stages_seen, "buffers": {p: list(b) for p, b in self._buffers.items()}}
+
+    def load_state_dict(self, state: dict, buffer_size: int | None = None, min_count: int | None = None) -> None:
+        """Restore from :meth:`state_dict`; a different ``buffer_size`` keeps each prompt's newest."""
+        self.buffer_size = int(state["buffer_size"]) if buffer_size is None else int(buffer_size)
+        self.min_count = int(state["min_count"]) if min_count is None else int(min_count)
+        self.stages_seen = int(state["stages_seen"])
+        self._buffers = {p: deque((float(x) for x in v), maxlen=self.buffer_size)
+                         for p, v in state["buffers"].items()}
+
+
+def select_all(advantages: torch.Tensor) -> Selection:
+    """Keep every sample with a finite advantage (DDPO); positive = advantage > 0."""
+    if advantages.ndim != 1:
+        raise ValueError(f"advantages must be 1-D, got {tuple(advantages.shape)}")
+    a = advantages.float()
+    indices = torch.nonzero(~torch.isnan(a)).flatten()
+    positive = a[indices] > 0
+    n_positive = int(positive.sum())
+    return Selection(indices=indices, advantages=a[indices], positive=positive,
+                     n_positive=n_positive, n_negative=indices.numel() - n_positive)
+
+
+Tracker = RewardHistory | PromptStatTracker
+
+
+def make_tracker(sel: SelectionConfig) -> Tracker:
+    """The reward statistics ``selection.kind`` keeps across stages."""
+    if sel.kind == "ddpo":
+        return PromptStatTracker(sel.buffer_size, sel.min_count)
+    if sel.kind == "b2":
+        return RewardHistory(sel.history_stages)
+    raise ValueError(f"selection.kind: got {sel.kind!r}, expected 'b2' or 'ddpo'")
+
+
+def normalize_and_select(tracker: Tracker, sel: SelectionConfig, prompts: Sequence[str], rewards: torch.Tensor,
+                         group_ids: torch.Tensor) -> tuple[torch.Tensor, Selection]:
+    """One stage: record its rewards in ``tracker``, return (z or advantage per sample, selection)."""
+    if isinstance(tracker, PromptStatTracker):
+        z = tracker.update(prompts, rewards)
+        return z, select_all(z)
+    z = normalize_stage(tracker, prompts, rewards)
+    return z, select(z, group_ids, sel.pos_threshold, sel.neg_threshold)
+
+
+def load_tracker_state(tracker: Tracker, state: dict, sel: SelectionConfig) -> str | None:
+    """Restore a checkpoint's tracker state (from the config's own settings); returns a note to
+    print when a setting changed, raises when the checkpoint was made with another kind."""
+    stored = state.get("kind", "b2")
+    if stored != sel.kind:
+        raise ValueError(f"selection.kind: the checkpoint was trained with {stored!r}, got {sel.kind!r}; "
+                         f"resume with --selection.kind {stored}")
+    if isinstance(tracker, PromptStatTracker):
+        old = int(state["buffer_size"])
+        tracker.load_state_dict(state, sel.buffer_size, sel.min_count)
+        return None if old == sel.buffer_size else (
+            f"selection.buffer_size changed {old} -> {sel.buffer_size}: keeping each prompt's newest rewards")
+    old = int(state["history_stages"])
+    tracker.load_state_dict(state, sel.history_stages)
+    if old == sel.history_stages:
+        return None
+    kept = f"the last {len(tracker)}" if sel.history_stages < old else f"all {len(tracker)}"
+    return f"selection.history_stages changed {old} -> {sel.history_stages}: keeping {kept} stored stages"
