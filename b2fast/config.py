@@ -40,6 +40,7 @@ OVERLAP = ("auto", "on", "off")
 # Objectives registered in b2fast.core.objectives (kept here too so the config stays torch-free;
 # tests/test_ppo.py checks the two lists agree).
 OBJECTIVES = ("ppo",)
+NULL_CONTROLS = ("off", "shuffle", "zero")
 
 
 @dataclass
@@ -118,6 +119,9 @@ class SelectionConfig:
     buffer_size: int = _f(32, "ddpo: rewards per prompt kept for its statistics (the newest; ddpo-pytorch's 32)")
     min_count: int = _f(16, "ddpo: below this many buffered rewards a prompt is normalised with the whole "
                             "stage's mean and std instead of its own (ddpo-pytorch's 16)")
+    null_control: str = _f("off", f"one of {NULL_CONTROLS}: 'shuffle' permutes the kept samples' advantages "
+                                  "within the stage, 'zero' sets them to 0 — a run that must NOT learn, beside "
+                                  "every claim that a setting does")
 
 
 @dataclass
@@ -425,6 +429,7 @@ def validate(cfg: Config) -> Config:
         _check(0 <= getattr(t, name) < 1, f"train.{name}", getattr(t, name), "a number in [0, 1)")
     for name in ("trajectories_per_step", "epochs"):
         _check(getattr(t, name) >= 1, f"train.{name}", getattr(t, name), "an integer >= 1")
+    _check(sel.null_control in NULL_CONTROLS, "selection.null_control", sel.null_control, f"one of {NULL_CONTROLS}")
     _check(t.objective in OBJECTIVES, "train.objective", t.objective, f"one of {OBJECTIVES}")
     _check(t.micro_batch >= 0, "train.micro_batch", t.micro_batch, "an integer >= 1, or 0 for automatic")
     _check(bool(cfg.reward.name), "reward.name", cfg.reward.name, "a reward name or 'module:function'")

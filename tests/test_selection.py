@@ -189,3 +189,29 @@ def test_select_matches_a_plain_loop(seed):
     sel = select(z, groups, 0.5, -0.5)
     assert sel.indices.tolist() == _select_by_loop(z.tolist(), groups.tolist(), 0.5, -0.5)
     assert sel.n_positive + sel.n_negative == len(sel)
+
+
+def test_null_controls_decouple_advantages_from_rewards():
+    from b2fast.core.selection import null_control
+
+    z = torch.tensor([1.5, -0.7, 0.9, -2.0, 0.6, -0.8, 1.1, -1.3])
+    kept = select(z, torch.arange(8) // 2)           # 4 groups of 2: best and worst of each
+    assert null_control(kept, "off") is kept
+    zero = null_control(kept, "zero")
+    assert torch.equal(zero.indices, kept.indices) and torch.all(zero.advantages == 0)
+    shuffled = null_control(kept, "shuffle", torch.Generator().manual_seed(0))
+    again = null_control(kept, "shuffle", torch.Generator().manual_seed(0))
+    assert torch.equal(shuffled.indices, kept.indices) and torch.equal(shuffled.advantages, again.advantages)
+    assert sorted(shuffled.advantages.tolist()) == sorted(kept.advantages.tolist())
+    assert not torch.equal(shuffled.advantages, kept.advantages)
+    with pytest.raises(ValueError, match="null_control"):
+        null_control(kept, "reverse")
+
+
+def test_null_control_is_a_validated_config_field():
+    from b2fast.config import Config, ConfigError, validate
+
+    cfg = Config()
+    cfg.selection.null_control = "reverse"
+    with pytest.raises(ConfigError, match=r"selection.null_control: got 'reverse'"):
+        validate(cfg)

@@ -33,9 +33,10 @@ or over the whole stage's rewards while the prompt has fewer than ``min_count``,
 """
 from __future__ import annotations
 
+
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -294,13 +295,35 @@ def make_tracker(sel: SelectionConfig) -> Tracker:
 
 
 def normalize_and_select(tracker: Tracker, sel: SelectionConfig, prompts: Sequence[str], rewards: torch.Tensor,
-                         group_ids: torch.Tensor) -> tuple[torch.Tensor, Selection]:
-    """One stage: record its rewards in ``tracker``, return (z or advantage per sample, selection)."""
+                         group_ids: torch.Tensor, generator: torch.Generator | None = None
+                         ) -> tuple[torch.Tensor, Selection]:
+    """One stage: record its rewards in ``tracker``, return (z or advantage per sample, selection).
+    ``selection.null_control`` then breaks the link between rewards and advantages (``generator``
+    draws the shuffle)."""
     if isinstance(tracker, PromptStatTracker):
         z = tracker.update(prompts, rewards)
-        return z, select_all(z)
-    z = normalize_stage(tracker, prompts, rewards)
-    return z, select(z, group_ids, sel.pos_threshold, sel.neg_threshold)
+        selection = select_all(z)
+    else:
+        z = normalize_stage(tracker, prompts, rewards)
+        selection = select(z, group_ids, sel.pos_threshold, sel.neg_threshold)
+    return z, null_control(selection, sel.null_control, generator)
+
+
+def null_control(selection: Selection, kind: str, generator: torch.Generator | None = None) -> Selection:
+    """The selection with its advantages decoupled from the rewards: ``shuffle`` permutes them
+    among the kept samples (same magnitudes, same update size, random direction), ``zero`` sets
+    them to 0 (no update at all); ``off`` returns it unchanged. A setting that "learns" must beat
+    its null control, or what moved was noise."""
+    if kind == "off":
+        return selection
+    if kind == "zero":
+        advantages = torch.zeros_like(selection.advantages)
+    elif kind == "shuffle":
+        order = torch.randperm(len(selection), generator=generator).to(selection.advantages.device)
+        advantages = selection.advantages[order]
+    else:
+        raise ValueError(f"selection.null_control: got {kind!r}, expected 'off', 'shuffle' or 'zero'")
+    return replace(selection, advantages=advantages)
 
 
 def load_tracker_state(tracker: Tracker, state: dict, sel: SelectionConfig) -> str | None:
