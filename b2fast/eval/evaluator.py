@@ -14,6 +14,9 @@ embeddings of the first reward that has them (``image_embeddings``: the CLIP rew
   pooled pixels (model-free, so the toy numbers published in the README stay comparable).
 * ``vendi``: the Vendi score under cosine similarity, the effective number of distinct images
   among the n (1 to n).
+
+Each row also keeps every reward cell's per-prompt means (``per_prompt``), so that two columns
+can be compared prompt by prompt (``b2fast.eval.stats``: paired bootstrap intervals).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from b2fast.core.policy import Policy
 from b2fast.prompts import TOY_SETS, load_prompts
 from b2fast.rewards import Reward, score_images
 from b2fast.core.sampling import generate
+from b2fast.eval.stats import compare_rows, format_differences
 
 # Rewards whose score 1 means "every constraint of the prompt met", so the fraction of images
 # scoring >= 1 is a success rate. For the others (cosines, F1, 1-10 ratings, kB) a threshold
@@ -48,6 +52,9 @@ class EvalRow:
     vendi: float = float("nan")  # Vendi score of one prompt's images, averaged over prompts
     scores: dict[str, float] = field(default_factory=dict)     # mean score per named reward
     successes: dict[str, float] = field(default_factory=dict)  # success rate, SUCCESS_AT_ONE rewards
+    # per reward cell (the labels of reward_cells): its mean over each prompt's images, in prompt
+    # order; what the paired before/after intervals resample. Empty in rows stored by older versions.
+    per_prompt: dict[str, list[float]] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {k: dict(v) if isinstance(v, dict) else v for k, v in self.__dict__.items()}
@@ -58,6 +65,8 @@ class EvalRow:
         def nan_for_none(value):
             if isinstance(value, dict):
                 return {k: nan_for_none(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [nan_for_none(v) for v in value]
             return float("nan") if value is None else value
         return cls(**{k: nan_for_none(v) for k, v in row.items()})
 
@@ -146,30 +155,43 @@ def pick_prompts(prompts: list[str], limit: int) -> list[str]:
     return [prompts[int(i * step)] for i in range(limit)]
 
 
-def _score_metrics(scores: torch.Tensor) -> tuple[float, float]:
-    """(mean, fraction >= 1) over the finite scores."""
+def _score_metrics(scores: torch.Tensor, n_per_prompt: int) -> tuple[float, float, list[float], list[float]]:
+    """(mean, fraction >= 1) over the finite scores, then the same per prompt (``n_per_prompt``
+    consecutive scores each; NaN for a prompt without a finite score)."""
     finite = scores[torch.isfinite(scores)]
-    return float(finite.mean()), float((finite >= 1).float().mean())
+    grouped = scores.double().view(-1, n_per_prompt)
+    ok = torch.isfinite(grouped)
+    counts = ok.sum(dim=1).double()  # 0 finite scores: 0/0 = NaN below, as the overall mean of nothing
+    means = torch.where(ok, grouped, 0).sum(dim=1) / counts
+    rates = (ok & (grouped >= 1)).sum(dim=1) / counts
+    return float(finite.mean()), float((finite >= 1).float().mean()), means.tolist(), rates.tolist()
 
 
 @torch.no_grad()
 def evaluate_prompts(policy: Policy, prompts: list[str], rewards: Reward | Mapping[str, Reward],
                      cfg: SamplingConfig, n_per_prompt: int, seed: int,
                      batch: int = 256) -> tuple[dict, torch.Tensor]:
-    """({score, success, diversity, vendi, scores, successes}, images) of ``n_per_prompt`` images
-    per prompt, sampled once and scored by every reward. ``rewards``: one reward, or a dict
-    name → reward (the first gives score/success; each named one gets its entry in scores)."""
+    """({score, success, diversity, vendi, per_prompt, scores, successes}, images) of
+    ``n_per_prompt`` images per prompt, sampled once and scored by every reward. ``rewards``: one
+    reward, or a dict name → reward (the first gives score/success; each named one gets its entry
+    in scores). ``per_prompt`` is keyed by the labels of ``EvalRow.reward_cells``."""
     everything = [p for p in prompts for _ in range(n_per_prompt)]
     generator = torch.Generator(policy.device).manual_seed(seed)
     images = torch.cat([generate(policy, everything[i:i + batch], cfg, generator)
                         for i in range(0, len(everything), batch)])
-    named = {name: _score_metrics(score_images(r, images, everything, name))
+    named = {name: _score_metrics(score_images(r, images, everything, name), n_per_prompt)
              for name, r in _as_named(rewards).items()}
-    score, success = next(iter(named.values()))
-    metrics = {"score": score, "success": success, **image_diversity(rewards, images, n_per_prompt)}
+    score, success, per_score, per_success = next(iter(named.values()))
+    metrics = {"score": score, "success": success, **image_diversity(rewards, images, n_per_prompt),
+               "per_prompt": {"score": per_score, "success": per_success}}  # reward_cells' labels
     if isinstance(rewards, Mapping):
-        metrics["scores"] = {name: mean for name, (mean, _) in named.items()}
-        metrics["successes"] = {name: rate for name, (_, rate) in named.items() if name in SUCCESS_AT_ONE}
+        metrics["scores"] = {name: m[0] for name, m in named.items()}
+        metrics["successes"] = {name: m[1] for name, m in named.items() if name in SUCCESS_AT_ONE}
+        metrics["per_prompt"] = {}
+        for name, (_, _, means, rates) in named.items():
+            metrics["per_prompt"][name] = means
+            if name in SUCCESS_AT_ONE:
+                metrics["per_prompt"][f"{name}_success"] = rates
     return metrics, images
 
 
@@ -213,3 +235,13 @@ def format_rows(columns: dict[str, list[EvalRow]]) -> str:
         lines.append(f"{row.prompt_set:<16} {row.split:<6} "
                      + " ".join(f"{v:>{w}{fmt}}" for (v, fmt), w in zip(values, widths)))
     return "\n".join(lines)
+
+
+def format_comparison(columns: dict[str, list[EvalRow]]) -> str:
+    """:func:`format_rows`, and with two columns (base/trained, before/after) the table of their
+    differences with paired bootstrap intervals under it (``b2fast.eval.stats``)."""
+    text = format_rows(columns)
+    if len(columns) == 2:
+        (first, before), (second, after) = columns.items()
+        text += "\n\n" + format_differences(compare_rows(before, after), first, second)
+    return text

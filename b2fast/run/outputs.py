@@ -65,50 +65,129 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def image_grid(images: torch.Tensor, columns: int = 0) -> np.ndarray:
-    """(N, 3, H, W) in [0, 1] → one (rows·H, cols·W, 3) uint8 array with 1-px gaps."""
-    n, _, h, w = images.shape
-    cols = columns or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.zeros((rows * (h + 1) + 1, cols * (w + 1) + 1, 3), dtype=np.uint8)
-    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    for k in range(n):
-        r, c = divmod(k, cols)
-        grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = pixels[k]
-    return grid
+def _uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [0, 1] → (N, H, W, 3) uint8, as the PNG stores them."""
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(path: str | Path, images: torch.Tensor, min_size: int = 256, columns: int = 0) -> None:
-    """Write a PNG grid, upscaled with nearest neighbour so tiny images stay visible."""
-    from PIL import Image
+# Labelled grids (prompt text | images [| images ...]): a toy image is 32 px, so at 1× a row is
+# a few dozen pixels high and no prompt fits beside it. Enlarge by an integer factor (nearest
+# neighbour: every source pixel becomes a scale×scale block, nothing is invented) until an image
+# is at least GRID_SIDE px; SD-size images (512 px) stay at 1×.
+GRID_SIDE = 128
+GAP = 4               # px between images and around the picture
+BLOCK_GAP = 4 * GAP   # px between two blocks of a row (before | after): wide enough to see the split
+BACKGROUND = (255, 255, 255)
+INK = (0, 0, 0)
 
-    grid = Image.fromarray(image_grid(images, columns))
-    scale = max(1, min_size // max(grid.size))
-    if scale > 1:
-        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
-    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+
+def grid_scale(side: int) -> int:
+    """The enlargement of an image whose longer side is ``side`` px: max(1, GRID_SIDE // side)."""
+    return max(1, GRID_SIDE // side)
 
 
-def save_prompt_grid(path: str | Path, images: torch.Tensor, prompts: list[str], n_per_prompt: int, min_size: int = 256) -> None:
-    """A PNG with one row per prompt: its images side by side, the prompt written above them;
-    upscaled with nearest neighbour (as ``save_grid``) so tiny images stay visible."""
-    from PIL import Image, ImageDraw, ImageFont
+def _font(size: int):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)   # Pillow >= 10.1 with FreeType: a scalable font
+    except (TypeError, ImportError, OSError):      # older Pillow or no FreeType: the 11-px bitmap font
+        return ImageFont.load_default()
 
-    rows = [Image.fromarray(image_grid(images[i * n_per_prompt:(i + 1) * n_per_prompt], n_per_prompt))
-            for i in range(len(prompts))]
-    scale = max(1, min_size // max(rows[0].width, sum(r.height for r in rows)))
-    rows = [r.resize((r.width * scale, r.height * scale), Image.NEAREST) for r in rows]
-    font = ImageFont.load_default()
-    boxes = [font.getbbox(p) for p in prompts]                          # (left, top, right, bottom)
-    line = max(box[3] for box in boxes) + 4                             # text height + margin
-    width = max(rows[0].width, *(box[2] + 6 for box in boxes))
-    grid = Image.new("RGB", (width, sum(line + r.height for r in rows)))
-    draw, y = ImageDraw.Draw(grid), 0
-    for prompt, row in zip(prompts, rows):
-        draw.text((3, y + 2), prompt, fill=(255, 255, 255), font=font)
-        grid.paste(row, (0, y + line))
-        y += line + row.height
-    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+
+def _wrap(draw, text: str, font, width: int) -> list[str]:
+    """Greedy word wrap to ``width`` px (a word longer than a line keeps its own line)."""
+    lines: list[str] = []
+    for word in text.split():
+        candidate = f"{lines[-1]} {word}" if lines else word
+        if lines and draw.textlength(candidate, font=font) <= width:
+            lines[-1] = candidate
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def labelled_grid(rows: list[tuple[str, list[torch.Tensor]]], headers: list[str] | None = None):
+    """A PIL image: per row its label (wrapped) in a left column, then its blocks of images side
+    by side (block b of every row under ``headers[b]``), each image enlarged by ``grid_scale``.
+
+    Layout, in px (tile = scaled image size, n_b = the most images of block b in any row):
+    label column 2·tile_w wide (none when no row has a label); block b is n_b tiles with GAP between them, blocks BLOCK_GAP
+    apart; the picture has a GAP margin, and a header line above the rows when ``headers`` is
+    given. Font size tile_h // 8 within [14, 32] px: 16 px beside a 128-px toy row."""
+    from PIL import Image, ImageDraw
+
+    _, _, h, w = rows[0][1][0].shape
+    scale = grid_scale(max(h, w))
+    tile_w, tile_h = w * scale, h * scale
+    n_blocks = len(rows[0][1])
+    counts = [max(blocks[b].shape[0] for _, blocks in rows) for b in range(n_blocks)]
+    block_w = [n * tile_w + (n - 1) * GAP for n in counts]
+    font_size = min(32, max(14, tile_h // 8))
+    line_h = font_size * 3 // 2
+    label_w = 2 * tile_w if any(label for label, _ in rows) else 0
+    header_h = line_h + GAP if headers else 0
+    width = label_w + GAP + sum(block_w) + (n_blocks - 1) * BLOCK_GAP + GAP
+    height = header_h + GAP + len(rows) * (tile_h + GAP)
+    picture = Image.new("RGB", (width, height), BACKGROUND)
+    draw, font = ImageDraw.Draw(picture), _font(font_size)
+    x_blocks = [label_w + GAP + sum(block_w[:b]) + b * BLOCK_GAP for b in range(n_blocks)]
+    for b, header in enumerate(headers or []):
+        left = x_blocks[b] + (block_w[b] - draw.textlength(header, font=font)) / 2
+        draw.text((left, GAP), header, fill=INK, font=font)
+    for b in range(1, n_blocks):  # a grey rule in the middle of each gap between blocks
+        x = x_blocks[b] - BLOCK_GAP // 2
+        draw.line([(x, header_h), (x, height - GAP)], fill=(160, 160, 160), width=2)
+    for r, (label, blocks) in enumerate(rows):
+        y = header_h + GAP + r * (tile_h + GAP)
+        lines = _wrap(draw, label, font, label_w - 2 * GAP)[:max(1, tile_h // line_h)]
+        for i, line in enumerate(lines):
+            draw.text((GAP, y + i * line_h), line, fill=INK, font=font)
+        for b, images in enumerate(blocks):
+            for j, pixels in enumerate(_uint8(images)):
+                tile = pixels.repeat(scale, axis=0).repeat(scale, axis=1)  # nearest neighbour
+                picture.paste(Image.fromarray(tile), (x_blocks[b] + j * (tile_w + GAP), y))
+    return picture
+
+
+def _save_png(path: str | Path, picture) -> None:
+    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
+
+
+def _runs(prompts: list[str]) -> list[tuple[int, int]]:
+    """(start, end) of each run of equal consecutive prompts."""
+    runs, start = [], 0
+    for i in range(1, len(prompts) + 1):
+        if i == len(prompts) or prompts[i] != prompts[start]:
+            runs.append((start, i))
+            start = i
+    return runs
+
+
+def save_grid(path: str | Path, images: torch.Tensor, prompts: list[str] | None = None) -> None:
+    """A stage's sample grid: with ``prompts`` (one per image), one labelled row per run of
+    images of the same prompt (a group's branches); without, rows of up to 8 unlabelled images.
+    Enlarged as :func:`labelled_grid`."""
+    if prompts is None:
+        rows = [("", [images[i:i + 8]]) for i in range(0, images.shape[0], 8)]
+    else:
+        rows = [(prompts[a], [images[a:b]]) for a, b in _runs(prompts)]
+    _save_png(path, labelled_grid(rows))
+
+
+def save_prompt_grid(path: str | Path, images: torch.Tensor, prompts: list[str], n_per_prompt: int) -> None:
+    """One row per prompt: the prompt written beside its ``n_per_prompt`` consecutive images."""
+    rows = [(p, [images[i * n_per_prompt:(i + 1) * n_per_prompt]]) for i, p in enumerate(prompts)]
+    _save_png(path, labelled_grid(rows))
+
+
+def save_comparison_grid(path: str | Path, columns: dict[str, torch.Tensor], prompts: list[str],
+                         n_per_prompt: int) -> None:
+    """One row per prompt: the prompt, then its images of each column (e.g. before | after,
+    same seeds) side by side under the column names."""
+    rows = [(p, [images[i * n_per_prompt:(i + 1) * n_per_prompt] for images in columns.values()])
+            for i, p in enumerate(prompts)]
+    _save_png(path, labelled_grid(rows, list(columns)))
 
 
 def plot_reward_curve(out: str | Path, records: list[dict] | None = None) -> Path | None:

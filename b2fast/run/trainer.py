@@ -23,21 +23,23 @@ from b2fast import distributed
 from b2fast.run.checkpoint import (TrainerState, find_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                                save_lora_folder, set_rng_state)
 from b2fast.config import Config, TrainConfig, differences, dump_yaml, to_dict, validate
-from b2fast.eval.evaluator import EvalRow, default_eval_sets, evaluate_sets, format_rows
-from b2fast.run.outputs import (TensorBoardLogger, log_metrics, log_samples, plot_reward_curve, save_grid,
-                            save_prompt_grid, truncate_metrics)
+from b2fast.eval.evaluator import (EvalRow, default_eval_sets, evaluate_sets, format_comparison, format_rows,
+                                   pick_prompts)
+from b2fast.eval.stats import compare_rows
+from b2fast.run.outputs import (TensorBoardLogger, log_metrics, log_samples, plot_reward_curve, save_comparison_grid,
+                            save_grid, save_prompt_grid, truncate_metrics)
 from b2fast.core.policy import Policy, hide_loading_progress
-from b2fast.prompts import load_prompts
+from b2fast.prompts import load_prompts, prompt_pool
 from b2fast.rewards import build_reward
 from b2fast.core.sampling import TrajectoryBatch, sample_branches
 from b2fast.core.schedule import resolve_schedule
 from b2fast.run.scoring import StageScorer
-from b2fast.core.selection import RewardHistory, Selection, normalize_stage, select
+from b2fast.core.selection import Selection, load_tracker_state, make_tracker, normalize_and_select
 from b2fast.run.stage_table import StageTable, gather_stage_table
 from b2fast.core.update import auto_micro_batch, make_optimizer, policy_update
-from b2fast.utils import atomic_write_text, check_writable, finite_json
+from b2fast.utils import atomic_write, atomic_write_text, check_writable, finite_json
 
-PURPOSES = {"prompts": 0, "noise": 1, "shuffle": 2}
+PURPOSES = {"prompts": 0, "noise": 1, "shuffle": 2, "null": 3}
 # Fields that may change on resume without changing what the run computes.
 _RUN_ONLY = ("out:", "log.", "eval.", "checkpoint_every:", "keep_checkpoints:", "device:", "distributed.")
 # The settings the evaluation before training depends on: eval_before.json is reused only if equal.
@@ -60,7 +62,8 @@ class Trainer:
         self.out = Path(cfg.out)
         self.schedule = resolve_schedule(cfg.schedule.kind)
         self._check_schedule()
-        self.prompts = load_prompts(cfg.prompts.source, cfg.prompts.split)
+        self.prompt_pool = prompt_pool(cfg.prompts.source, cfg.prompts.split, cfg.prompts.sampling)
+        self.prompts = self.prompt_pool.prompts
         self._check_eval_sets()
         checkpoint = find_checkpoint(resume) if resume else None
         self.world = distributed.world_from_env()
@@ -80,7 +83,7 @@ class Trainer:
             self.policy.enable_gradient_checkpointing()
         distributed.broadcast_parameters(self.world, self.policy.lora_parameters())
         self.optimizer = make_optimizer(self.policy.lora_parameters(), cfg.train)
-        self.history = RewardHistory(cfg.selection.history_stages)
+        self.history = make_tracker(cfg.selection)  # selection.kind's reward statistics
         self.micro_batch: int | None = None  # train.micro_batch = 0 resolved at the first update
         self.start_stage = 0
         if resume:
@@ -89,6 +92,7 @@ class Trainer:
             atomic_write_text(self.out / "config.yaml", dump_yaml(cfg))
         self.tensorboard = TensorBoardLogger(self.out) if cfg.log.tensorboard and self.world.is_main else None
         self.progress = cfg.log.progress and self.world.is_main
+        self._grids: dict[str, dict] = {}  # evaluation label → its grid images (for before_after.png)
 
     # -- start-up checks: everything that can be wrong is found before any model loads ------------
     def _check_schedule(self) -> None:
@@ -123,8 +127,7 @@ class Trainer:
     def _resume(self, path: Path) -> None:
         ckpt, state = load_checkpoint(path, self.policy)
         self.optimizer.load_state_dict(state.optimizer)
-        stored_h, new_h = int(state.history["history_stages"]), self.cfg.selection.history_stages
-        self.history.load_state_dict(state.history, new_h)
+        note = load_tracker_state(self.history, state.history, self.cfg.selection)
         if self.cfg.train.micro_batch == 0 and state.micro_batch:
             self.micro_batch = state.micro_batch  # measured again, it could round the accumulation otherwise
         set_rng_state(state.rng)
@@ -136,9 +139,8 @@ class Trainer:
             if changed:
                 print(f"warning: resuming with settings that differ from the checkpoint's (the new values apply): "
                       f"{'; '.join(changed)}")
-            if new_h != stored_h:
-                kept = f"the last {len(self.history)}" if new_h < stored_h else f"all {len(self.history)}"
-                print(f"selection.history_stages changed {stored_h} -> {new_h}: keeping {kept} stored stages")
+            if note:
+                print(note)
             if self.micro_batch:
                 print(f"train.micro_batch = {self.micro_batch} (automatic, as measured by the run before)")
 
@@ -156,8 +158,8 @@ class Trainer:
         scorer = StageScorer(self.policy, self.reward, overlap, s.unet_batch)
         batches = []
         for b in tqdm(mine, desc=f"stage {stage} sampling", leave=False, disable=not self.progress):
-            picks = torch.randint(len(self.prompts), (s.prompts_per_batch,),
-                                  generator=stage_generator(self.cfg.seed, stage, "prompts", b))
+            picks = self.prompt_pool.draw(s.prompts_per_batch,
+                                          stage_generator(self.cfg.seed, stage, "prompts", b))
             noise = stage_generator(self.cfg.seed, stage, "noise", b, self.device)
             batches.append(sample_branches(self.policy, [self.prompts[i] for i in picks.tolist()],
                                            picks, interval_len, s, noise, decode=False))
@@ -182,9 +184,9 @@ class Trainer:
         interval_len = self.interval_len(stage)
         batch, table = self.sample_stage(stage, interval_len)
         sampled = time.perf_counter()
-        z = normalize_stage(self.history, table.prompts, table.rewards)  # also records the stage
-        selection = select(z, table.group_ids, self.cfg.selection.pos_threshold,
-                           self.cfg.selection.neg_threshold)
+        # records the stage in the history (b2) or DDPO's per-prompt buffers, then selects
+        z, selection = normalize_and_select(self.history, self.cfg.selection, table.prompts, table.rewards,
+                                            table.group_ids, stage_generator(self.cfg.seed, stage, "null"))
         train_cfg = self._train_config(batch)
         local_pairs = int((table.local_rows[selection.indices] >= 0).sum()) * interval_len * self.cfg.train.epochs
         with tqdm(total=local_pairs, desc=f"stage {stage} training", leave=False, disable=not self.progress) as bar:
@@ -223,7 +225,8 @@ class Trainer:
         if not self.world.is_main:
             return
         if log.grid_every and stage % log.grid_every == 0:  # rank 0's batches: 0, W, 2W, …
-            save_grid(self.out / "images" / f"stage-{stage:06d}.png", batch.images[:log.grid_images])
+            save_grid(self.out / "images" / f"stage-{stage:06d}.png", batch.images[:log.grid_images],
+                      batch.prompts[:log.grid_images])
         if log.samples:
             roles = {i: "positive" if pos else "negative"
                      for i, pos in zip(selection.indices.tolist(), selection.positive.tolist())}
@@ -239,8 +242,9 @@ class Trainer:
 
     # -- before/after evaluation ------------------------------------------------------------------
     def evaluate(self, label: str) -> list[EvalRow]:
-        """Alignment table of the current weights (fixed seeds); the first prompt's images of each
-        (set, split) go to ``images/<label>.png``, one labelled row each."""
+        """Alignment table of the current weights (fixed seeds). The first prompt's images of each
+        (set, split) go to ``images/<label>.png``, one labelled row each, and stay in
+        ``_grids[label]`` (uint8 on the CPU, keyed by row label: prompt, set, split)."""
         ev = self.cfg.eval
         images: dict = {}
         if self.progress:
@@ -248,10 +252,26 @@ class Trainer:
         rows = evaluate_sets(self.policy, ev.prompt_sets or default_eval_sets(self.cfg.prompts.source),
                              ev.splits, {self.cfg.reward.name: self.reward}, self.cfg.sampling, ev.images_per_prompt,
                              ev.prompts_per_set, self.cfg.seed, images, progress=self.progress)
-        first = torch.cat([v[:ev.images_per_prompt] for v in images.values()])
-        save_prompt_grid(self.out / "images" / f"{label}.png", first,
-                         [f"{name} {split} ({label})" for name, split in images], ev.images_per_prompt)
+        grid = {f"{pick_prompts(load_prompts(name, split), ev.prompts_per_set)[0]}  ({name}, {split})":
+                (v[:ev.images_per_prompt].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+                for (name, split), v in images.items()}
+        save_prompt_grid(self.out / "images" / f"{label}.png", torch.cat(list(grid.values())).float() / 255,
+                         list(grid), ev.images_per_prompt)
+        self._grids[label] = grid
         return rows
+
+    def _save_before_after(self) -> None:
+        """images/before_after.png: per evaluated (set, split), its first prompt, then its images
+        before | after training (same seeds); needs the before images of eval_before_images.pt."""
+        before, after = self._grids.get("before"), self._grids["after"]
+        if not isinstance(before, dict) or list(before) != list(after):
+            print("note: no images/before_after.png: the images of the evaluation before training are "
+                  "missing (eval_before_images.pt) or of other prompts")
+            return
+        save_comparison_grid(self.out / "images" / "before_after.png",
+                             {"before": torch.cat(list(before.values())).float() / 255,
+                              "after": torch.cat(list(after.values())).float() / 255},
+                             list(after), self.cfg.eval.images_per_prompt)
 
     def _eval_settings(self) -> dict:
         """The config values the evaluation before training depends on, as plain JSON."""
@@ -268,10 +288,16 @@ class Trainer:
             stored = json.loads(path.read_text()) if path.is_file() else None
         except json.JSONDecodeError:
             stored = None
+        grid_path = self.out / "eval_before_images.pt"  # for images/before_after.png after training
         if isinstance(stored, dict) and stored.get("settings") == settings:
+            try:
+                self._grids["before"] = torch.load(grid_path) if grid_path.is_file() else None
+            except Exception:  # a damaged file only costs the picture
+                self._grids["before"] = None
             return [EvalRow.from_dict(r) for r in stored["rows"]]
         with self.policy.base_weights():  # a resumed run's LoRA is not the starting point
             rows = self.evaluate("before")
+        atomic_write(grid_path, lambda tmp: torch.save(self._grids["before"], tmp))
         atomic_write_text(path, json.dumps(finite_json({"settings": settings, "rows": [r.as_dict() for r in rows]}),
                                            indent=1, allow_nan=False))
         return rows
@@ -309,10 +335,11 @@ class Trainer:
         if before is not None:
             after = self.evaluate("after")
             atomic_write_text(self.out / "eval.json", json.dumps(finite_json(
-                {"before": [r.as_dict() for r in before], "after": [r.as_dict() for r in after]}), indent=1,
-                allow_nan=False))
+                {"before": [r.as_dict() for r in before], "after": [r.as_dict() for r in after],
+                 "differences": compare_rows(before, after)}), indent=1, allow_nan=False))
+            self._save_before_after()
             print("\nalignment before and after training (same seeds):\n"
-                  + format_rows({"before": before, "after": after}))
+                  + format_comparison({"before": before, "after": after}))
         if self.tensorboard:
             self.tensorboard.close()
 
