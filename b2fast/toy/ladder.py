@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 
 from b2fast.rewards.base import Reward, register_reward
-from b2fast.toy.detector import CHROMA_MIN, classify_pixels
+from b2fast.toy.detector import classify_pixels
 from b2fast.toy.grammar import COLOURS, parse
 from b2fast.toy.world import PALETTE
 
