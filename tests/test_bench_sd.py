@@ -234,7 +234,7 @@ def test_config_overrides_reach_the_suites():
     assert args.intervals == [4, 5] and args.trajectories == 3
     assert args.overrides == ["--train.micro_batch", "2", "--model.channels_last", "true", "--schedule.max_interval=5"]
     full = bench.parse_args(["stage", "--schedule.min_interval", "20"])
-    assert full.cfg.model.dtype == "bfloat16" and full.intervals == [20] and full.kept == 430
+    assert full.cfg.model.dtype == "float16" and full.intervals == [20] and full.kept == 430
 
 
 def test_all_passes_config_and_overrides_to_the_sd_suites_only():
