@@ -1,7 +1,7 @@
 """How fast does the toy policy climb each rung of the reward ladder (b2fast/toy/ladder.py)?
 
-For every rung (reward + prompt set) and seed it runs ``python -m b2fast.train``'s default toy
-preset with that reward and prompts, evaluation off, and records the stage reward against the
+For every rung (reward + prompt set) and seed it runs a toy preset of ``python -m b2fast.train``
+(``--preset``: ``default`` = B²-DiffuRL, ``toy_ddpo`` = DDPO) with that reward and prompts, evaluation off, and records the stage reward against the
 cumulative number of **reward queries** (images scored), the x-axis every method shares. Any
 config field can be varied for all runs (``--train.lr 3e-3 --model.lora_targets ...``), so one
 invocation is one point of a sweep; ``--name`` labels it. Writes ``ladder.json`` (appended per
@@ -29,9 +29,10 @@ from b2fast.train import preset_path
 from b2fast.utils import atomic_write_text
 
 
-def run_rung(rung: str, seed: int, stages: int, out: Path, overrides: list[str]) -> list[dict]:
+def run_rung(rung: str, seed: int, stages: int, out: Path, overrides: list[str],
+             preset: str = "default") -> list[dict]:
     reward, source = RUNGS[rung]
-    cfg = load_yaml(preset_path("default.yaml"))
+    cfg = load_yaml(preset_path(f"{preset}.yaml"))
     apply_overrides(cfg, ["--reward.name", reward, "--prompts.source", source, "--seed", str(seed),
                           "--schedule.num_stages", str(stages), "--eval.enabled", "false",
                           "--log.grid_every", "0", "--log.progress", "false", "--log.samples", "false",
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--stages", type=int, default=8)
     p.add_argument("--name", default="default", help="label of this variant in the table")
+    p.add_argument("--preset", default="default", help="shipped preset the runs start from, e.g. toy_ddpo")
     p.add_argument("--out", default="runs/ladder")
     args, overrides = p.parse_known_args(argv)
     out = Path(args.out)
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     for rung in args.rungs:
         results[args.name][rung] = {}
         for seed in args.seeds:
-            curve = run_rung(rung, seed, args.stages, out / "scratch", overrides)
+            curve = run_rung(rung, seed, args.stages, out / "scratch", overrides, args.preset)
             results[args.name][rung][str(seed)] = curve
             print(f"{args.name} {rung} seed {seed}: " + " ".join(f"{c['reward']:.3f}" for c in curve),
                   file=sys.stderr, flush=True)
