@@ -7,7 +7,7 @@ import torch
 
 from b2fast.config import SamplingConfig, TrainConfig
 from b2fast.core.objectives import (OBJECTIVES, Objective, advantage_weights, get_objective,
-                                     ppo_clip_loss, register_objective)
+                                    ppo_clip_loss, register_objective)
 
 EPS = 0.1
 

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from b2fast.ops.reference.ddim import (DIR_COEF, LOG_SIGMA, SIGMA, SQRT_1M_AB, SQRT_AB,
-                                   SQRT_AB_PREV, TABLE_COLUMNS)
+                                       SQRT_AB_PREV, TABLE_COLUMNS)
 from b2fast.utils import load_callable
 
 

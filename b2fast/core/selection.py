@@ -33,7 +33,6 @@ or over the whole stage's rewards while the prompt has fewer than ``min_count``,
 """
 from __future__ import annotations
 
-
 import math
 from collections import deque
 from dataclasses import dataclass, replace
@@ -128,12 +127,16 @@ def normalize(rewards: torch.Tensor, prompts: Sequence[str], history: RewardHist
     :func:`normalize_stage`). Returns float32 on ``rewards.device``; NaN rewards give NaN z.
     """
     r = _check_rewards(prompts, rewards)
-    unique = list(dict.fromkeys(prompts))  # one stats lookup per distinct prompt
-    stats = {p: history.stats(p) for p in unique}
+    return _standardize(r, prompts, history.stats, EPS).to(rewards.device, torch.float32)
+
+
+def _standardize(r: torch.Tensor, prompts: Sequence[str], stats_of, eps: float) -> torch.Tensor:
+    """(r − mean_p)/(std_p + eps) per sample, ``stats_of(p)`` = (mean_p, std_p) looked up once
+    per distinct prompt (float64, like ``r``)."""
+    stats = {p: stats_of(p) for p in dict.fromkeys(prompts)}
     mean = torch.tensor([stats[p][0] for p in prompts], dtype=torch.float64)
     std = torch.tensor([stats[p][1] for p in prompts], dtype=torch.float64)
-    z = (r - mean) / (std + EPS)
-    return z.to(rewards.device, torch.float32)
+    return (r - mean) / (std + eps)
 
 
 def normalize_stage(history: RewardHistory, prompts: Sequence[str],
@@ -205,7 +208,6 @@ def select(z: torch.Tensor, group_ids: torch.Tensor, pos_threshold: float = 0.5,
                      n_positive=int(keep_pos.sum()), n_negative=int(keep_neg.sum()))
 
 
-
 # ---------------------------------------------------------------------------------------------
 # DDPO: per-prompt stat tracking with the batch fallback, every sample kept
 
@@ -247,14 +249,11 @@ class PromptStatTracker:
         self.stages_seen += 1
         finite = r[~torch.isnan(r)]
         batch = (finite.mean().item(), finite.std(unbiased=False).item()) if finite.numel() else (math.nan, 0.0)
-        stats = {}
-        for prompt in dict.fromkeys(prompts):
+
+        def stats_of(prompt: str) -> tuple[float, float]:
             own = torch.tensor(self.rewards(prompt), dtype=torch.float64)
-            stats[prompt] = ((own.mean().item(), own.std(unbiased=False).item())
-                             if own.numel() >= self.min_count else batch)
-        mean = torch.tensor([stats[p][0] for p in prompts], dtype=torch.float64)
-        std = torch.tensor([stats[p][1] for p in prompts], dtype=torch.float64)
-        return ((r - mean) / (std + DDPO_EPS)).to(rewards.device, torch.float32)
+            return (own.mean().item(), own.std(unbiased=False).item()) if own.numel() >= self.min_count else batch
+        return _standardize(r, prompts, stats_of, DDPO_EPS).to(rewards.device, torch.float32)
 
     def state_dict(self) -> dict:
         """Plain lists/floats only (JSON-safe), tagged ``kind: ddpo``."""

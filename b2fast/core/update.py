@@ -53,9 +53,9 @@ class UpdateStats:
 
     def summary(self) -> dict[str, float | int | None]:
         """Means per pair; ``approx_kl`` and ``clipfrac`` always present (None if not reported)."""
-        keys = ("loss", "clipfrac", "approx_kl") + self.names
-        means = {k: (self.totals.get(k, 0.0) / self.pairs if self.pairs and k in ("loss",) + self.names
-                     else None) for k in keys}
+        means = {k: None for k in ("loss", "clipfrac", "approx_kl")}
+        if self.pairs:
+            means.update({k: v / self.pairs for k, v in self.totals.items()})
         grad_norm = sum(self.grad_norms) / len(self.grad_norms) if self.grad_norms else None
         return {**means, "grad_norm": grad_norm, "optimizer_steps": len(self.grad_norms)}
 

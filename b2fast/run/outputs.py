@@ -175,19 +175,22 @@ def save_grid(path: str | Path, images: torch.Tensor, prompts: list[str] | None 
     _save_png(path, labelled_grid(rows))
 
 
+def _prompt_rows(columns: list[torch.Tensor], prompts: list[str], n_per_prompt: int) -> list:
+    """Row i: prompt i, then its ``n_per_prompt`` consecutive images of each column."""
+    return [(p, [images[i * n_per_prompt:(i + 1) * n_per_prompt] for images in columns])
+            for i, p in enumerate(prompts)]
+
+
 def save_prompt_grid(path: str | Path, images: torch.Tensor, prompts: list[str], n_per_prompt: int) -> None:
     """One row per prompt: the prompt written beside its ``n_per_prompt`` consecutive images."""
-    rows = [(p, [images[i * n_per_prompt:(i + 1) * n_per_prompt]]) for i, p in enumerate(prompts)]
-    _save_png(path, labelled_grid(rows))
+    _save_png(path, labelled_grid(_prompt_rows([images], prompts, n_per_prompt)))
 
 
 def save_comparison_grid(path: str | Path, columns: dict[str, torch.Tensor], prompts: list[str],
                          n_per_prompt: int) -> None:
     """One row per prompt: the prompt, then its images of each column (e.g. before | after,
     same seeds) side by side under the column names."""
-    rows = [(p, [images[i * n_per_prompt:(i + 1) * n_per_prompt] for images in columns.values()])
-            for i, p in enumerate(prompts)]
-    _save_png(path, labelled_grid(rows, list(columns)))
+    _save_png(path, labelled_grid(_prompt_rows(list(columns.values()), prompts, n_per_prompt), list(columns)))
 
 
 def plot_reward_curve(out: str | Path, records: list[dict] | None = None) -> Path | None:

@@ -21,13 +21,13 @@ from tqdm.auto import tqdm
 
 from b2fast import distributed
 from b2fast.run.checkpoint import (TrainerState, find_checkpoint, load_checkpoint, rng_state, save_checkpoint,
-                               save_lora_folder, set_rng_state)
+                                   save_lora_folder, set_rng_state)
 from b2fast.config import Config, TrainConfig, differences, dump_yaml, to_dict, validate
 from b2fast.eval.evaluator import (EvalRow, default_eval_sets, evaluate_sets, format_comparison, format_rows,
                                    pick_prompts)
 from b2fast.eval.stats import compare_rows
 from b2fast.run.outputs import (TensorBoardLogger, log_metrics, log_samples, plot_reward_curve, save_comparison_grid,
-                            save_grid, save_prompt_grid, truncate_metrics)
+                                save_grid, save_prompt_grid, truncate_metrics)
 from b2fast.core.policy import Policy, hide_loading_progress
 from b2fast.prompts import load_prompts, prompt_pool
 from b2fast.rewards import build_reward
