@@ -40,6 +40,7 @@ OVERLAP = ("auto", "on", "off")
 # Objectives registered in b2fast.core.objectives (kept here too so the config stays torch-free;
 # tests/test_ppo.py checks the two lists agree).
 OBJECTIVES = ("ppo",)
+OPTIMIZERS = ("adamw", "nsgd")
 NULL_CONTROLS = ("off", "shuffle", "zero")
 
 
@@ -128,7 +129,17 @@ class SelectionConfig:
 class TrainConfig:
     objective: str = _f("ppo", f"policy objective, one of {OBJECTIVES}: 'ppo' = DDPO-style PPO-clip on the kept "
                                 "branches' interval steps")
-    lr: float = _f(1e-4, "AdamW learning rate")
+    optimizer: str = _f("adamw", f"one of {OPTIMIZERS}: 'adamw' (DDPO's); 'nsgd' = SGD on the gradient scaled to "
+                                  "unit norm, so every step moves the LoRA weights exactly lr (with train.momentum): "
+                                  "keeps the gradient's direction where AdamW's per-coordinate scaling amplifies "
+                                  "noise (few samples per step; docs/algorithm.md, 'Policy update')")
+    lr: float = _f(1e-4, "learning rate (nsgd: Euclidean length of each step in LoRA-weight space)")
+    momentum: float = _f(0.0, "nsgd: heavy-ball momentum over optimizer steps (0 = none)")
+    max_step_gain: float = _f(0.0, "interval steps whose log-prob gradient gain (dmu/deps)/sigma_t, in absolute value, exceeds this "
+                                   "multiple of the median over the sampling steps are not trained: a near-"
+                                   "deterministic DDIM step (the step to t=1) has a gain 5-14x the others' and "
+                                   "noise too small to change the image, so its term is gradient noise (0 = train "
+                                   "every interval step, as the paper)")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
@@ -423,6 +434,10 @@ def validate(cfg: Config) -> Config:
            f"an integer in [1, selection.buffer_size={sel.buffer_size}]")
     for name in ("lr", "adam_eps", "clip_range", "adv_clip"):
         _check(getattr(t, name) > 0, f"train.{name}", getattr(t, name), "a number > 0")
+    _check(t.optimizer in OPTIMIZERS, "train.optimizer", t.optimizer, f"one of {OPTIMIZERS}")
+    _check(0 <= t.momentum < 1, "train.momentum", t.momentum, "a number in [0, 1)")
+    _check(t.max_step_gain == 0 or t.max_step_gain >= 1, "train.max_step_gain", t.max_step_gain,
+           "0 (train every step) or a number >= 1")
     for name in ("weight_decay", "max_grad_norm", "pos_weight", "neg_weight"):
         _check(getattr(t, name) >= 0, f"train.{name}", getattr(t, name), "a number >= 0")
     for name in ("adam_beta1", "adam_beta2"):

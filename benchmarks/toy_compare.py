@@ -15,23 +15,46 @@ per method the lr with the best mean *training* reward over the last ``--select-
 (mean over seeds; held-out prompts play no part) is chosen; the table reports the chosen runs.
 For each run it records held-out (test-split) and train-split alignment after training, as mean
 score / success rate / diversity over the three templates, and writes a Markdown table and the
-raw JSON. Usage::
+raw JSON.
+
+Learning curves, against the x-axis both methods share, cumulative **reward queries** (images
+scored): per run the training (stage) reward after every stage, and held-out alignment of the
+base model (0 queries) and of the LoRA of each ``--eval-stages`` checkpoint (default: the middle
+and the last stage), evaluated as the trainer evaluates (``eval.*``: same prompts, images per
+prompt and seeds; the last stage's point is the trainer's own evaluation after training). For
+the chosen lrs, mean over seeds with a 95% Student-t interval over seeds; B²-DiffuRL − DDPO is
+paired by seed (both runs of a seed share the base model and the evaluation noise). Usage::
 
     python benchmarks/toy_compare.py --seeds 0 1 2 --lrs 3e-3 1e-2 3e-2 --out runs/toy_compare
+    python benchmarks/toy_compare.py --seeds 0 1 2 --eval-stages 2 4 6 9 --out runs/toy_compare
+    python benchmarks/toy_compare.py --table-only --out runs/toy_compare   # tables and figure again
+
+Writes to OUT: ``results.json`` (per run: ``stage_rewards`` and ``queries``, the cumulative
+reward queries after each stage; ``eval_curve``, a list of {stage, queries, rows} with ``stage``
+"before" for the base model and ``rows`` the EvalRow dicts; ``before``/``after``/``differences``
+of the trainer's eval.json), ``results.md`` (lr sweep and alignment after training),
+``curves.md`` (alignment per method and evaluated budget with 95% CIs over seeds, and the paired
+difference B²-DiffuRL − DDPO per budget, "within noise" where its CI contains 0), ``curves.png``
+(training reward | held-out score against reward queries, mean over seeds with 95% t-bands) and
+one run folder ``OUT/<method>[-lr<lr>]-seed<N>`` per run (every stage's checkpoint kept).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import shutil
 import statistics
 import time
 from pathlib import Path
 
-from b2fast.config import apply_overrides, load_yaml
-from b2fast.train import preset_path
+from b2fast.config import Config, apply_overrides, load_yaml
+from b2fast.eval.stats import PairedDifference
+from b2fast.run.checkpoint import load_checkpoint
 from b2fast.run.trainer import Trainer
-from b2fast.utils import atomic_write_text
+from b2fast.train import preset_path
+from b2fast.utils import atomic_write, atomic_write_text, finite_json
 
 METHODS = {"B2-DiffuRL": "default.yaml", "DDPO": "toy_ddpo.yaml"}  # method -> preset
 
@@ -40,11 +63,43 @@ def run_name(method: str, seed: int, lr: float | None) -> str:
     return f"{method}-seed{seed}" if lr is None else f"{method}-lr{lr:g}-seed{seed}"
 
 
-def run_one(method: str, seed: int, out: Path, extra: list[str], lr: float | None = None) -> dict:
+def make_config(method: str, seed: int, out: Path, extra: list[str], lr: float | None = None) -> Config:
+    """The run's config: the method's preset, then seed, out, lr and ``extra``. With evaluation on,
+    every stage's checkpoint is written and kept, so that any stage can be evaluated afterwards."""
     cfg = load_yaml(preset_path(METHODS[method]))
     apply_overrides(cfg, ["--seed", str(seed), "--out", str(out / run_name(method, seed, lr)),
                           "--log.progress", "false", *(["--train.lr", repr(lr)] if lr is not None else []),
                           *extra])
+    if cfg.eval.enabled:
+        cfg.checkpoint_every = 1
+        cfg.keep_checkpoints = max(cfg.keep_checkpoints, cfg.schedule.num_stages)
+    return cfg
+
+
+def default_eval_stages(num_stages: int) -> list[int]:
+    """The middle stage and the last one (4 and 9 of 10 stages)."""
+    return sorted({(num_stages - 1) // 2, num_stages - 1})
+
+
+def eval_curve(trainer: Trainer, queries: list[int], result: dict, stages: list[int]) -> list[dict]:
+    """[{stage, queries, rows}]: the base model at 0 queries (the trainer's evaluation before
+    training), then the LoRA of each stage's checkpoint, evaluated by the trainer itself (same
+    sets, splits, images per prompt and seeds); the last stage is its evaluation after training."""
+    last = len(queries) - 1
+    curve = [{"stage": "before", "queries": 0, "rows": result["before"]}]
+    for stage in sorted(set(stages)):
+        if stage == last:
+            rows = result["after"]
+        else:
+            load_checkpoint(trainer.out / "checkpoints" / f"stage-{stage:06d}", trainer.policy)
+            rows = finite_json([r.as_dict() for r in trainer.evaluate(f"stage-{stage:06d}-eval")])
+        curve.append({"stage": stage, "queries": queries[stage], "rows": rows})
+    return curve
+
+
+def run_one(method: str, seed: int, out: Path, extra: list[str], lr: float | None = None,
+            eval_stages: list[int] | None = None) -> dict:
+    cfg = make_config(method, seed, out, extra, lr)
     shutil.rmtree(cfg.out, ignore_errors=True)  # the script's own run folder: every run starts afresh
     # Before training every run of a seed is the same model evaluated with the same seeds: reuse
     # an evaluation already made (the trainer reads eval_before.json only if made with the same settings).
@@ -55,12 +110,16 @@ def run_one(method: str, seed: int, out: Path, extra: list[str], lr: float | Non
     started = time.perf_counter()
     trainer = Trainer(cfg)
     records = trainer.run()
+    train_minutes = sum(r["seconds"] for r in records) / 60  # stages only, no evaluation
+    queries = list(itertools.accumulate(r["n_images"] for r in records))  # reward queries so far
     result = json.loads((Path(cfg.out) / "eval.json").read_text()) if cfg.eval.enabled else {}
+    if result:
+        result["eval_curve"] = eval_curve(trainer, queries, result,
+                                          default_eval_stages(len(records)) if eval_stages is None else eval_stages)
     return {"method": method, "seed": seed, "lr": cfg.train.lr,
-            "minutes": (time.perf_counter() - started) / 60,
-            "train_minutes": sum(r["seconds"] for r in records) / 60,  # stages only, no evaluation
+            "minutes": (time.perf_counter() - started) / 60, "train_minutes": train_minutes,
             "reward_first": records[0]["reward_mean"], "reward_last": records[-1]["reward_mean"],
-            "stage_rewards": [r["reward_mean"] for r in records], **result}
+            "stage_rewards": [r["reward_mean"] for r in records], "queries": queries, **result}
 
 
 def _lr(lr: float | None) -> str:
@@ -127,9 +186,198 @@ def summarise(results: list[dict], last: int = 3) -> str:
     return "\n".join(sweep + [""] + lines)
 
 
-def main() -> None:
+# -- learning curves: means over seeds with 95% Student-t intervals ---------------------------------
+# Seeds are few (2 to 5), so the interval is the t-interval, mean ± t(0.975, n−1)·sd/√n; a
+# percentile bootstrap over so few units (b2fast.eval.stats) would be far too narrow.
+# t(0.975, df) for df = 1..30; beyond, the Cornish–Fisher expansion (error < 1e-5 there).
+T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788,
+        2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639,
+        2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
+CI_NOTE = "95% CI: Student-t interval over seeds, mean ± t(0.975, n−1)·sd/√n"
+
+
+def t975(df: int) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (two-sided 95%)."""
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959963984540054
+    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
+
+
+def mean_ci(values) -> tuple[float, float, float]:
+    """(mean, low, high) of the finite values: the 95% t-interval over them (NaN bounds with fewer
+    than 2 values; all NaN with none)."""
+    v = [float(x) for x in values if x is not None and math.isfinite(x)]
+    if not v:
+        return math.nan, math.nan, math.nan
+    mean = statistics.mean(v)
+    if len(v) < 2:
+        return mean, math.nan, math.nan
+    half = t975(len(v) - 1) * statistics.stdev(v) / math.sqrt(len(v))
+    return mean, mean - half, mean + half
+
+
+def paired_difference(a: dict, b: dict) -> PairedDifference:
+    """a − b paired by seed (the keys both have): mean difference and its 95% t-interval."""
+    seeds = sorted(set(a) & set(b))
+    mean, low, high = mean_ci([a[s] - b[s] for s in seeds])
+    return PairedDifference(mean, low, high, len(seeds))
+
+
+def chosen_runs(results: list[dict], last: int) -> tuple[dict[str, float], dict[str, list[dict]]]:
+    """Per method its chosen lr (by training reward, :func:`choose_lrs`) and the runs at that lr."""
+    chosen, _ = choose_lrs(results, last)
+    return chosen, {m: [r for r in results if r["method"] == m and r.get("lr") == lr] for m, lr in chosen.items()}
+
+
+def curve_points(runs: list[dict]) -> list[dict]:
+    """The evaluated points of a method's runs, base model first: [{stage, queries, test, train}],
+    ``test``/``train`` a dict seed → mean score over the prompt sets of that split."""
+    points: dict = {}
+    for run in runs:
+        for p in run.get("eval_curve", []):
+            point = points.setdefault(p["stage"], {"stage": p["stage"], "queries": p["queries"],
+                                                   "test": {}, "train": {}})
+            for split in ("test", "train"):
+                scores = [r["score"] for r in p["rows"] if r["split"] == split and r["score"] is not None]
+                if scores:
+                    point[split][run["seed"]] = statistics.mean(scores)
+    return sorted(points.values(), key=lambda p: -1 if p["stage"] == "before" else p["stage"])
+
+
+def _ci(values) -> str:
+    mean, low, high = mean_ci(values)
+    return "-" if math.isnan(mean) else f"{mean:.3f}" if math.isnan(low) else f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _verdict(d: PairedDifference, first: str, second: str) -> str:
+    if d.within_noise is None:
+        return "n/a (fewer than 2 seeds)"
+    return "within noise" if d.within_noise else f"{first if d.diff > 0 else second} ahead"
+
+
+def curves_table(results: list[dict], last: int = 3) -> str:
+    """Markdown: per method (chosen lr) and evaluated budget, held-out and train-split mean score
+    with 95% CIs over seeds; then B²-DiffuRL − DDPO per budget, paired by seed."""
+    chosen, runs = chosen_runs(results, last)
+    evaluated = {m: curve_points(r) for m, r in runs.items() if any("eval_curve" in x for x in r)}
+    if not evaluated:
+        return ("No alignment curves: the runs hold no eval_curve (evaluation off, or a results.json "
+                "of an older version).")
+    lines = [(f"Alignment along training: the reward's mean score over the evaluated prompt sets (the three toy "
+              f"templates), mean over seeds [95% CI]; {CI_NOTE}."), "",
+             "| method | stage | reward queries | seeds | held-out (test) score | train score |",
+             "|---|---|---|---|---|---|"]
+    base: dict = {"test": {}, "train": {}}  # every run of a seed starts from the same base model
+    for points in evaluated.values():
+        for p in points:
+            if p["stage"] == "before":
+                base["test"].update(p["test"])
+                base["train"].update(p["train"])
+    if base["test"]:
+        lines.append(f"| base model | before | 0 | {len(base['test'])} | {_ci(base['test'].values())} | "
+                     f"{_ci(base['train'].values())} |")
+    for method, points in evaluated.items():
+        for p in points:
+            if p["stage"] != "before":
+                lines.append(f"| {method} (lr {_lr(chosen[method])}) | {p['stage']} | {p['queries']} | "
+                             f"{len(p['test'])} | {_ci(p['test'].values())} | {_ci(p['train'].values())} |")
+    first, second = list(METHODS)
+    if not (first in evaluated and second in evaluated):
+        return "\n".join(lines)
+    lines += ["", (f"Paired difference {first} − {second} per budget, by seed (a seed's two runs share the "
+                  f"base model and the evaluation noise); {CI_NOTE} of the paired differences."), "",
+              ("| stage | reward queries | seeds paired | held-out (test) difference | held-out | "
+               "train difference | train |"), "|---|---|---|---|---|---|---|"]
+    theirs = {p["stage"]: p for p in evaluated[second]}
+    unequal = False
+    for p in evaluated[first]:
+        q = theirs.get(p["stage"])
+        if p["stage"] == "before" or q is None:
+            continue
+        unequal |= p["queries"] != q["queries"]
+        budget = str(p["queries"]) if p["queries"] == q["queries"] else f"{p['queries']} / {q['queries']}"
+        cells = [str(p["stage"]), budget, str(paired_difference(p["test"], q["test"]).n)]
+        for split in ("test", "train"):
+            d = paired_difference(p[split], q[split])
+            ci = "" if math.isnan(d.ci_low) else f" [{d.ci_low:+.3f}, {d.ci_high:+.3f}]"
+            cells += [f"{d.diff:+.3f}{ci}", _verdict(d, first, second)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if unequal:
+        lines += ["", (f"Note: at equal stages the methods scored different numbers of images ({first} / "
+                       f"{second}); the differences compare equal stages, not equal budgets.")]
+    return "\n".join(lines)
+
+
+def plot_curves(results: list[dict], path: Path, last: int = 3) -> None:
+    """Two panels against reward queries: training (stage) reward and held-out score; per method
+    (chosen lr) the mean over seeds with a shaded 95% t-interval."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen, runs = chosen_runs(results, last)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+
+    def band(ax, x, values, color, label):
+        stats = [mean_ci(v) for v in values]
+        ax.plot(x, [s[0] for s in stats], marker=".", color=color, label=label)
+        ax.fill_between(x, [s[1] for s in stats], [s[2] for s in stats], color=color, alpha=0.2, linewidth=0)
+
+    for i, (method, method_runs) in enumerate(runs.items()):
+        label, color = f"{method} (lr {_lr(chosen[method])}, {len(method_runs)} seeds)", f"C{i}"
+        trained = [r for r in method_runs if r.get("queries")]
+        if trained:
+            n = min(len(r["queries"]) for r in trained)
+            band(left, [statistics.mean(r["queries"][k] for r in trained) for k in range(n)],
+                 [[r["stage_rewards"][k] for r in trained] for k in range(n)], color, label)
+        points = curve_points(method_runs)
+        if points:
+            band(right, [p["queries"] for p in points], [list(p["test"].values()) for p in points], color, label)
+    sets = {r["prompt_set"] for run in results for p in run.get("eval_curve", [])[:1] for r in p["rows"]}
+    left.set_title("training reward (mean over the stage's images)", fontsize=10)
+    right.set_title(f"held-out alignment (test split, mean score over {len(sets)} prompt sets)", fontsize=10)
+    for ax in (left, right):
+        ax.set_xlabel("reward queries (images scored)")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    left.set_ylabel("reward")
+    right.set_ylabel("score")
+    fig.suptitle(f"lines: mean over seeds; bands: {CI_NOTE}", fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def write_curves(results: list[dict], out: Path, last: int = 3) -> str:
+    """Write OUT/curves.md and OUT/curves.png; return the table."""
+    table = curves_table(results, last)
+    atomic_write_text(out / "curves.md", table + "\n")
+    plot_curves(results, out / "curves.png", last)
+    return table
+
+
+def check_eval_stages(parser: argparse.ArgumentParser, args: argparse.Namespace, out: Path,
+                      extra: list[str]) -> None:
+    """Stop with a one-line error when an --eval-stages index is not a stage of every method's runs
+    (or an override is not a config field), before any model loads."""
+    for method in args.methods:
+        try:
+            cfg = make_config(method, args.seeds[0], out, extra)
+        except ValueError as exc:
+            parser.error(str(exc))
+        n = cfg.schedule.num_stages
+        for stage in args.eval_stages or []:
+            if not 0 <= stage < n:
+                parser.error(f"--eval-stages: got {stage}, expected a stage index in 0..{n - 1} "
+                             f"({method}: schedule.num_stages = {n})")
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
+        prog="python benchmarks/toy_compare.py", description=__doc__.split("\n\n")[0],
         epilog="Any config field of python -m b2fast.train can follow as --section.field VALUE (applied to "
                "every run, e.g. --eval.images_per_prompt 8). Each run writes OUT/<method>-seed<N>, "
                "replacing that folder if it exists.")
@@ -142,27 +390,33 @@ def main() -> None:
     parser.add_argument("--select-last", type=int, default=3,
                         help="choose each method's lr by its mean training reward over this many last "
                              "stages (default: %(default)s)")
+    parser.add_argument("--eval-stages", type=int, nargs="+", default=None, metavar="STAGE",
+                        help="stage indices (0-based) whose checkpoint is evaluated on the held-out and train "
+                             "prompts for the alignment curve (default: the middle and the last stage, e.g. "
+                             "4 9 of 10 stages)")
     parser.add_argument("--table-only", action="store_true",
-                        help="print the table of OUT/results.json again without running anything")
-    args, extra = parser.parse_known_args()
+                        help="print the tables of OUT/results.json again and rewrite curves.md and curves.png, "
+                             "without running anything")
+    args, extra = parser.parse_known_args(argv)
     out = Path(args.out)
     if args.table_only:
         if not (out / "results.json").is_file():
             parser.error(f"--table-only: no {out / 'results.json'}; run the comparison first (or give --out)")
-        print(summarise(json.loads((out / "results.json").read_text()), args.select_last))
+        results = json.loads((out / "results.json").read_text())
+        print(summarise(results, args.select_last) + "\n\n" + write_curves(results, out, args.select_last))
         return
     if args.select_last < 1:
         parser.error(f"--select-last: got {args.select_last}, expected an integer >= 1")
+    check_eval_stages(parser, args, out, extra)
     results = []
     for seed in args.seeds:
         for method in args.methods:
             for lr in args.lrs or [None]:
-                results.append(run_one(method, seed, out, extra, lr))
+                results.append(run_one(method, seed, out, extra, lr, args.eval_stages))
                 atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     table = summarise(results, args.select_last)
     atomic_write_text(out / "results.md", table + "\n")
-    print(table)
-
+    print(table + "\n\n" + write_curves(results, out, args.select_last))
 
 if __name__ == "__main__":
     main()

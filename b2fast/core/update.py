@@ -25,6 +25,7 @@ from b2fast.config import SamplingConfig, TrainConfig
 from b2fast.distributed import World
 from b2fast.core.policy import Policy
 from b2fast.core.sampling import TrajectoryBatch
+from b2fast.core.schedule import trained_steps
 from b2fast.core.selection import Selection
 
 
@@ -61,6 +62,9 @@ class UpdateStats:
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, or for ``nsgd`` plain SGD: :func:`_optimizer_step` hands it the unit-norm gradient."""
+    if cfg.optimizer == "nsgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                              eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
 
@@ -126,11 +130,23 @@ def _optimizer_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Tra
         progress.update(r.numel())
     params = policy.lora_parameters()
     distributed.sum_gradients(world, params)
-    max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if tcfg.optimizer == "nsgd":  # the step's direction only: SGD then moves the weights lr
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+        if float(grad_norm) > 0:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.div_(grad_norm)
+    else:
+        max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     stats.grad_norms.append(float(grad_norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def trained_positions(policy: Policy, batch: TrajectoryBatch, tcfg: TrainConfig) -> torch.Tensor:
+    """(L,) bool on the CPU: the interval positions ``train.max_step_gain`` leaves trained."""
+    return trained_steps(policy.steps.table.cpu(), tcfg.max_step_gain)[batch.step_indices.cpu()]
 
 
 def policy_update(policy: Policy, optimizer: torch.optim.Optimizer, batch: TrajectoryBatch,
@@ -151,6 +167,7 @@ def policy_update(policy: Policy, optimizer: torch.optim.Optimizer, batch: Traje
     kept = selection.indices.cpu()
     adv = objective.advantages(selection.advantages.float().cpu(), tcfg)
     m, L = kept.numel(), batch.interval_len
+    trained = trained_positions(policy, batch, tcfg)                           # (L,) bool
     for _ in range(tcfg.epochs if m else 0):
         order = torch.randperm(m, generator=generator)                         # trajectories
         step_order = torch.rand(m, L, generator=generator).argsort(dim=1)      # steps, per trajectory
@@ -160,10 +177,10 @@ def policy_update(policy: Policy, optimizer: torch.optim.Optimizer, batch: Traje
             rows = local_rows[kept[chunk]].repeat(L)                           # (T·L,)
             positions = step_order[chunk].T.reshape(-1)                        # (T·L,)
             pair_adv = adv[chunk].repeat(L)
-            mine = rows >= 0                                                   # pairs this rank holds
+            mine = (rows >= 0) & trained[positions]                            # pairs this rank trains
             device = batch.latents.device
             _optimizer_step(policy, optimizer, batch, rows[mine].to(device), positions[mine].to(device),
-                            pair_adv[mine].to(device), rows.numel(), objective, tcfg, scfg, stats, progress,
-                            world)
+                            pair_adv[mine].to(device), int(trained[positions].sum()), objective, tcfg, scfg,
+                            stats, progress, world)
     stats.sum_over_ranks(world)
     return stats.summary()

@@ -36,7 +36,7 @@ from b2fast.core.schedule import resolve_schedule
 from b2fast.run.scoring import StageScorer
 from b2fast.core.selection import Selection, load_tracker_state, make_tracker, normalize_and_select
 from b2fast.run.stage_table import StageTable, gather_stage_table
-from b2fast.core.update import auto_micro_batch, make_optimizer, policy_update
+from b2fast.core.update import auto_micro_batch, make_optimizer, policy_update, trained_positions
 from b2fast.utils import atomic_write, atomic_write_text, check_writable, finite_json
 
 PURPOSES = {"prompts": 0, "noise": 1, "shuffle": 2, "null": 3}
@@ -188,7 +188,8 @@ class Trainer:
         z, selection = normalize_and_select(self.history, self.cfg.selection, table.prompts, table.rewards,
                                             table.group_ids, stage_generator(self.cfg.seed, stage, "null"))
         train_cfg = self._train_config(batch)
-        local_pairs = int((table.local_rows[selection.indices] >= 0).sum()) * interval_len * self.cfg.train.epochs
+        trained = int(trained_positions(self.policy, batch, train_cfg).sum())  # interval steps trained
+        local_pairs = int((table.local_rows[selection.indices] >= 0).sum()) * trained * self.cfg.train.epochs
         with tqdm(total=local_pairs, desc=f"stage {stage} training", leave=False, disable=not self.progress) as bar:
             stats = policy_update(self.policy, self.optimizer, batch, selection, train_cfg,
                                   self.cfg.sampling, stage_generator(self.cfg.seed, stage, "shuffle"), bar,
@@ -196,7 +197,7 @@ class Trainer:
         self._check_finite(stage, stats)
         rewards = table.rewards
         finite = rewards[torch.isfinite(rewards)]
-        record = {"stage": stage, "interval_len": interval_len,
+        record = {"stage": stage, "interval_len": interval_len, "trained_steps": trained,
                   "reward_mean": float(finite.mean()) if finite.numel() else None,
                   "reward_std": float(finite.std()) if finite.numel() > 1 else 0.0,
                   "n_images": len(table), "n_nonfinite": int(rewards.numel() - finite.numel()),

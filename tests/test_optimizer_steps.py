@@ -1,0 +1,121 @@
+"""``train.optimizer: nsgd`` (unit-norm gradient steps) and ``train.max_step_gain`` (near-
+deterministic DDIM steps left untrained): hand checks against the DDIM mean and the update."""
+import math
+
+import pytest
+import torch
+
+from b2fast.config import Config, ConfigError, SamplingConfig, TrainConfig, validate
+from b2fast.core.schedule import build_step_table, step_gains, trained_steps
+from b2fast.ops.reference.ddim import SIGMA, ddim_mean
+
+
+def _cosine_scheduler():
+    from diffusers import DDIMScheduler
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+
+
+def test_step_gain_is_the_slope_of_the_ddim_mean_over_sigma():
+    """Finite difference of the DDIM mean in ε (x̂₀ unclipped), divided by σ, on fresh inputs."""
+    steps = build_step_table(_cosine_scheduler(), 20, 1.0)
+    gains = step_gains(steps.table)
+    table = steps.table.double()
+    x = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    eps = torch.randn_like(x)
+    for i in (0, 7, 18, 19):
+        idx = torch.tensor([i])
+        mean = lambda e: ddim_mean(e, x, table, idx, None)
+        h = 1e-3
+        slope = (mean(eps + h) - mean(eps - h)) / (2 * h)          # ∂μ/∂ε, the same for every element
+        expected = slope.abs().mean().item() / table[i, SIGMA].item()
+        assert gains[i].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_step_to_t_1_is_the_only_outlier_on_the_toy_schedule():
+    table = build_step_table(_cosine_scheduler(), 20, 1.0).table
+    gains = step_gains(table)
+    mask = trained_steps(table, 4.0)
+    assert mask.tolist() == [i != 18 for i in range(20)]            # t = 51 → 1, gain ≈ 10× the median
+    assert gains[18] > 8 * gains.median()
+    assert trained_steps(table, 0.0).all()
+    assert trained_steps(table, 100.0).all()
+
+
+def test_eta_zero_steps_have_infinite_gain_and_are_untrained():
+    table = build_step_table(_cosine_scheduler(), 10, 1.0).table.clone()
+    table[3, SIGMA] = 0.0                                            # a deterministic step (σ = 0)
+    assert math.isinf(step_gains(table)[3].item())
+    assert not trained_steps(table, 4.0)[3]
+
+
+@pytest.mark.parametrize("field, value", [("optimizer", "adam"), ("momentum", 1.0), ("max_step_gain", 0.5)])
+def test_validation_names_the_field(field, value):
+    cfg = Config()
+    setattr(cfg.train, field, value)
+    with pytest.raises(ConfigError, match=f"train.{field}"):
+        validate(cfg)
+
+
+def _update(policy, tcfg, scfg, batch):
+    from b2fast.core.selection import Selection
+    from b2fast.core.update import make_optimizer, policy_update
+
+    selection = Selection(indices=torch.tensor([0, 3]), advantages=torch.tensor([1.0, -1.0]),
+                          positive=torch.tensor([True, False]), n_positive=1, n_negative=1)
+    before = [p.detach().clone() for p in policy.lora_parameters()]
+    optimizer = make_optimizer(policy.lora_parameters(), tcfg)
+    stats = policy_update(policy, optimizer, batch, selection, tcfg, scfg, torch.Generator().manual_seed(0),
+                          progress=_NoProgress())
+    moved = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(policy.lora_parameters(), before)))
+    for p, b in zip(policy.lora_parameters(), before):
+        p.data.copy_(b)
+    return stats, moved.item()
+
+
+@pytest.fixture
+def branch_batch(tiny_policy):
+    from b2fast.core.sampling import sample_branches
+    scfg = SamplingConfig(num_steps=6, branches=2, prompts_per_batch=2)
+    # make the LoRA non-trivial, so its A matrices get gradients too
+    for p in tiny_policy.lora_parameters():
+        p.data.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    batch = sample_branches(tiny_policy, ["a red cube", "a blue ball"], torch.arange(2), 4, scfg,
+                            torch.Generator().manual_seed(3))
+    return scfg, batch
+
+
+@pytest.mark.parametrize("lr", [0.3, 2.0])
+def test_an_nsgd_step_moves_the_lora_weights_exactly_lr(tiny_policy, branch_batch, lr):
+    scfg, batch = branch_batch
+    tcfg = TrainConfig(optimizer="nsgd", lr=lr, weight_decay=0.0, micro_batch=3, trajectories_per_step=2, epochs=1)
+    stats, moved = _update(tiny_policy, tcfg, scfg, batch)
+    assert stats["optimizer_steps"] == 1
+    assert moved == pytest.approx(lr, rel=1e-5)
+    adamw = TrainConfig(lr=lr, weight_decay=0.0, micro_batch=3, trajectories_per_step=2, epochs=1)
+    assert _update(tiny_policy, adamw, scfg, batch)[1] != pytest.approx(lr, rel=1e-2)  # AdamW: sign-like step
+
+
+def test_untrained_steps_contribute_no_pairs_and_no_gradient(tiny_policy, branch_batch, monkeypatch):
+    """With a gain limit that leaves out interval position 1, the update sees 2 trajectories × 3
+    positions, and its step equals that of an objective that gives position 1 zero weight."""
+    import b2fast.core.update as update
+
+    scfg, batch = branch_batch
+    mask = torch.tensor([True, False, True, True])
+    monkeypatch.setattr(update, "trained_positions", lambda policy, b, tcfg: mask)
+    tcfg = TrainConfig(lr=1e-2, micro_batch=3, trajectories_per_step=2, epochs=1, max_step_gain=4.0)
+    seen = []
+    real = update._pair_log_probs
+
+    def spy(policy, b, rows, j, *args):
+        seen.extend(j.tolist())
+        return real(policy, b, rows, j, *args)
+    monkeypatch.setattr(update, "_pair_log_probs", spy)
+    _update(tiny_policy, tcfg, scfg, batch)
+    assert sorted(seen) == [0, 0, 2, 2, 3, 3]
+
+
+class _NoProgress:
+    def update(self, n):
+        pass

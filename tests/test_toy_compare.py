@@ -1,0 +1,172 @@
+"""benchmarks/toy_compare.py's learning curves: t-intervals over seeds, the paired table and the
+figure on synthetic results with known answers; one tiny end-to-end run of the script."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "toy_compare.py"
+SETS = ("toy_attribute", "toy_two_object", "toy_spatial")
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("toy_compare", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tc = _load()
+
+
+def _rows(test: float, train: float) -> list[dict]:
+    """EvalRow-like dicts whose mean score over the three sets is ``test`` / ``train``."""
+    return [{"prompt_set": name, "split": split, "score": value + offset}
+            for split, value in (("train", train), ("test", test))
+            for name, offset in zip(SETS, (-0.1, 0.0, 0.1))]
+
+
+def _run(method: str, seed: int, lr: float, points: dict, rewards=(0.5, 0.6, 0.7, 0.8)) -> dict:
+    """A results.json run: 4 stages of 10 queries each; ``points``: stage -> (test, train)."""
+    queries = [10 * (k + 1) for k in range(len(rewards))]
+    curve = [{"stage": "before", "queries": 0, "rows": _rows(0.30 + 0.01 * seed, 0.35)}]
+    curve += [{"stage": s, "queries": queries[s], "rows": _rows(*v)} for s, v in sorted(points.items())]
+    return {"method": method, "seed": seed, "lr": lr, "train_minutes": 0.1, "reward_first": rewards[0],
+            "reward_last": rewards[-1], "stage_rewards": list(rewards), "queries": queries,
+            "eval_curve": curve, "before": curve[0]["rows"], "after": curve[-1]["rows"]}
+
+
+def _results() -> list[dict]:
+    """B2 at stage 1 minus DDPO: 0.2, 0.3, 0.1 over seeds (CI contains 0); at stage 3: 0.30,
+    0.32, 0.34 (CI excludes 0). DDPO also ran at lr 0.1 with a lower training reward (not chosen)."""
+    b2 = {0: {1: (0.5, 0.55), 3: (0.80, 0.9)}, 1: {1: (0.7, 0.65), 3: (0.82, 0.9)}, 2: {1: (0.6, 0.6), 3: (0.84, 0.9)}}
+    ddpo = {0: {1: (0.3, 0.5), 3: (0.5, 0.6)}, 1: {1: (0.4, 0.5), 3: (0.5, 0.6)}, 2: {1: (0.5, 0.5), 3: (0.5, 0.6)}}
+    results = []
+    for seed in range(3):
+        results.append(_run("B2-DiffuRL", seed, 0.01, b2[seed]))
+        results.append(_run("DDPO", seed, 0.01, ddpo[seed]))
+        results.append(_run("DDPO", seed, 0.1, {1: (9.0, 9.0), 3: (9.0, 9.0)}, rewards=(0.1, 0.1, 0.1, 0.1)))
+    return results
+
+
+def test_t_interval_matches_the_hand_computed_bounds():
+    # n = 3: mean 0.4, sd 0.2, t(0.975, 2) = 4.3027 -> half width 4.3027 * 0.2 / sqrt(3) = 0.49683
+    mean, low, high = tc.mean_ci([0.2, 0.4, 0.6])
+    assert mean == pytest.approx(0.4)
+    assert (low, high) == (pytest.approx(0.4 - 0.496833, abs=1e-5), pytest.approx(0.4 + 0.496833, abs=1e-5))
+    # n = 2: mean 2, sd sqrt(2), t(0.975, 1) = 12.7062 -> 2 ± 12.7062
+    assert tc.mean_ci([1.0, 3.0]) == (2.0, pytest.approx(-10.7062), pytest.approx(14.7062))
+    # one value: no interval; None and NaN are left out
+    mean, low, high = tc.mean_ci([0.7, None, math.nan])
+    assert mean == 0.7 and math.isnan(low) and math.isnan(high)
+    # beyond the table, the expansion: t(0.975, 40) = 2.02108, t(0.975, 100) = 1.98397
+    assert tc.t975(40) == pytest.approx(2.02108, abs=1e-4) and tc.t975(100) == pytest.approx(1.98397, abs=1e-4)
+    assert tc.t975(30) == 2.0423
+
+
+def test_paired_difference_is_by_seed():
+    d = tc.paired_difference({0: 0.5, 1: 0.7, 2: 0.6, 5: 1.0}, {0: 0.3, 1: 0.4, 2: 0.5})  # seed 5 has no pair
+    half = 4.3027 * 0.1 / math.sqrt(3)  # differences 0.2, 0.3, 0.1: sd 0.1
+    assert d.n == 3 and d.diff == pytest.approx(0.2)
+    assert (d.ci_low, d.ci_high) == (pytest.approx(0.2 - half), pytest.approx(0.2 + half))
+    assert d.within_noise is True
+
+
+def test_curves_table_reports_cis_and_marks_noise():
+    table = tc.curves_table(_results())
+    lines = table.splitlines()
+    # the chosen lr (by training reward) labels the method; the lr-0.1 runs play no part
+    assert any(line.startswith("| DDPO (lr 0.01) | 1 | 20 | 3 |") for line in lines)
+    assert "lr 0.1)" not in table and "9.000" not in table
+    # B2 at stage 1, test: 0.5, 0.7, 0.6 -> 0.6 ± 4.3027 * 0.1 / sqrt(3) = [0.352, 0.848]
+    assert "| B2-DiffuRL (lr 0.01) | 1 | 20 | 3 | 0.600 [0.352, 0.848] |" in table
+    # base model: one point per seed (0.30, 0.31, 0.32), shared by both methods
+    assert "| base model | before | 0 | 3 | 0.310 [0.285, 0.335] |" in table
+    # paired differences: stage 1 test diff 0.2 [-0.048, +0.448] within noise, stage 3: 0.32 [+0.270, +0.370]
+    stage1 = next(line for line in lines if line.startswith("| 1 | 20 | 3 |"))
+    assert "+0.200 [-0.048, +0.448] | within noise" in stage1
+    stage3 = next(line for line in lines if line.startswith("| 3 | 40 | 3 |"))
+    assert "+0.320 [+0.270, +0.370] | B2-DiffuRL ahead" in stage3
+    assert "Student-t" in table
+
+
+def test_one_seed_has_no_interval():
+    results = [r for r in _results() if r["seed"] == 0]
+    table = tc.curves_table(results)
+    assert "n/a (fewer than 2 seeds)" in table and "within noise" not in table
+
+
+def test_figure_and_table_files_are_written(tmp_path):
+    table = tc.write_curves(_results(), tmp_path)
+    png = tmp_path / "curves.png"
+    assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "curves.md").read_text() == table + "\n"
+
+
+def test_results_without_curves_still_give_a_table(tmp_path):
+    old = [{k: v for k, v in r.items() if k not in ("eval_curve", "queries")} for r in _results()]
+    assert "No alignment curves" in tc.write_curves(old, tmp_path)
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_default_eval_stages_are_the_middle_and_the_last():
+    assert tc.default_eval_stages(10) == [4, 9]
+    assert tc.default_eval_stages(2) == [0, 1] and tc.default_eval_stages(1) == [0]
+
+
+def _script(*args: str, timeout: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], check=False, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
+
+
+def test_an_eval_stage_out_of_range_is_a_one_line_error(tmp_path):
+    done = _script("--eval-stages", "0", "2", "--schedule.num_stages", "2", "--out", str(tmp_path), timeout=120)
+    assert done.returncode == 2
+    assert "error: --eval-stages: got 2, expected a stage index in 0..1" in done.stderr
+    assert not any(tmp_path.iterdir())  # nothing ran
+
+
+def test_end_to_end_tiny_comparison(tmp_path):
+    started = time.perf_counter()
+    done = _script("--seeds", "0", "1", "--methods", "B2-DiffuRL", "DDPO", "--eval-stages", "0", "1",
+                   "--schedule.num_stages", "2", "--sampling.batches_per_stage", "1",
+                   "--sampling.prompts_per_batch", "2", "--sampling.num_steps", "4",
+                   "--schedule.min_interval", "2", "--schedule.max_interval", "4",
+                   "--eval.images_per_prompt", "1", "--eval.prompts_per_set", "1", "--out", str(tmp_path),
+                   timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    print(f"end-to-end run: {time.perf_counter() - started:.1f} s")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert sorted((r["method"], r["seed"]) for r in results) == [("B2-DiffuRL", 0), ("B2-DiffuRL", 1),
+                                                                 ("DDPO", 0), ("DDPO", 1)]
+    for run in results:
+        per_stage = 8 if run["method"] == "B2-DiffuRL" else 2  # 2 prompts x 4 branches | x 1 sample
+        assert run["queries"] == [per_stage, 2 * per_stage] and len(run["stage_rewards"]) == 2
+        curve = run["eval_curve"]
+        assert [(p["stage"], p["queries"]) for p in curve] == [("before", 0), (0, per_stage), (1, 2 * per_stage)]
+        assert curve[0]["rows"] == run["before"] and curve[-1]["rows"] == run["after"]  # reused, not redone
+        for point in curve:
+            assert sorted((r["prompt_set"], r["split"]) for r in point["rows"]) == \
+                sorted((s, split) for s in SETS for split in ("train", "test"))
+        # the stage-0 checkpoint was kept and evaluated on its own
+        assert (tmp_path / f"{run['method']}-seed{run['seed']}" / "checkpoints" / "stage-000000").is_dir()
+    md = (tmp_path / "curves.md").read_text()
+    assert "| B2-DiffuRL (lr 0.01) | 0 | 8 | 2 |" in md and "| DDPO (lr 0.01) | 1 | 4 | 2 |" in md
+    assert "| 1 | 16 / 4 | 2 |" in md and md in done.stdout
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    # --table-only writes both again from results.json
+    (tmp_path / "curves.md").unlink()
+    (tmp_path / "curves.png").unlink()
+    again = _script("--table-only", "--out", str(tmp_path), timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "curves.md").read_text() == md and (tmp_path / "curves.png").stat().st_size > 1000
