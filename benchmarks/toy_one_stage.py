@@ -1,0 +1,125 @@
+"""How much does ONE stage's update raise the reward it is trained on? Common random numbers.
+
+For each seed: one toy stage (``--prompt``, the ``--reward`` ladder rung, the default preset
+with each variant's overrides) is sampled and trained by ``Trainer.run_stage``; the reward of
+``--images`` images of the prompt is measured before and after the update from the *same*
+starting noises, so the per-image differences are paired and their mean has a small standard
+error. Every variant of a seed samples the same stage (same seed, same starting weights), so
+variants are paired too. Each variant is also run with ``--selection.null_control shuffle``
+(advantages permuted among the kept samples: same samples, same step length, no signal) when
+``--null`` is given. Writes ``OUT/one_stage.jsonl`` (appended) and prints a Markdown table:
+mean gain over seeds with its 95% t-interval, and each variant's paired difference to its null::
+
+    python benchmarks/toy_one_stage.py --seeds 0 1 2 3 4 --null --out runs/one_stage
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from toy_compare import mean_ci  # noqa: E402  (benchmarks/ is not a package)
+
+from b2fast.config import apply_overrides, load_yaml  # noqa: E402
+from b2fast.core.sampling import generate  # noqa: E402
+from b2fast.run.trainer import Trainer  # noqa: E402
+from b2fast.train import preset_path  # noqa: E402
+
+ONE_STEP = "--train.trajectories_per_step 4096 --train.epochs 1"
+VARIANTS = {  # name → overrides of the default preset
+    "adamw-default": "",
+    "adamw-one-step": ONE_STEP,
+    "nsgd": f"--train.optimizer nsgd --train.lr 3 {ONE_STEP}",
+    "nsgd-gain4": f"--train.optimizer nsgd --train.lr 3 --train.max_step_gain 4 {ONE_STEP}",
+}
+
+
+def one_stage(seed: int, overrides: list[str], prompt_file: Path, reward: str, batches: int,
+              images: int, out: Path) -> dict:
+    cfg = load_yaml(preset_path("default.yaml"))
+    apply_overrides(cfg, ["--out", str(out), "--seed", str(seed), "--prompts.source", str(prompt_file),
+                          "--reward.name", reward, "--sampling.batches_per_stage", str(batches),
+                          "--schedule.num_stages", "1", "--eval.enabled", "false", "--log.progress", "false",
+                          "--log.grid_every", "0", "--log.samples", "false", *overrides])
+    shutil.rmtree(out, ignore_errors=True)
+    trainer = Trainer(cfg)
+    prompt = prompt_file.read_text().strip()
+
+    def rewards() -> torch.Tensor:
+        x = generate(trainer.policy, [prompt] * images, cfg.sampling, torch.Generator().manual_seed(10_000 + seed))
+        return trainer.reward(x, [prompt] * images).float()
+
+    before = rewards()
+    record = trainer.run_stage(0)
+    gain = rewards() - before
+    return {"seed": seed, "gain": gain.mean().item(), "se": gain.std().item() / images ** 0.5,
+            "kept": record["n_selected"], "images_trained": record["n_images"]}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| variant | seeds | gain, mean [95% CI] | null's gain | variant − null, paired [95% CI] |",
+             "|---|---|---|---|---|"]
+    by = {}
+    for r in rows:
+        by.setdefault(r["variant"], {})[r["seed"]] = r["gain"]
+    for name, gains in by.items():
+        if name.endswith("+null"):
+            continue
+        m, lo, hi = mean_ci(gains.values())
+        null = by.get(name + "+null", {})
+        common = sorted(set(gains) & set(null))
+        cell = "-"
+        null_cell = "-"
+        if common:
+            nm, nlo, nhi = mean_ci(null[s] for s in common)
+            dm, dlo, dhi = mean_ci(gains[s] - null[s] for s in common)
+            null_cell = f"{nm:+.4f} [{nlo:+.4f}, {nhi:+.4f}]"
+            cell = f"{dm:+.4f} [{dlo:+.4f}, {dhi:+.4f}]"
+        lines.append(f"| {name} | {len(gains)} | {m:+.4f} [{lo:+.4f}, {hi:+.4f}] | {null_cell} | {cell} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="variants: " + "; ".join(f"{k} = [{v}]" for k, v in VARIANTS.items()))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--null", action="store_true", help="also run each variant with shuffled advantages")
+    parser.add_argument("--prompt", default="a red circle", help="the one training prompt (default: %(default)s)")
+    parser.add_argument("--reward", default="toy_colour_fill", help="reward name (default: %(default)s)")
+    parser.add_argument("--batches", type=int, default=8, help="sampling batches of the stage (8 × 8 prompts × 4 "
+                                                              "branches = 256 images; default: %(default)s)")
+    parser.add_argument("--images", type=int, default=128, help="images measured before and after (default: %(default)s)")
+    parser.add_argument("--out", default="runs/one_stage")
+    parser.add_argument("--table-only", action="store_true", help="print the table of OUT/one_stage.jsonl")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    log = out / "one_stage.jsonl"
+    if not args.table_only:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "prompt.txt").write_text(args.prompt + "\n")
+        for seed in args.seeds:
+            for name in args.variants:
+                for null in ([False, True] if args.null else [False]):
+                    extra = shlex.split(VARIANTS[name]) + (["--selection.null_control", "shuffle"] if null else [])
+                    row = one_stage(seed, extra, out / "prompt.txt", args.reward, args.batches, args.images,
+                                    out / "scratch")
+                    row["variant"] = name + ("+null" if null else "")
+                    with log.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+    if not log.is_file():
+        parser.error(f"no {log}; run without --table-only first")
+    print(table([json.loads(line) for line in log.read_text().splitlines() if line.strip()]))
+
+
+if __name__ == "__main__":
+    main()
