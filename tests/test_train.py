@@ -234,9 +234,12 @@ def test_ctrl_c_mid_run_keeps_a_resumable_checkpoint(tiny_sd_path, tmp_path):
     import time
 
     out = tmp_path / "run"
+    # A shell that starts the test runner in the background (``cmd &``) ignores SIGINT in it, and
+    # the child would inherit that; a user's Ctrl-C reaches a process with the default handling.
     run = subprocess.Popen([sys.executable, "-m", "b2fast.train", *TINY, "--model.path", tiny_sd_path,
                             "--out", str(out), "--schedule.num_stages", "40"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not (out / "checkpoints" / "latest").is_file() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
