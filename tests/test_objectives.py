@@ -115,13 +115,9 @@ def test_the_update_goes_through_the_configured_objective(tiny_policy, monkeypat
     before = [p.detach().clone() for p in tiny_policy.lora_parameters()]
     optimizer = make_optimizer(tiny_policy.lora_parameters(), tcfg)
     stats = policy_update(tiny_policy, optimizer, batch, selection, tcfg, scfg,
-                          torch.Generator().manual_seed(0), progress=_NoProgress())
+                          torch.Generator().manual_seed(0))
     assert calls["advantages"] == 1 and calls["loss"] == batch.interval_len  # 2 trajectories · L pairs / 2
     assert stats["marker"] == pytest.approx(3.0) and stats["clipfrac"] is None
     assert stats["optimizer_steps"] == 1
     assert any(not torch.equal(b, p) for b, p in zip(before, tiny_policy.lora_parameters()))
 
-
-class _NoProgress:
-    def update(self, n):
-        pass

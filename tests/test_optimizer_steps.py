@@ -65,8 +65,7 @@ def _update(policy, tcfg, scfg, batch):
                           positive=torch.tensor([True, False]), n_positive=1, n_negative=1)
     before = [p.detach().clone() for p in policy.lora_parameters()]
     optimizer = make_optimizer(policy.lora_parameters(), tcfg)
-    stats = policy_update(policy, optimizer, batch, selection, tcfg, scfg, torch.Generator().manual_seed(0),
-                          progress=_NoProgress())
+    stats = policy_update(policy, optimizer, batch, selection, tcfg, scfg, torch.Generator().manual_seed(0))
     moved = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(policy.lora_parameters(), before)))
     for p, b in zip(policy.lora_parameters(), before):
         p.data.copy_(b)
@@ -115,7 +114,3 @@ def test_untrained_steps_contribute_no_pairs_and_no_gradient(tiny_policy, branch
     _update(tiny_policy, tcfg, scfg, batch)
     assert sorted(seen) == [0, 0, 2, 2, 3, 3]
 
-
-class _NoProgress:
-    def update(self, n):
-        pass

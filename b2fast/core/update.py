@@ -127,7 +127,8 @@ def _optimizer_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Tra
                                           advantages[start:start + tcfg.micro_batch], tcfg)
         (loss.sum() / n_pairs).backward()
         stats.add(r.numel(), loss, loss_stats)
-        progress.update(r.numel())
+        if progress is not None:
+            progress.update(r.numel())
     params = policy.lora_parameters()
     distributed.sum_gradients(world, params)
     if tcfg.optimizer == "nsgd":  # the step's direction only: SGD then moves the weights lr
@@ -151,12 +152,13 @@ def trained_positions(policy: Policy, batch: TrajectoryBatch, tcfg: TrainConfig)
 
 def policy_update(policy: Policy, optimizer: torch.optim.Optimizer, batch: TrajectoryBatch,
                   selection: Selection, tcfg: TrainConfig, scfg: SamplingConfig,
-                  generator: torch.Generator, progress, world: World = World(),
+                  generator: torch.Generator, progress=None, world: World = World(),
                   local_rows: torch.Tensor | None = None) -> dict:
     """Train on the selected branches for ``tcfg.epochs`` epochs; returns mean loss statistics.
 
     ``selection`` indexes the stage's global table; ``local_rows`` maps a table row to its row
     in this rank's ``batch`` (−1 when another rank holds it). Default: one process, table = batch.
+    ``progress`` (e.g. a tqdm bar, optional) is advanced by the pairs trained.
     """
     objective = get_objective(tcfg.objective)
     stats = UpdateStats(objective.stats)
