@@ -418,5 +418,6 @@ def main(argv: list[str] | None = None) -> None:
     atomic_write_text(out / "results.md", table + "\n")
     print(table + "\n\n" + write_curves(results, out, args.select_last))
 
+
 if __name__ == "__main__":
     main()
