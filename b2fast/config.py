@@ -39,7 +39,9 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 OVERLAP = ("auto", "on", "off")
 # Objectives registered in b2fast.core.objectives (kept here too so the config stays torch-free;
 # tests/test_ppo.py checks the two lists agree).
-OBJECTIVES = ("ppo",)
+OBJECTIVES = ("ppo", "d3po", "dro", "dro_unpaired", "diffusion_dpo")
+PAIR_OBJECTIVES = ("d3po", "dro", "diffusion_dpo")  # trained on Selection.pairs
+PAIR_MODES = ("thresholds", "always")
 OPTIMIZERS = ("adamw", "nsgd")
 NULL_CONTROLS = ("off", "shuffle", "zero")
 
@@ -121,14 +123,22 @@ class SelectionConfig:
     min_count: int = _f(16, "ddpo: below this many buffered rewards a prompt is normalised with the whole "
                             "stage's mean and std instead of its own (ddpo-pytorch's 16)")
     null_control: str = _f("off", f"one of {NULL_CONTROLS}: 'shuffle' permutes the kept samples' advantages "
-                                  "within the stage, 'zero' sets them to 0 — a run that must NOT learn, beside "
-                                  "every claim that a setting does")
+                                  "within the stage (and swaps each pair's winner and loser with probability "
+                                  "1/2), 'zero' sets them to 0 — a run that must NOT learn, beside every claim "
+                                  "that a setting does")
+    pair_mode: str = _f("thresholds", f"pair objectives, one of {PAIR_MODES}: 'thresholds' = a group gives its "
+                                      "(best, worst) pair when both pass the thresholds; 'always' = whenever "
+                                      "the best's reward exceeds the worst's")
 
 
 @dataclass
 class TrainConfig:
     objective: str = _f("ppo", f"policy objective, one of {OBJECTIVES}: 'ppo' = DDPO-style PPO-clip on the kept "
-                                "branches' interval steps")
+                                "branches' interval steps; 'd3po' = D3PO's pair loss on the groups' (best, worst) "
+                                "log-prob ratios to the base model; 'dro' = DSO's denoising loss of the winner "
+                                "minus the loser's; 'dro_unpaired' = +loss on kept positives, -loss on kept "
+                                "negatives; 'diffusion_dpo' = Diffusion-DPO on the pairs (docs/algorithm.md, "
+                                "'Objectives')")
     optimizer: str = _f("adamw", f"one of {OPTIMIZERS}: 'adamw' (DDPO's); 'nsgd' = SGD on the gradient scaled to "
                                   "unit norm, so every step moves the LoRA weights exactly lr (with train.momentum): "
                                   "keeps the gradient's direction where AdamW's per-coordinate scaling amplifies "
@@ -146,6 +156,13 @@ class TrainConfig:
     adam_eps: float = _f(1e-8, "AdamW epsilon")
     max_grad_norm: float = _f(1.0, "gradient-norm clip (0 disables)")
     clip_range: float = _f(0.1, "PPO ratio clip epsilon")
+    d3po_beta: float = _f(0.1, "d3po: beta of -log sigmoid(beta * (log rho_w - log rho_l)) (the official code's)")
+    d3po_clip: float = _f(0.1, "d3po: ratios to the base model clamped to [1 - clip, 1 + clip] (the official "
+                               "code's; zero gradient outside)")
+    dpo_beta: float = _f(5000.0, "diffusion_dpo: beta of the implicit reward (Diffusion-DPO's value for SD 1.5)")
+    loser_guard: float = _f(0.1, "dro, dro_unpaired: stop a loser's gradient once its denoising error exceeds the "
+                                 "base model's by this fraction; the loser term is unbounded below, so without "
+                                 "the guard (0) a long run can only stop by breaking the model")
     adv_clip: float = _f(5.0, "advantages clamped to [-adv_clip, adv_clip]")
     pos_weight: float = _f(1.0, "advantage weight beta+ for positive samples")
     neg_weight: float = _f(1.0, "advantage weight beta- for negative samples")
@@ -446,6 +463,13 @@ def validate(cfg: Config) -> Config:
         _check(getattr(t, name) >= 1, f"train.{name}", getattr(t, name), "an integer >= 1")
     _check(sel.null_control in NULL_CONTROLS, "selection.null_control", sel.null_control, f"one of {NULL_CONTROLS}")
     _check(t.objective in OBJECTIVES, "train.objective", t.objective, f"one of {OBJECTIVES}")
+    _check(sel.pair_mode in PAIR_MODES, "selection.pair_mode", sel.pair_mode, f"one of {PAIR_MODES}")
+    _check(t.objective == "ppo" or sel.kind == "b2", "train.objective", t.objective,
+           "'ppo' with selection.kind 'ddpo' (the other objectives need B² branch groups)")
+    for name in ("d3po_beta", "dpo_beta"):
+        _check(getattr(t, name) > 0, f"train.{name}", getattr(t, name), "a number > 0")
+    _check(0 < t.d3po_clip < 1, "train.d3po_clip", t.d3po_clip, "a number in (0, 1)")
+    _check(t.loser_guard >= 0, "train.loser_guard", t.loser_guard, "a number >= 0 (0 turns the guard off)")
     _check(t.micro_batch >= 0, "train.micro_batch", t.micro_batch, "an integer >= 1, or 0 for automatic")
     _check(bool(cfg.reward.name), "reward.name", cfg.reward.name, "a reward name or 'module:function'")
     ev = cfg.eval

@@ -1,7 +1,9 @@
-"""How much does ONE stage's update raise the reward it is trained on? Common random numbers.
+"""How much does one stage's update (or a few stages') raise the reward it is trained on?
+Common random numbers.
 
-For each seed: one toy stage (``--prompt``, the ``--reward`` ladder rung, the default preset
-with each variant's overrides) is sampled and trained by ``Trainer.run_stage``; the reward of
+For each seed: one toy stage, or ``--stages`` of them (``--prompt``, the ``--reward`` ladder
+rung, the default preset with each variant's overrides) is sampled and trained by
+``Trainer.run_stage``; the reward of
 ``--images`` images of the prompt is measured before and after the update from the *same*
 starting noises, so the per-image differences are paired and their mean has a small standard
 error. Every variant of a seed samples the same stage (same seed, same starting weights), so
@@ -38,15 +40,19 @@ VARIANTS = {  # name → overrides of the default preset
     "adamw-one-step": ONE_STEP,
     "nsgd": f"--train.optimizer nsgd --train.lr 3 {ONE_STEP}",
     "nsgd-gain4": f"--train.optimizer nsgd --train.lr 3 --train.max_step_gain 4 {ONE_STEP}",
+    # for several stages on one prompt: no history (a stage below the window's mean keeps only
+    # negatives), shorter steps whose directions momentum averages over stages
+    "nsgd-gain4-h0-mom": f"--train.optimizer nsgd --train.lr 1 --train.momentum 0.8 --train.max_step_gain 4 "
+                         f"--selection.history_stages 0 {ONE_STEP}",
 }
 
 
 def one_stage(seed: int, overrides: list[str], prompt_file: Path, reward: str, batches: int,
-              images: int, out: Path) -> dict:
+              images: int, out: Path, stages: int = 1) -> dict:
     cfg = load_yaml(preset_path("default.yaml"))
     apply_overrides(cfg, ["--out", str(out), "--seed", str(seed), "--prompts.source", str(prompt_file),
                           "--reward.name", reward, "--sampling.batches_per_stage", str(batches),
-                          "--schedule.num_stages", "1", "--eval.enabled", "false", "--log.progress", "false",
+                          "--schedule.num_stages", str(stages), "--eval.enabled", "false", "--log.progress", "false",
                           "--log.grid_every", "0", "--log.samples", "false", *overrides])
     shutil.rmtree(out, ignore_errors=True)
     trainer = Trainer(cfg)
@@ -57,10 +63,11 @@ def one_stage(seed: int, overrides: list[str], prompt_file: Path, reward: str, b
         return trainer.reward(x, [prompt] * images).float()
 
     before = rewards()
-    record = trainer.run_stage(0)
+    records = [trainer.run_stage(stage) for stage in range(stages)]
     gain = rewards() - before
-    return {"seed": seed, "gain": gain.mean().item(), "se": gain.std().item() / images ** 0.5,
-            "kept": record["n_selected"], "images_trained": record["n_images"]}
+    return {"seed": seed, "stages": stages, "gain": gain.mean().item(), "se": gain.std().item() / images ** 0.5,
+            "kept": sum(r["n_selected"] for r in records), "images_trained": sum(r["n_images"] for r in records),
+            "stage_rewards": [r["reward_mean"] for r in records]}
 
 
 def table(rows: list[dict]) -> str:
@@ -97,12 +104,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reward", default="toy_colour_fill", help="reward name (default: %(default)s)")
     parser.add_argument("--batches", type=int, default=8, help="sampling batches of the stage (8 × 8 prompts × 4 "
                                                               "branches = 256 images; default: %(default)s)")
+    parser.add_argument("--stages", type=int, default=1, help="stages trained between the two measurements "
+                                                            "(default: %(default)s)")
     parser.add_argument("--images", type=int, default=128, help="images measured before and after (default: %(default)s)")
     parser.add_argument("--out", default="runs/one_stage")
     parser.add_argument("--table-only", action="store_true", help="print the table of OUT/one_stage.jsonl")
     args = parser.parse_args(argv)
     out = Path(args.out)
     log = out / "one_stage.jsonl"
+    if args.stages < 1:
+        parser.error(f"--stages must be >= 1, got {args.stages}")
     if not args.table_only:
         out.mkdir(parents=True, exist_ok=True)
         (out / "prompt.txt").write_text(args.prompt + "\n")
@@ -111,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
                 for null in ([False, True] if args.null else [False]):
                     extra = shlex.split(VARIANTS[name]) + (["--selection.null_control", "shuffle"] if null else [])
                     row = one_stage(seed, extra, out / "prompt.txt", args.reward, args.batches, args.images,
-                                    out / "scratch")
+                                    out / "scratch", args.stages)
                     row["variant"] = name + ("+null" if null else "")
                     with log.open("a") as f:
                         f.write(json.dumps(row) + "\n")

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from b2fast.config import SamplingConfig, TrainConfig
-from b2fast.core.objectives import (OBJECTIVES, Objective, advantage_weights, get_objective,
+from b2fast.core.objectives import (OBJECTIVES, Items, Objective, advantage_weights, get_objective,
                                     ppo_clip_loss, register_objective)
+from b2fast.core.selection import Selection
 
 EPS = 0.1
 
@@ -73,14 +74,19 @@ def test_registry_and_bad_arguments():
     ppo = get_objective("ppo")
     z, lp, old = torch.tensor([-7.0, 0.3, 2.0]), torch.tensor([0.1, -0.2, 0.0]), torch.zeros(3)
     tcfg = TrainConfig(adv_clip=5.0, pos_weight=2.0, neg_weight=0.5, clip_range=0.2)
-    torch.testing.assert_close(ppo.advantages(z, tcfg), advantage_weights(z, 5.0, 2.0, 0.5))
-    loss, stats = ppo.loss(lp, old, ppo.advantages(z, tcfg), tcfg)
-    torch.testing.assert_close(loss, ppo_clip_loss(lp, old, ppo.advantages(z, tcfg), 0.2)[0])
+    selection = Selection(indices=torch.tensor([4, 1, 9]), advantages=z, positive=z > 0, n_positive=2, n_negative=1)
+    items = ppo.items(selection, tcfg)
+    assert items.rows.tolist() == [[4], [1], [9]]
+    torch.testing.assert_close(items.values, advantage_weights(z, 5.0, 2.0, 0.5))
+    assert ppo.needs(tcfg) == {"log_prob", "old_log_prob"}
+    loss, stats = ppo.loss({"log_prob": lp[:, None], "old_log_prob": old[:, None]}, items.values, tcfg)
+    torch.testing.assert_close(loss, ppo_clip_loss(lp, old, advantage_weights(z, 5.0, 2.0, 0.5), 0.2)[0])
     assert set(ppo.stats) <= set(stats)
-    with pytest.raises(ValueError, match=r"train.objective: unknown objective 'nope'; available: \['ppo'"):
+    available = r"\['d3po', 'diffusion_dpo', 'dro', 'dro_unpaired', 'ppo'\]"
+    with pytest.raises(ValueError, match=rf"train.objective: unknown objective 'nope'; available: {available}"):
         get_objective("nope")
     with pytest.raises(ValueError, match="already registered"):
-        register_objective(Objective("ppo", ppo.loss, ppo.advantages))
+        register_objective(Objective("ppo", ppo.items, ppo.needs, ppo.loss))
     with pytest.raises(ValueError, match="clip_range"):
         ppo_clip_loss(torch.zeros(2), torch.zeros(2), torch.zeros(2), 0.0)
     with pytest.raises(ValueError, match="advantages"):
@@ -97,18 +103,20 @@ def test_the_update_goes_through_the_configured_objective(tiny_policy, monkeypat
     scfg = SamplingConfig(num_steps=6, branches=2, prompts_per_batch=2)
     batch = sample_branches(tiny_policy, ["a red cube", "a blue ball"], torch.arange(2), 3, scfg,
                             torch.Generator().manual_seed(3))
-    calls = {"advantages": 0, "loss": 0}
+    calls = {"items": 0, "loss": 0}
 
-    def advantages(z, tcfg):
-        calls["advantages"] += 1
-        return torch.full_like(z, 7.0)       # not what PPO would give (z clamped and weighted)
+    def items(selection, tcfg):
+        calls["items"] += 1
+        # not what PPO would give (z clamped and weighted)
+        return Items(selection.indices[:, None], torch.full_like(selection.advantages, 7.0))
 
-    def loss(log_prob, old_log_prob, adv, tcfg):
+    def loss(terms, values, tcfg):
         calls["loss"] += 1
-        assert torch.all(adv == 7.0)
-        return -log_prob, {"marker": torch.tensor(3.0)}   # plain log-likelihood ascent
+        assert torch.all(values == 7.0) and set(terms) == {"log_prob"} and terms["log_prob"].shape[1] == 1
+        return -terms["log_prob"][:, 0], {"marker": torch.tensor(3.0)}   # plain log-likelihood ascent
 
-    monkeypatch.setitem(OBJECTIVES, "likelihood", Objective("likelihood", loss, advantages, ("marker",)))
+    monkeypatch.setitem(OBJECTIVES, "likelihood", Objective("likelihood", items, lambda tcfg: frozenset({"log_prob"}),
+                                                            loss, ("marker",)))
     selection = Selection(indices=torch.tensor([0, 3]), advantages=torch.tensor([1.0, -1.0]),
                           positive=torch.tensor([True, False]), n_positive=1, n_negative=1)
     tcfg = TrainConfig(objective="likelihood", micro_batch=2, trajectories_per_step=2, epochs=1, lr=1e-2)
@@ -116,7 +124,7 @@ def test_the_update_goes_through_the_configured_objective(tiny_policy, monkeypat
     optimizer = make_optimizer(tiny_policy.lora_parameters(), tcfg)
     stats = policy_update(tiny_policy, optimizer, batch, selection, tcfg, scfg,
                           torch.Generator().manual_seed(0))
-    assert calls["advantages"] == 1 and calls["loss"] == batch.interval_len  # 2 trajectories · L pairs / 2
+    assert calls["items"] == 1 and calls["loss"] == batch.interval_len  # 2 trajectories · L pairs / 2
     assert stats["marker"] == pytest.approx(3.0) and stats["clipfrac"] is None
     assert stats["optimizer_steps"] == 1
     assert any(not torch.equal(b, p) for b, p in zip(before, tiny_policy.lora_parameters()))

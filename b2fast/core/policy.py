@@ -15,7 +15,7 @@ import torch
 
 from b2fast.config import ModelConfig
 from b2fast.core.cuda_graphs import CapturedCalls
-from b2fast.ops.reference.ddim import SQRT_1M_AB, SQRT_AB
+from b2fast.ops.reference.ddim import SQRT_1M_AB, SQRT_AB, add_noise
 from b2fast.core.schedule import StepTable, build_step_table
 from b2fast.utils import LORA_WEIGHTS_NAME, first_line
 
@@ -263,6 +263,14 @@ class Policy:
         rows = self.steps.table.index_select(0, step_index).float()
         shape = (-1,) + (1,) * (x.dim() - 1)
         return rows[:, SQRT_AB].view(shape) * out.float() + rows[:, SQRT_1M_AB].view(shape) * x.float()
+
+    def denoising_error(self, x0: torch.Tensor, step_index: torch.Tensor, noise: torch.Tensor,
+                        cond: torch.Tensor) -> torch.Tensor:
+        """(N,) fp32 M(x0, t, e) = mean over elements of ‖ε(√ᾱ_t·x0 + √(1−ᾱ_t)·e, t, c) − e‖², the
+        conditional prediction only (no CFG), at each sample's DDIM step ``step_index``."""
+        x_t = add_noise(x0, noise, self.steps.table, step_index)
+        _, eps = self.predict_eps(x_t, step_index, cond, 1.0, use_cfg=False)
+        return (eps.float() - noise.float()).pow(2).flatten(1).mean(dim=1)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, max_batch: int = 0) -> torch.Tensor:

@@ -21,6 +21,11 @@ The stage loop calls, once per stage and with *all* of that stage's rewards::
     z = normalize_stage(history, prompts, rewards)     # adds the stage, then normalises
     sel = select(z, group_ids, pos_threshold, neg_threshold)
 
+``Selection.pairs`` holds each group's (best, worst) branch pair for the pair objectives
+(``train.objective`` d3po, dro, diffusion_dpo): by default a group gives a pair when both its
+best and its worst pass the thresholds; ``selection.pair_mode: always`` pairs them whenever the
+best's reward exceeds the worst's.
+
 The history pools in *stages*, not in appearances: rewards a prompt got at stage s are used at
 stage s' only if s' − s <= H, so a prompt that returns after a long absence starts fresh.
 
@@ -40,7 +45,7 @@ from typing import Sequence
 
 import torch
 
-from b2fast.config import SelectionConfig
+from b2fast.config import PAIR_MODES, SelectionConfig
 
 EPS = 1e-8  # added to std_p, as in the paper, so a prompt with equal rewards gives z = 0
 
@@ -154,6 +159,11 @@ class Selection:
     positive: torch.Tensor    # (M,) bool: kept as its group's best (else as its worst)
     n_positive: int
     n_negative: int
+    pairs: torch.Tensor | None = None  # (P, 2) int64: (winner, loser) batch indices, one per group
+
+    def __post_init__(self) -> None:
+        if self.pairs is None:
+            self.pairs = torch.zeros(0, 2, dtype=torch.int64, device=self.indices.device)
 
     def __len__(self) -> int:
         return self.indices.numel()
@@ -179,13 +189,16 @@ def _group_extreme(z: torch.Tensor, valid: torch.Tensor, group: torch.Tensor, n_
 
 
 def select(z: torch.Tensor, group_ids: torch.Tensor, pos_threshold: float = 0.5,
-           neg_threshold: float = -0.5) -> Selection:
+           neg_threshold: float = -0.5, pair_mode: str = "thresholds") -> Selection:
     """Keep each branch group's best branch if z_max >= τ+ and its worst if z_min < τ−.
 
     NaN z are excluded before choosing; ties go to the lowest batch index. A group whose best
     and worst are the same sample (one valid branch, or all z equal) keeps it at most once,
-    as a positive when it qualifies as one.
+    as a positive when it qualifies as one. ``pairs``: (best, worst) of the groups where both
+    are kept (``pair_mode`` 'thresholds') or where z_max > z_min ('always').
     """
+    if pair_mode not in PAIR_MODES:
+        raise ValueError(f"selection.pair_mode: got {pair_mode!r}, expected one of {PAIR_MODES}")
     if z.ndim != 1 or group_ids.shape != z.shape:
         raise ValueError(f"z and group_ids must be 1-D of equal length, got {tuple(z.shape)} "
                          f"and {tuple(group_ids.shape)}")
@@ -204,8 +217,11 @@ def select(z: torch.Tensor, group_ids: torch.Tensor, pos_threshold: float = 0.5,
     keep_neg = (z_min < neg_threshold) & ~(keep_pos & (worst == best))
     indices, order = torch.cat([best[keep_pos], worst[keep_neg]]).sort()
     positive = (torch.arange(indices.numel(), device=z.device) < int(keep_pos.sum()))[order]
+    paired = keep_pos & keep_neg if pair_mode == "thresholds" else z_max > z_min
+    paired &= best != worst
     return Selection(indices=indices, advantages=z[indices], positive=positive,
-                     n_positive=int(keep_pos.sum()), n_negative=int(keep_neg.sum()))
+                     n_positive=int(keep_pos.sum()), n_negative=int(keep_neg.sum()),
+                     pairs=torch.stack([best[paired], worst[paired]], dim=1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,25 +320,36 @@ def normalize_and_select(tracker: Tracker, sel: SelectionConfig, prompts: Sequen
         selection = select_all(z)
     else:
         z = normalize_stage(tracker, prompts, rewards)
-        selection = select(z, group_ids, sel.pos_threshold, sel.neg_threshold)
+        selection = select(z, group_ids, sel.pos_threshold, sel.neg_threshold, sel.pair_mode)
     return z, null_control(selection, sel.null_control, generator)
+
+
+def pair_stats(selection: Selection, rewards: torch.Tensor) -> dict:
+    """``n_pairs`` and ``pair_reward_margin`` = mean r(winner) − r(loser) (None without pairs)."""
+    pairs = selection.pairs.to(rewards.device)
+    margin = (rewards[pairs[:, 0]] - rewards[pairs[:, 1]]).float().mean().item() if pairs.numel() else None
+    return {"n_pairs": pairs.shape[0], "pair_reward_margin": margin}
 
 
 def null_control(selection: Selection, kind: str, generator: torch.Generator | None = None) -> Selection:
     """The selection with its advantages decoupled from the rewards: ``shuffle`` permutes them
-    among the kept samples (same magnitudes, same update size, random direction), ``zero`` sets
-    them to 0 (no update at all); ``off`` returns it unchanged. A setting that "learns" must beat
-    its null control, or what moved was noise."""
+    among the kept samples (same magnitudes, same update size, random direction) and swaps each
+    pair's winner and loser with probability 1/2; ``zero`` sets them to 0 and drops the pairs (no
+    update at all); ``off`` returns it unchanged. A setting that "learns" must beat its null
+    control, or what moved was noise."""
     if kind == "off":
         return selection
+    pairs = selection.pairs
     if kind == "zero":
-        advantages = torch.zeros_like(selection.advantages)
+        advantages, pairs = torch.zeros_like(selection.advantages), pairs[:0]
     elif kind == "shuffle":
         order = torch.randperm(len(selection), generator=generator).to(selection.advantages.device)
         advantages = selection.advantages[order]
+        swap = (torch.rand(pairs.shape[0], generator=generator) < 0.5).to(pairs.device)
+        pairs = torch.where(swap[:, None], pairs.flip(1), pairs)
     else:
         raise ValueError(f"selection.null_control: got {kind!r}, expected 'off', 'shuffle' or 'zero'")
-    return replace(selection, advantages=advantages)
+    return replace(selection, advantages=advantages, pairs=pairs)
 
 
 def load_tracker_state(tracker: Tracker, state: dict, sel: SelectionConfig) -> str | None:

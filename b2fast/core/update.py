@@ -1,12 +1,15 @@
 """The policy update of one stage: the objective (``train.objective``, PPO-clip by default) over
-the kept trajectories' interval steps.
+the kept trajectories' (or pairs') interval steps.
 
-Semantics (docs/algorithm.md, "Policy update"): each epoch shuffles the kept trajectories
-and, independently per trajectory, the order of its interval steps. Trajectories are taken
-``trajectories_per_step`` at a time; one optimizer step sees all (trajectory, step) pairs of
-those trajectories, fed to the UNet ``micro_batch`` pairs per call (pairs of one call may be at
-different timesteps). The loss of an optimizer step is the mean over its pairs, so the
-micro-batch size changes only memory and speed, never the maths.
+Semantics (docs/algorithm.md, "Policy update"): the objective names its items (kept
+trajectories, or the groups' (winner, loser) pairs; see :mod:`b2fast.core.objectives`). Each
+epoch shuffles the items and, independently per item, the order of its interval steps. Items are
+taken ``trajectories_per_step`` at a time; one optimizer step sees all (item, step) units of
+those items, fed to the UNet ``micro_batch`` rows per call (units of one call may be at
+different timesteps; a pair's unit is two rows). The loss of an optimizer step is the mean over
+its units, so the micro-batch size changes only memory and speed, never the maths. What the
+objective compares against the base model (LoRA off) is computed once per stage, before the
+first step, without gradients.
 
 With several ranks (see :mod:`b2fast.distributed`) every rank draws the same shuffles, computes
 the loss terms of the pairs whose trajectories it sampled, divided by the pair count of the
@@ -31,32 +34,44 @@ from b2fast.core.selection import Selection
 
 @dataclass
 class UpdateStats:
-    """Pair-weighted sums of the loss and of the statistics the objective declares, over
-    (trajectory, step) pairs and optimizer steps; ``summary`` gives the means."""
+    """Unit-weighted sums of the loss and of the statistics the objective declares, over
+    (item, position) units and optimizer steps; ``summary`` gives the means. A per-unit statistic
+    (a tensor with one entry per unit) counts only its non-NaN entries."""
     names: tuple[str, ...]
-    pairs: int = 0
+    units: int = 0
     totals: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)
     grad_norms: list[float] = field(default_factory=list)
 
+    def _add(self, name: str, total: float, count: float) -> None:
+        self.totals[name] = self.totals.get(name, 0.0) + total
+        self.counts[name] = self.counts.get(name, 0.0) + count
+
     def add(self, n: int, loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
-        self.pairs += n
-        self.totals["loss"] = self.totals.get("loss", 0.0) + float(loss.detach().sum())
+        self.units += n
+        self._add("loss", float(loss.detach().sum()), n)
         for name in self.names:
-            self.totals[name] = self.totals.get(name, 0.0) + float(stats[name]) * n
+            value = stats[name].detach()
+            if value.ndim == 0:
+                self._add(name, float(value) * n, n)
+            else:
+                finite = ~torch.isnan(value)
+                self._add(name, float(value[finite].sum()), float(finite.sum()))
 
     def sum_over_ranks(self, world: World) -> None:
         """Totals of the whole job (the grad norms are already identical on every rank). The names
-        come from the objective, so every rank sends the same list (0 where it had no pairs)."""
+        come from the objective, so every rank sends the same list (0 where it had no units)."""
         keys = ("loss",) + self.names
-        summed = distributed.sum_floats(world, [self.pairs] + [self.totals.get(k, 0.0) for k in keys],
-                                        "update statistics")
-        self.pairs, self.totals = int(summed[0]), dict(zip(keys, summed[1:]))
+        summed = distributed.sum_floats(world, [self.units] + [self.totals.get(k, 0.0) for k in keys]
+                                        + [self.counts.get(k, 0.0) for k in keys], "update statistics")
+        self.units = int(summed[0])
+        self.totals = dict(zip(keys, summed[1:1 + len(keys)]))
+        self.counts = dict(zip(keys, summed[1 + len(keys):]))
 
     def summary(self) -> dict[str, float | int | None]:
-        """Means per pair; ``approx_kl`` and ``clipfrac`` always present (None if not reported)."""
+        """Means; ``loss``, ``approx_kl`` and ``clipfrac`` always present (None if not reported)."""
         means = {k: None for k in ("loss", "clipfrac", "approx_kl")}
-        if self.pairs:
-            means.update({k: v / self.pairs for k, v in self.totals.items()})
+        means.update({k: v / self.counts[k] for k, v in self.totals.items() if self.counts.get(k)})
         grad_norm = sum(self.grad_norms) / len(self.grad_norms) if self.grad_norms else None
         return {**means, "grad_norm": grad_norm, "optimizer_steps": len(self.grad_norms)}
 
@@ -114,21 +129,77 @@ def auto_micro_batch(policy: Policy, batch: TrajectoryBatch, tcfg: TrainConfig, 
     return micro_batch_for_memory(free, per_pair)
 
 
+@dataclass
+class StageUnits:
+    """An objective's items mapped to this rank, plus what is fixed for the whole stage: the
+    noises of the denoising terms and the base model's reference terms, (I, L, m[, C, H, W])."""
+    rows: torch.Tensor               # (I, m) rows of this rank's batch (−1: another rank's)
+    values: torch.Tensor             # (I,)
+    noise: torch.Tensor | None = None
+    reference: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def members(self) -> int:
+        return self.rows.shape[1]
+
+
+def _unit_terms(policy: Policy, batch: TrajectoryBatch, units: StageUnits, items: torch.Tensor,
+                positions: torch.Tensor, needs: frozenset[str], tcfg: TrainConfig, scfg: SamplingConfig
+                ) -> dict[str, torch.Tensor]:
+    """The (U, m) terms ``needs`` names for units (``items``, ``positions``), members flattened
+    into one UNet batch per term."""
+    m = units.members
+    rows = units.rows[items].reshape(-1)                                       # (U·m,)
+    j = positions.repeat_interleave(m)
+    terms = {}
+    if "log_prob" in needs:
+        terms["log_prob"] = _pair_log_probs(policy, batch, rows, j, tcfg, scfg)
+    if "old_log_prob" in needs:
+        terms["old_log_prob"] = batch.log_probs[rows, j].to(policy.device)
+    if "error" in needs:
+        noise = units.noise[items, positions].flatten(0, 1)                    # (U·m, C, H, W)
+        cond = policy.embed([batch.prompts[r] for r in rows.tolist()])
+        terms["error"] = policy.denoising_error(batch.final_latents[rows], batch.step_indices[j], noise, cond)
+    for name in ("ref_log_prob", "ref_error"):
+        if name in needs:
+            terms[name] = units.reference[name][items, positions].reshape(-1)
+    return {k: v.view(-1, m) for k, v in terms.items()}
+
+
+def _reference_terms(policy: Policy, batch: TrajectoryBatch, units: StageUnits, mine: torch.Tensor,
+                     needs: frozenset[str], tcfg: TrainConfig, scfg: SamplingConfig) -> None:
+    """Fill ``units.reference`` once per stage: the base model's (LoRA off) log-probs and/or
+    denoising errors of this rank's units ``mine`` (I, L) bool, NaN elsewhere."""
+    wanted = {name.removeprefix("ref_") for name in ("ref_log_prob", "ref_error") if name in needs}
+    if not wanted:
+        return
+    I, L, m = units.rows.shape[0], batch.interval_len, units.members
+    for name in wanted:
+        units.reference["ref_" + name] = torch.full((I, L, m), float("nan"), device=policy.device)
+    items, positions = [t.to(policy.device) for t in torch.nonzero(mine, as_tuple=True)]
+    per_call = max(1, tcfg.micro_batch // m)
+    with torch.no_grad(), policy.base_weights():
+        for start in range(0, items.numel(), per_call):
+            i, j = items[start:start + per_call], positions[start:start + per_call]
+            for name, value in _unit_terms(policy, batch, units, i, j, frozenset(wanted), tcfg, scfg).items():
+                units.reference["ref_" + name][i, j] = value.float()
+
+
 def _optimizer_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: TrajectoryBatch,
-                    rows: torch.Tensor, positions: torch.Tensor, advantages: torch.Tensor, n_pairs: int,
-                    objective: Objective, tcfg: TrainConfig, scfg: SamplingConfig, stats: UpdateStats,
-                    progress, world: World) -> None:
-    """Accumulate this rank's share of the mean loss over the step's ``n_pairs`` pairs (the
-    given local (row, position) pairs), sum the gradients over ranks, then one AdamW step."""
-    for start in range(0, rows.numel(), tcfg.micro_batch):
-        r, j = rows[start:start + tcfg.micro_batch], positions[start:start + tcfg.micro_batch]
-        log_prob = _pair_log_probs(policy, batch, r, j, tcfg, scfg)
-        loss, loss_stats = objective.loss(log_prob, batch.log_probs[r, j].to(log_prob.device),
-                                          advantages[start:start + tcfg.micro_batch], tcfg)
-        (loss.sum() / n_pairs).backward()
-        stats.add(r.numel(), loss, loss_stats)
+                    units: StageUnits, items: torch.Tensor, positions: torch.Tensor, n_units: int,
+                    objective: Objective, needs: frozenset[str], tcfg: TrainConfig, scfg: SamplingConfig,
+                    stats: UpdateStats, progress, world: World) -> None:
+    """Accumulate this rank's share of the mean loss over the step's ``n_units`` units (the given
+    local (item, position) units), sum the gradients over ranks, then one optimizer step."""
+    per_call = max(1, tcfg.micro_batch // units.members)  # UNet rows per call <= micro_batch
+    for start in range(0, items.numel(), per_call):
+        i, j = items[start:start + per_call], positions[start:start + per_call]
+        terms = _unit_terms(policy, batch, units, i, j, needs, tcfg, scfg)
+        loss, loss_stats = objective.loss(terms, units.values[i], tcfg)
+        (loss.sum() / n_units).backward()
+        stats.add(i.numel(), loss, loss_stats)
         if progress is not None:
-            progress.update(r.numel())
+            progress.update(i.numel() * units.members)
     params = policy.lora_parameters()
     distributed.sum_gradients(world, params)
     if tcfg.optimizer == "nsgd":  # the step's direction only: SGD then moves the weights lr
@@ -150,6 +221,19 @@ def trained_positions(policy: Policy, batch: TrajectoryBatch, tcfg: TrainConfig)
     return trained_steps(policy.steps.table.cpu(), tcfg.max_step_gain)[batch.step_indices.cpu()]
 
 
+def _stage_units(objective: Objective, needs: frozenset[str], batch: TrajectoryBatch, selection: Selection,
+                 local_rows: torch.Tensor, tcfg: TrainConfig, generator: torch.Generator) -> StageUnits:
+    """The objective's items on this rank's rows; the denoising terms' noises, one per (item,
+    position, member), drawn from ``generator`` alike on every rank."""
+    items = objective.items(selection, tcfg)
+    rows = local_rows[items.rows.cpu()]
+    units = StageUnits(rows.to(batch.latents.device), items.values.float().to(batch.latents.device))
+    if "error" in needs:
+        shape = (len(items), batch.interval_len, items.rows.shape[1], *batch.latents.shape[2:])
+        units.noise = torch.randn(shape, generator=generator).to(batch.latents.device)
+    return units
+
+
 def policy_update(policy: Policy, optimizer: torch.optim.Optimizer, batch: TrajectoryBatch,
                   selection: Selection, tcfg: TrainConfig, scfg: SamplingConfig,
                   generator: torch.Generator, progress=None, world: World = World(),
@@ -158,31 +242,35 @@ def policy_update(policy: Policy, optimizer: torch.optim.Optimizer, batch: Traje
 
     ``selection`` indexes the stage's global table; ``local_rows`` maps a table row to its row
     in this rank's ``batch`` (−1 when another rank holds it). Default: one process, table = batch.
-    ``progress`` (e.g. a tqdm bar, optional) is advanced by the pairs trained.
+    ``progress`` (e.g. a tqdm bar, optional) gets its total set and is advanced by the UNet rows
+    trained.
     """
     objective = get_objective(tcfg.objective)
+    needs = objective.needs(tcfg)
     stats = UpdateStats(objective.stats)
     if tcfg.micro_batch == 0:
         raise ValueError("policy_update: resolve train.micro_batch = 0 with auto_micro_batch first")
     if local_rows is None:
         local_rows = torch.arange(len(batch))
-    kept = selection.indices.cpu()
-    adv = objective.advantages(selection.advantages.float().cpu(), tcfg)
-    m, L = kept.numel(), batch.interval_len
+    units = _stage_units(objective, needs, batch, selection, local_rows, tcfg, generator)
+    n, L = units.rows.shape[0], batch.interval_len
     trained = trained_positions(policy, batch, tcfg)                           # (L,) bool
-    for _ in range(tcfg.epochs if m else 0):
-        order = torch.randperm(m, generator=generator)                         # trajectories
-        step_order = torch.rand(m, L, generator=generator).argsort(dim=1)      # steps, per trajectory
-        for start in range(0, m, tcfg.trajectories_per_step):
+    local = (units.rows >= 0).all(dim=1).cpu()                                 # (I,) items of this rank
+    if progress is not None:
+        progress.total = int(local.sum()) * int(trained.sum()) * units.members * tcfg.epochs
+        progress.refresh()
+    _reference_terms(policy, batch, units, local[:, None] & trained[None, :], needs, tcfg, scfg)
+    for _ in range(tcfg.epochs if n else 0):
+        order = torch.randperm(n, generator=generator)                         # items
+        step_order = torch.rand(n, L, generator=generator).argsort(dim=1)      # steps, per item
+        for start in range(0, n, tcfg.trajectories_per_step):
             chunk = order[start:start + tcfg.trajectories_per_step]            # (T,)
-            # position-major pairs: step_order[k, p] for p in 0..L-1, for k in chunk
-            rows = local_rows[kept[chunk]].repeat(L)                           # (T·L,)
+            # position-major units: step_order[k, p] for p in 0..L-1, for k in chunk
+            items = chunk.repeat(L)                                            # (T·L,)
             positions = step_order[chunk].T.reshape(-1)                        # (T·L,)
-            pair_adv = adv[chunk].repeat(L)
-            mine = (rows >= 0) & trained[positions]                            # pairs this rank trains
+            mine = local[items] & trained[positions]                           # units this rank trains
             device = batch.latents.device
-            _optimizer_step(policy, optimizer, batch, rows[mine].to(device), positions[mine].to(device),
-                            pair_adv[mine].to(device), int(trained[positions].sum()), objective, tcfg, scfg,
-                            stats, progress, world)
+            _optimizer_step(policy, optimizer, batch, units, items[mine].to(device), positions[mine].to(device),
+                            int(trained[positions].sum()), objective, needs, tcfg, scfg, stats, progress, world)
     stats.sum_over_ranks(world)
     return stats.summary()

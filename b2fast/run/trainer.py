@@ -34,7 +34,8 @@ from b2fast.rewards import build_reward
 from b2fast.core.sampling import TrajectoryBatch, sample_branches
 from b2fast.core.schedule import resolve_schedule
 from b2fast.run.scoring import StageScorer
-from b2fast.core.selection import Selection, load_tracker_state, make_tracker, normalize_and_select
+from b2fast.core.selection import (Selection, load_tracker_state, make_tracker, normalize_and_select,
+                                   pair_stats)
 from b2fast.run.stage_table import StageTable, gather_stage_table
 from b2fast.core.update import auto_micro_batch, make_optimizer, policy_update, trained_positions
 from b2fast.utils import atomic_write, atomic_write_text, check_writable, finite_json
@@ -189,8 +190,7 @@ class Trainer:
                                             table.group_ids, stage_generator(self.cfg.seed, stage, "null"))
         train_cfg = self._train_config(batch)
         trained = int(trained_positions(self.policy, batch, train_cfg).sum())  # interval steps trained
-        local_pairs = int((table.local_rows[selection.indices] >= 0).sum()) * trained * self.cfg.train.epochs
-        with tqdm(total=local_pairs, desc=f"stage {stage} training", leave=False, disable=not self.progress) as bar:
+        with tqdm(total=None, desc=f"stage {stage} training", leave=False, disable=not self.progress) as bar:
             stats = policy_update(self.policy, self.optimizer, batch, selection, train_cfg,
                                   self.cfg.sampling, stage_generator(self.cfg.seed, stage, "shuffle"), bar,
                                   self.world, table.local_rows)
@@ -202,7 +202,8 @@ class Trainer:
                   "reward_std": float(finite.std()) if finite.numel() > 1 else 0.0,
                   "n_images": len(table), "n_nonfinite": int(rewards.numel() - finite.numel()),
                   "n_selected": len(selection), "n_positive": selection.n_positive,
-                  "n_negative": selection.n_negative, **stats, "ranks": self.world.size,
+                  "n_negative": selection.n_negative, **pair_stats(selection, table.rewards), **stats,
+                  "ranks": self.world.size,
                   "seconds_sampling": sampled - started,  # sampling, decoding, rewards, gathering
                   "seconds_training": time.perf_counter() - sampled,
                   "seconds": time.perf_counter() - started}
@@ -348,7 +349,10 @@ class Trainer:
 def _summary_line(r: dict) -> str:
     def fmt(v):
         return "-" if v is None else f"{v:.4g}"
+    # an objective's own statistics, when it reports them (pair objectives: accuracy, errors)
+    extra = "".join(f"  {label} {fmt(r[key])}" for key, label in
+                    (("accuracy", "acc"), ("error_winner", "err+"), ("error_loser", "err-")) if r.get(key) is not None)
     return (f"stage {r['stage']:3d}  L={r['interval_len']:2d}  reward {fmt(r['reward_mean'])} "
             f"± {fmt(r['reward_std'])}  kept {r['n_selected']:4d}  loss {fmt(r['loss'])}  "
-            f"kl {fmt(r['approx_kl'])}  clip {fmt(r['clipfrac'])}  {r['seconds']:.1f}s "
+            f"kl {fmt(r['approx_kl'])}  clip {fmt(r['clipfrac'])}{extra}  {r['seconds']:.1f}s "
             f"(sampling {r['seconds_sampling']:.1f}s)")

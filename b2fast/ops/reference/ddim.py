@@ -124,3 +124,14 @@ def branch_fork(latents: torch.Tensor, branches: int,
     forked = latents.to(cache_dtype).repeat_interleave(branches, dim=0)
     groups = torch.arange(latents.shape[0], device=latents.device).repeat_interleave(branches)
     return forked, groups
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, table: torch.Tensor,
+              step_index: torch.Tensor) -> torch.Tensor:
+    """The forward process at each sample's step: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·e (in fp32).
+
+    The denoising objectives (DRO, Diffusion-DPO) noise a clean latent with an explicit ``noise``
+    so that the policy and the base model see the same x_t."""
+    nd = x0.ndim
+    return _per_sample(table, step_index, SQRT_AB, nd, torch.float32) * x0.float() \
+        + _per_sample(table, step_index, SQRT_1M_AB, nd, torch.float32) * noise.float()
