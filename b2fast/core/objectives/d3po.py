@@ -17,6 +17,8 @@ cancel exactly; only the branch window is ever computed.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -38,7 +40,7 @@ def d3po_loss(log_prob_w: torch.Tensor, log_prob_l: torch.Tensor, ref_log_prob_w
     log_ratio_w = log_prob_w - ref_log_prob_w.detach()
     log_ratio_l = log_prob_l - ref_log_prob_l.detach()
     # the clamp of log ρ equals log of the clamped ρ, and has the same zero gradient outside the band
-    low, high = torch.log1p(torch.tensor(-clip)).item(), torch.log1p(torch.tensor(clip)).item()
+    low, high = math.log1p(-clip), math.log1p(clip)
     clamped_w, clamped_l = log_ratio_w.clamp(low, high), log_ratio_l.clamp(low, high)
     logit = beta * (clamped_w - clamped_l)
     loss = -F.logsigmoid(logit)
