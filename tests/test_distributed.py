@@ -58,15 +58,16 @@ def _lora(run):
     return load_file(run / "lora" / "pytorch_lora_weights.safetensors")
 
 
-def _assert_same_run(a, b):
+def _assert_same_run(a, b, stats=("loss", "approx_kl", "grad_norm", "clipfrac")):
     """Identical rewards table and selection; update statistics and LoRA weights equal up to
     float rounding (the ranks sum the gradient in another order than one process does)."""
     assert _lines(a / "samples.jsonl") == _lines(b / "samples.jsonl")
     for ra, rb in zip(_lines(a / "metrics.jsonl"), _lines(b / "metrics.jsonl"), strict=True):
-        for key in ("n_images", "n_selected", "n_positive", "n_negative", "optimizer_steps", "reward_mean"):
+        for key in ("n_images", "n_selected", "n_positive", "n_negative", "n_pairs", "optimizer_steps",
+                    "reward_mean"):
             assert ra[key] == rb[key], key
-        for key in ("loss", "approx_kl", "grad_norm", "clipfrac"):
-            assert rb[key] == pytest.approx(ra[key], rel=1e-3, abs=1e-5), key
+        for key in stats:
+            assert ra[key] is not None and rb[key] == pytest.approx(ra[key], rel=1e-3, abs=1e-5), key
     wa, wb = _lora(a), _lora(b)
     assert wa.keys() == wb.keys()
     moved = max(float(w.abs().max()) for k, w in wa.items() if "lora.up" in k)
@@ -91,6 +92,18 @@ def test_two_ranks_match_one_process_and_resume_on_another_world_size(tiny_sd_pa
     _train("--resume", str(cut), "--model.path", tiny_sd_path, "--out", str(cut), "--schedule.num_stages", "2",
            ranks=2)
     _assert_same_run(one, cut)
+
+
+def test_two_ranks_match_one_process_for_a_pair_objective_with_a_reference(tiny_sd_path, tmp_path):
+    """Diffusion-DPO: pairs, the stage's noises and the base model's errors (computed per rank for
+    its own pairs) give the one-process update."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ("--model.path", tiny_sd_path, "--schedule.num_stages", "1", "--train.objective", "diffusion_dpo",
+            "--selection.pair_mode", "always", "--train.dpo_beta", "50")
+    _train(*args, "--out", str(one))
+    _train(*args, "--out", str(two), ranks=2)
+    assert _lines(one / "metrics.jsonl")[0]["n_pairs"] > 0
+    _assert_same_run(one, two, stats=("loss", "grad_norm", "accuracy", "logit", "error_winner", "error_loser"))
 
 
 FAILING_REWARD = '''
