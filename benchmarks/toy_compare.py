@@ -1,14 +1,24 @@
-"""B²-DiffuRL vs plain DDPO on the toy world, the paper's comparison at toy scale.
+"""B²-DiffuRL vs plain DDPO and the other objectives on the toy world, the paper's comparison at toy scale.
 
-Both methods start from the same pretrained toy model, see the same prompts (balanced over the
-three templates), the same number of reward queries per stage (128 images) and run the same
+Every method starts from the same pretrained toy model, sees the same prompts (balanced over the
+three templates), the same number of reward queries per stage (128 images) and runs the same
 number of stages:
 
-- **B²-DiffuRL** (preset ``default``): trunk + 4 branches per prompt, backward progressive
-  interval 14 → 20 of 20 steps, best/worst-branch selection with thresholds ±0.5.
+- **B2-DiffuRL** (preset ``default``, ``train.objective: ppo``), the reference: trunk + 4
+  branches per prompt, backward progressive interval 14 → 20 of 20 steps, best/worst-branch
+  selection with thresholds ±0.5, PPO-clip on the kept branches.
 - **DDPO** (preset ``toy_ddpo``): 128 independent samples per stage (K = 1), the whole 20-step
   chain trained from the first stage, every sample kept, DDPO's per-prompt stat tracking
   (``selection.kind: ddpo``), PPO clip range 1e-4, one inner epoch.
+- **D3PO**, **DRO**, **DRO-unpaired**, **Diffusion-DPO**: preset ``default`` with
+  ``train.objective`` ``d3po`` / ``dro`` / ``dro_unpaired`` / ``diffusion_dpo``
+  (docs/algorithm.md, "Objectives"). They sample and select exactly as B2-DiffuRL does and train
+  on the same B²-selected branches, only the loss differs: D3PO, DRO and Diffusion-DPO on each
+  branch group's (best, worst) pair, DRO-unpaired on every kept branch (sign of its advantage).
+
+``--methods`` picks the methods (default: B2-DiffuRL and DDPO, the paper's comparison). A
+method's config is its preset, then seed, out and lr, then the overrides given to the script,
+then the method's own overrides (``METHODS``), so a method stays what its name says.
 
 ``--lrs`` makes it a small learning-rate sweep: every method runs with every lr (and seed), and
 per method the lr with the best mean *training* reward over the last ``--select-last`` stages
@@ -17,26 +27,28 @@ For each run it records held-out (test-split) and train-split alignment after tr
 score / success rate / diversity over the three templates, and writes a Markdown table and the
 raw JSON.
 
-Learning curves, against the x-axis both methods share, cumulative **reward queries** (images
+Learning curves, against the x-axis all methods share, cumulative **reward queries** (images
 scored): per run the training (stage) reward after every stage, and held-out alignment of the
 base model (0 queries) and of the LoRA of each ``--eval-stages`` checkpoint (default: the middle
 and the last stage), evaluated as the trainer evaluates (``eval.*``: same prompts, images per
 prompt and seeds; the last stage's point is the trainer's own evaluation after training). For
-the chosen lrs, mean over seeds with a 95% Student-t interval over seeds; B²-DiffuRL − DDPO is
-paired by seed (both runs of a seed share the base model and the evaluation noise). Usage::
+the chosen lrs, mean over seeds with a 95% Student-t interval over seeds; B2-DiffuRL − each other
+method is paired by seed (all runs of a seed share the base model and the evaluation noise). Usage::
 
     python benchmarks/toy_compare.py --seeds 0 1 2 --lrs 3e-3 1e-2 3e-2 --out runs/toy_compare
     python benchmarks/toy_compare.py --seeds 0 1 2 --eval-stages 2 4 6 9 --out runs/toy_compare
+    python benchmarks/toy_compare.py --methods B2-DiffuRL D3PO DRO Diffusion-DPO --out runs/toy_objectives
     python benchmarks/toy_compare.py --table-only --out runs/toy_compare   # tables and figure again
 
 Writes to OUT: ``results.json`` (per run: ``stage_rewards`` and ``queries``, the cumulative
 reward queries after each stage; ``eval_curve``, a list of {stage, queries, rows} with ``stage``
 "before" for the base model and ``rows`` the EvalRow dicts; ``before``/``after``/``differences``
 of the trainer's eval.json), ``results.md`` (lr sweep and alignment after training),
-``curves.md`` (alignment per method and evaluated budget with 95% CIs over seeds, and the paired
-difference B²-DiffuRL − DDPO per budget, "within noise" where its CI contains 0), ``curves.png``
-(training reward | held-out score against reward queries, mean over seeds with 95% t-bands) and
-one run folder ``OUT/<method>[-lr<lr>]-seed<N>`` per run (every stage's checkpoint kept).
+``curves.md`` (alignment per method and evaluated budget with 95% CIs over seeds, and per other
+method the paired difference B2-DiffuRL − that method per budget, "within noise" where its CI
+contains 0), ``curves.png`` (training reward | held-out score against reward queries, per method
+the mean over seeds with a 95% t-band) and one run folder ``OUT/<method>[-lr<lr>]-seed<N>`` per
+run (every stage's checkpoint kept).
 """
 from __future__ import annotations
 
@@ -49,14 +61,24 @@ import statistics
 import time
 from pathlib import Path
 
-from b2fast.config import Config, apply_overrides, load_yaml
+from b2fast.config import Config, apply_overrides, load_yaml, validate
 from b2fast.eval.stats import PairedDifference
 from b2fast.run.checkpoint import load_checkpoint
 from b2fast.run.trainer import Trainer
 from b2fast.train import preset_path
 from b2fast.utils import atomic_write, atomic_write_text, finite_json
 
-METHODS = {"B2-DiffuRL": "default.yaml", "DDPO": "toy_ddpo.yaml"}  # method -> preset
+# method -> (preset, its own overrides). The first is the reference of the paired differences.
+METHODS = {
+    "B2-DiffuRL": ("default.yaml", []),
+    "DDPO": ("toy_ddpo.yaml", []),
+    "D3PO": ("default.yaml", ["--train.objective", "d3po"]),
+    "DRO": ("default.yaml", ["--train.objective", "dro"]),
+    "DRO-unpaired": ("default.yaml", ["--train.objective", "dro_unpaired"]),
+    "Diffusion-DPO": ("default.yaml", ["--train.objective", "diffusion_dpo"]),
+}
+REFERENCE = next(iter(METHODS))
+DEFAULT_METHODS = ["B2-DiffuRL", "DDPO"]  # the paper's comparison
 
 
 def run_name(method: str, seed: int, lr: float | None) -> str:
@@ -64,12 +86,14 @@ def run_name(method: str, seed: int, lr: float | None) -> str:
 
 
 def make_config(method: str, seed: int, out: Path, extra: list[str], lr: float | None = None) -> Config:
-    """The run's config: the method's preset, then seed, out, lr and ``extra``. With evaluation on,
-    every stage's checkpoint is written and kept, so that any stage can be evaluated afterwards."""
-    cfg = load_yaml(preset_path(METHODS[method]))
+    """The run's config: the method's preset, then seed, out, lr, ``extra`` and the method's own
+    overrides. With evaluation on, every stage's checkpoint is written and kept, so that any stage
+    can be evaluated afterwards."""
+    preset, overrides = METHODS[method]
+    cfg = load_yaml(preset_path(preset))
     apply_overrides(cfg, ["--seed", str(seed), "--out", str(out / run_name(method, seed, lr)),
                           "--log.progress", "false", *(["--train.lr", repr(lr)] if lr is not None else []),
-                          *extra])
+                          *extra, *overrides])
     if cfg.eval.enabled:
         cfg.checkpoint_every = 1
         cfg.keep_checkpoints = max(cfg.keep_checkpoints, cfg.schedule.num_stages)
@@ -259,7 +283,8 @@ def _verdict(d: PairedDifference, first: str, second: str) -> str:
 
 def curves_table(results: list[dict], last: int = 3) -> str:
     """Markdown: per method (chosen lr) and evaluated budget, held-out and train-split mean score
-    with 95% CIs over seeds; then B²-DiffuRL − DDPO per budget, paired by seed."""
+    with 95% CIs over seeds; then, if B2-DiffuRL ran, B2-DiffuRL − each other method per budget,
+    paired by seed."""
     chosen, runs = chosen_runs(results, last)
     evaluated = {m: curve_points(r) for m, r in runs.items() if any("eval_curve" in x for x in r)}
     if not evaluated:
@@ -283,17 +308,23 @@ def curves_table(results: list[dict], last: int = 3) -> str:
             if p["stage"] != "before":
                 lines.append(f"| {method} (lr {_lr(chosen[method])}) | {p['stage']} | {p['queries']} | "
                              f"{len(p['test'])} | {_ci(p['test'].values())} | {_ci(p['train'].values())} |")
-    first, second = list(METHODS)
-    if not (first in evaluated and second in evaluated):
-        return "\n".join(lines)
-    lines += ["", (f"Paired difference {first} − {second} per budget, by seed (a seed's two runs share the "
-                  f"base model and the evaluation noise); {CI_NOTE} of the paired differences."), "",
-              ("| stage | reward queries | seeds paired | held-out (test) difference | held-out | "
-               "train difference | train |"), "|---|---|---|---|---|---|---|"]
-    theirs = {p["stage"]: p for p in evaluated[second]}
+    if REFERENCE in evaluated:
+        for other in evaluated:
+            if other != REFERENCE:
+                lines += ["", *paired_table(evaluated[REFERENCE], evaluated[other], REFERENCE, other)]
+    return "\n".join(lines)
+
+
+def paired_table(ours: list[dict], theirs: list[dict], first: str, second: str) -> list[str]:
+    """Markdown lines: ``first − second`` per evaluated stage both have, paired by seed."""
+    lines = [(f"Paired difference {first} − {second} per budget, by seed (a seed's two runs share the "
+              f"base model and the evaluation noise); {CI_NOTE} of the paired differences."), "",
+             ("| stage | reward queries | seeds paired | held-out (test) difference | held-out | "
+              "train difference | train |"), "|---|---|---|---|---|---|---|"]
+    by_stage = {p["stage"]: p for p in theirs}
     unequal = False
-    for p in evaluated[first]:
-        q = theirs.get(p["stage"])
+    for p in ours:
+        q = by_stage.get(p["stage"])
         if p["stage"] == "before" or q is None:
             continue
         unequal |= p["queries"] != q["queries"]
@@ -307,7 +338,7 @@ def curves_table(results: list[dict], last: int = 3) -> str:
     if unequal:
         lines += ["", (f"Note: at equal stages the methods scored different numbers of images ({first} / "
                        f"{second}); the differences compare equal stages, not equal budgets.")]
-    return "\n".join(lines)
+    return lines
 
 
 def plot_curves(results: list[dict], path: Path, last: int = 3) -> None:
@@ -325,8 +356,9 @@ def plot_curves(results: list[dict], path: Path, last: int = 3) -> None:
         ax.plot(x, [s[0] for s in stats], marker=".", color=color, label=label)
         ax.fill_between(x, [s[1] for s in stats], [s[2] for s in stats], color=color, alpha=0.2, linewidth=0)
 
-    for i, (method, method_runs) in enumerate(runs.items()):
-        label, color = f"{method} (lr {_lr(chosen[method])}, {len(method_runs)} seeds)", f"C{i}"
+    for method, method_runs in runs.items():
+        label = f"{method} (lr {_lr(chosen[method])}, {len(method_runs)} seeds)"
+        color = f"C{list(METHODS).index(method)}"  # a method keeps its colour whichever others ran
         trained = [r for r in method_runs if r.get("queries")]
         if trained:
             n = min(len(r["queries"]) for r in trained)
@@ -362,10 +394,10 @@ def write_curves(results: list[dict], out: Path, last: int = 3) -> str:
 def check_eval_stages(parser: argparse.ArgumentParser, args: argparse.Namespace, out: Path,
                       extra: list[str]) -> None:
     """Stop with a one-line error when an --eval-stages index is not a stage of every method's runs
-    (or an override is not a config field), before any model loads."""
+    (or an override is not a config field, or a method's config is invalid), before any model loads."""
     for method in args.methods:
         try:
-            cfg = make_config(method, args.seeds[0], out, extra)
+            cfg = validate(make_config(method, args.seeds[0], out, extra))
         except ValueError as exc:
             parser.error(str(exc))
         n = cfg.schedule.num_stages
@@ -383,8 +415,9 @@ def main(argv: list[str] | None = None) -> None:
                "replacing that folder if it exists.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: %(default)s)")
     parser.add_argument("--out", default="runs/toy_compare", help="output folder (default: %(default)s)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
-                        help="methods to run (default: all)")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS),
+                        metavar="METHOD",
+                        help=f"methods to run, of {', '.join(METHODS)} (default: {' '.join(DEFAULT_METHODS)})")
     parser.add_argument("--lrs", type=float, nargs="+", default=None,
                         help="learning rates to sweep per method (default: each preset's own train.lr)")
     parser.add_argument("--select-last", type=int, default=3,

@@ -41,7 +41,10 @@ VARIANTS = {  # name → overrides of the default preset
     "nsgd": f"--train.optimizer nsgd --train.lr 3 {ONE_STEP}",
     "nsgd-gain4": f"--train.optimizer nsgd --train.lr 3 --train.max_step_gain 4 {ONE_STEP}",
     # for several stages on one prompt: no history (a stage below the window's mean keeps only
-    # negatives), shorter steps whose directions momentum averages over stages
+    # negatives) and shorter steps (a random step's reward change grows with its length squared,
+    # the signal's linearly); with or without momentum averaging the directions over stages
+    "nsgd-gain4-h0": f"--train.optimizer nsgd --train.lr 1 --train.max_step_gain 4 --selection.history_stages 0 "
+                     f"{ONE_STEP}",
     "nsgd-gain4-h0-mom": f"--train.optimizer nsgd --train.lr 1 --train.momentum 0.8 --train.max_step_gain 4 "
                          f"--selection.history_stages 0 {ONE_STEP}",
 }

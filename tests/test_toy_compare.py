@@ -30,7 +30,7 @@ tc = _load()
 
 def _rows(test: float, train: float) -> list[dict]:
     """EvalRow-like dicts whose mean score over the three sets is ``test`` / ``train``."""
-    return [{"prompt_set": name, "split": split, "score": value + offset}
+    return [{"prompt_set": name, "split": split, "score": value + offset, "success": 0.5, "diversity": 0.1}
             for split, value in (("train", train), ("test", test))
             for name, offset in zip(SETS, (-0.1, 0.0, 0.1))]
 
@@ -55,6 +55,22 @@ def _results() -> list[dict]:
         results.append(_run("B2-DiffuRL", seed, 0.01, b2[seed]))
         results.append(_run("DDPO", seed, 0.01, ddpo[seed]))
         results.append(_run("DDPO", seed, 0.1, {1: (9.0, 9.0), 3: (9.0, 9.0)}, rewards=(0.1, 0.1, 0.1, 0.1)))
+    return results
+
+
+def _three_methods() -> list[dict]:
+    """_results(), DDPO scoring half as many images per stage, plus D3PO (lr 0.03). B2 − D3PO:
+    stage 1 test 0.1, 0.2, 0.0 (CI contains 0), train 0.0, 0.1, 0.05; stage 3 test −0.10, −0.08,
+    −0.06 (CI excludes 0: D3PO ahead), train 0.2, 0.1, 0.3."""
+    d3po = {0: {1: (0.4, 0.55), 3: (0.9, 0.7)}, 1: {1: (0.5, 0.55), 3: (0.9, 0.8)}, 2: {1: (0.6, 0.55), 3: (0.9, 0.6)}}
+    results = []
+    for r in _results():
+        if r["method"] == "DDPO":
+            r["queries"] = [q // 2 for q in r["queries"]]
+            for point in r["eval_curve"]:
+                point["queries"] //= 2
+        results.append(r)
+    results += [_run("D3PO", seed, 0.03, d3po[seed]) for seed in range(3)]
     return results
 
 
@@ -99,6 +115,44 @@ def test_curves_table_reports_cis_and_marks_noise():
     assert "Student-t" in table
 
 
+def test_curves_table_pairs_the_reference_with_each_other_method():
+    table = tc.curves_table(_three_methods())
+    assert "| D3PO (lr 0.03) | 1 | 20 | 3 | 0.500 [0.252, 0.748] |" in table
+    assert "| DDPO (lr 0.01) | 1 | 10 | 3 |" in table
+    # one paired table per other method, in METHODS order
+    ddpo, d3po = table.split("\nPaired difference ")[1:]
+    assert ddpo.startswith("B2-DiffuRL − DDPO per budget") and d3po.startswith("B2-DiffuRL − D3PO per budget")
+    # B2 − DDPO as in the two-method table, now at unequal budgets (10 vs 5 images per stage)
+    stage1 = next(line for line in ddpo.splitlines() if line.startswith("| 1 | 20 / 10 | 3 |"))
+    assert "+0.200 [-0.048, +0.448] | within noise" in stage1
+    assert "Note: at equal stages the methods scored different numbers of images (B2-DiffuRL / DDPO)" in ddpo
+    # B2 − D3PO, equal budgets (the same B² samples), no note:
+    # stage 1 test 0.1, 0.2, 0.0 -> 0.1 ± 4.3027 * 0.1 / sqrt(3) = [-0.148, +0.348];
+    # train 0.0, 0.1, 0.05 -> 0.05 ± 4.3027 * 0.05 / sqrt(3) = [-0.074, +0.174]
+    lines = d3po.splitlines()
+    assert ("| 1 | 20 | 3 | +0.100 [-0.148, +0.348] | within noise | +0.050 [-0.074, +0.174] | within noise |"
+            in lines)
+    # stage 3 test −0.10, −0.08, −0.06 -> −0.08 ± 4.3027 * 0.02 / sqrt(3) = [−0.130, −0.030];
+    # train 0.2, 0.1, 0.3 -> 0.2 ± 4.3027 * 0.1 / sqrt(3) = [−0.048, +0.448]
+    assert ("| 3 | 40 | 3 | -0.080 [-0.130, -0.030] | D3PO ahead | +0.200 [-0.048, +0.448] | within noise |"
+            in lines)
+    assert "Note:" not in d3po
+
+
+def test_any_subset_of_methods_works():
+    results = [r for r in _three_methods() if r["method"] != "B2-DiffuRL"]
+    chosen, runs = tc.chosen_runs(results, 3)
+    assert chosen == {"DDPO": 0.01, "D3PO": 0.03} and sorted(runs) == ["D3PO", "DDPO"]
+    summary = tc.summarise(results)
+    assert "| DDPO (lr 0.01) | 3 |" in summary and "| D3PO (lr 0.03) | 3 |" in summary
+    assert "B2-DiffuRL" not in summary
+    table = tc.curves_table(results)  # without the reference: the curves, no paired differences
+    assert "| D3PO (lr 0.03) | 3 | 40 | 3 |" in table and "Paired difference" not in table
+    # the reference and one other: one paired table
+    results = [r for r in _three_methods() if r["method"] != "DDPO"]
+    assert tc.curves_table(results).count("Paired difference") == 1
+
+
 def test_one_seed_has_no_interval():
     results = [r for r in _results() if r["seed"] == 0]
     table = tc.curves_table(results)
@@ -110,6 +164,62 @@ def test_figure_and_table_files_are_written(tmp_path):
     png = tmp_path / "curves.png"
     assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "curves.md").read_text() == table + "\n"
+
+
+def test_figure_has_one_band_per_method(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), close(fig)))
+    tc.write_curves(_three_methods(), tmp_path)
+    png = tmp_path / "curves.png"
+    assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for ax in figures[0].axes:
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert labels == ["B2-DiffuRL (lr 0.01, 3 seeds)", "DDPO (lr 0.01, 3 seeds)", "D3PO (lr 0.03, 3 seeds)"]
+        assert len({line.get_color() for line in ax.lines}) == 3
+        assert len(ax.collections) == 3  # the shaded bands
+
+
+def test_methods_overrides_reach_the_config(tmp_path):
+    objectives = {"B2-DiffuRL": "ppo", "DDPO": "ppo", "D3PO": "d3po", "DRO": "dro",
+                  "DRO-unpaired": "dro_unpaired", "Diffusion-DPO": "diffusion_dpo"}
+    assert list(tc.METHODS) == list(objectives) and tc.DEFAULT_METHODS == ["B2-DiffuRL", "DDPO"]
+    for method, objective in objectives.items():
+        cfg = tc.validate(tc.make_config(method, 1, tmp_path, ["--train.epochs", "1"], lr=0.02))
+        assert cfg.train.objective == objective and cfg.train.epochs == 1 and cfg.train.lr == 0.02
+        assert cfg.selection.kind == ("ddpo" if method == "DDPO" else "b2")
+        assert cfg.out == str(tmp_path / f"{method}-lr0.02-seed1")
+    # the method's own overrides come last: D3PO stays D3PO
+    assert tc.make_config("D3PO", 0, tmp_path, ["--train.objective", "dro"]).train.objective == "d3po"
+
+
+def test_methods_rejects_an_unknown_name(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        tc.main(["--methods", "B2-DiffuRL", "PPO2", "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "argument --methods: invalid choice: 'PPO2'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_invalid_method_config_is_a_one_line_error(tmp_path, capsys):
+    # pair objectives need B² branch groups: stopped before any model loads
+    with pytest.raises(SystemExit) as exit_:
+        tc.main(["--methods", "D3PO", "--selection.kind", "ddpo", "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "error: train.objective: got 'd3po'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_table_only_reads_an_older_results_json(tmp_path, capsys):
+    # an older version: no lr, no queries, no eval_curve; the two original method names
+    old = [{k: v for k, v in r.items() if k not in ("eval_curve", "queries", "lr")}
+           for r in _results() if r["lr"] == 0.01]
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    tc.main(["--table-only", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| B2-DiffuRL (lr ?) | 3 |" in out and "| DDPO (lr ?) | 3 |" in out and "No alignment curves" in out
+    assert (tmp_path / "curves.png").stat().st_size > 0
 
 
 def test_results_without_curves_still_give_a_table(tmp_path):
@@ -170,3 +280,22 @@ def test_end_to_end_tiny_comparison(tmp_path):
     again = _script("--table-only", "--out", str(tmp_path), timeout=120)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (tmp_path / "curves.md").read_text() == md and (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_end_to_end_objective_on_the_same_branches(tmp_path):
+    started = time.perf_counter()
+    done = _script("--seeds", "0", "--methods", "B2-DiffuRL", "D3PO", "--eval-stages", "1",
+                   "--schedule.num_stages", "2", "--sampling.batches_per_stage", "1",
+                   "--sampling.prompts_per_batch", "2", "--sampling.num_steps", "4",
+                   "--schedule.min_interval", "2", "--schedule.max_interval", "4",
+                   "--eval.images_per_prompt", "1", "--eval.prompts_per_set", "1", "--out", str(tmp_path),
+                   timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    print(f"end-to-end run: {time.perf_counter() - started:.1f} s")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in results] == ["B2-DiffuRL", "D3PO"]
+    assert results[0]["queries"] == results[1]["queries"] == [8, 16]  # the same B² sampling
+    config = (tmp_path / "D3PO-seed0" / "config.yaml").read_text()
+    assert "objective: d3po" in config
+    md = (tmp_path / "curves.md").read_text()
+    assert "Paired difference B2-DiffuRL − D3PO" in md and "| 1 | 16 | 1 |" in md

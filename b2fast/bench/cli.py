@@ -9,6 +9,7 @@
     python -m b2fast.bench sample                           # branch sampling, SD 1.x random weights
     python -m b2fast.bench train --train.micro_batch 16     # LoRA PPO update; any config override
     python -m b2fast.bench stage --full --json stage.json   # seconds per stage, plus a real stage
+    python -m b2fast.bench objectives --quick --device cpu  # update seconds per train.objective
     python -m b2fast.bench all --quick --device cpu         # every suite in turn, tiny models
 
 Every figure is a ratio against a baseline timed in the same run (the plain-PyTorch reference,
@@ -17,7 +18,7 @@ against a ceiling measured in the same run (GB/s against the device's copy bandw
 against a dense matmul), as docs/algorithm.md, "Measuring speed", says. Results go to stdout
 as a Markdown table, progress to stderr, raw records to ``--json``. Bad arguments stop before
 anything is measured, with a one-line message naming the argument (exit code 2). The SD suites
-(sample, train, stage, all) also take any config field of ``python -m b2fast.train`` as
+(sample, train, stage, objectives, all) also take any config field of ``python -m b2fast.train`` as
 ``--section.field value``.
 
 This module only parses and checks arguments (it imports no torch, so ``--help`` is instant);
@@ -51,9 +52,12 @@ SUITES = {
     "stage": ("b2fast.bench.stage",
               "seconds per stage (sampling, reward, training) at the reference settings, composed "
               "from parts measured in the same run, b2fast vs baseline; --full runs a real stage"),
+    "objectives": ("b2fast.bench.objectives",
+                   "seconds of one stage's policy update per train.objective (ppo, d3po, dro, dro_unpaired, "
+                   "diffusion_dpo) on the same synthetic stage, the base-model reference pass apart"),
     "all": ("b2fast.bench.all", "kernels, rewards, sample, train and stage in turn"),
 }
-SD_SUITES = ("sample", "train", "stage", "all")  # take config overrides
+SD_SUITES = ("sample", "train", "stage", "objectives", "all")  # take config overrides
 DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "float16": "float16",
                  "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
                  "float64": "float64", "fp64": "float64"}
@@ -142,6 +146,20 @@ baseline: PIL preprocessing); training = --kept trajectories x L x epochs x the 
 per pair; the parts are summed (a real stage overlaps decoding and scoring with sampling).
 --full also runs real stages (Trainer.run_stage, b2fast only) and reports their measured seconds
 and peak GiB."""
+OBJECTIVES_HELP = """\
+Seconds of one stage's policy update (policy_update, one epoch, train.micro_batch rows per UNet
+call) for each train.objective: ppo, d3po, dro, dro_unpaired, diffusion_dpo, every other train
+field as configured. All train the same synthetic stage, sampled by the model at each interval L
+(schedule.min_interval and max_interval): --groups groups x sampling.branches branches, each
+group's (best, worst) on random scores being its pair and its two kept trajectories (ppo,
+dro_unpaired: 2 items per group; the pair objectives: 1 pair). Reported: update s, the base-model
+reference pass inside it (reference s, once per stage, no grad, LoRA off), that pass in no-grad
+forwards per kept trajectory and trained step, and the update's extra seconds and ratio vs ppo.
+
+Model: SD 1.x with random weights saved in model.dtype (no downloads); --quick: the tiny test model
+and tiny settings (CPU, seconds). Config overrides: --section.field VALUE (model.path and reward.*
+not allowed). Time: median of --repeats calls after --warmup calls, time.perf_counter with the
+device synchronised (see b2fast.bench.objectives)."""
 ALL_WHAT = """\
 kernels, rewards, sample, train and stage in turn, on one device, each with its default options
 (--quick: every suite's quick mode); stage composes the parts the earlier suites measured.
@@ -264,6 +282,10 @@ def _add_sd_arguments(p: argparse.ArgumentParser, suite: str) -> None:
     add("--warmup", type=_positive, metavar="N", help="untimed calls first (default: 1)")
     add("--repeats", type=_positive, metavar="N", help="timed calls; the median is reported "
                                                        "(default: 3 cuda, 2 cpu)")
+    if suite == "objectives":
+        add("--groups", type=_positive, metavar="G",
+            help="branch groups of the synthetic stage, 2 kept trajectories each (default: "
+                 "sampling.prompts_per_batch, one sampling batch)")
     if suite in ("train", "stage"):
         add("--trajectories", type=_positive, metavar="T",
             help="kept trajectories per timed training call, T x L pairs (default: 8 cuda, 4 cpu, 2 quick)")
@@ -297,6 +319,9 @@ def _parser() -> argparse.ArgumentParser:
         sd = sub.add_parser(suite, help=SUITES[suite][1], description=SD_HELP.format(what=what, suite=suite),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_sd_arguments(sd, suite)
+    objectives = sub.add_parser("objectives", help=SUITES["objectives"][1], description=OBJECTIVES_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_sd_arguments(objectives, "objectives")
     every = sub.add_parser("all", help=SUITES["all"][1], description=ALL_WHAT,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_argument(every)
@@ -359,7 +384,8 @@ def validate_sd(a: argparse.Namespace) -> argparse.Namespace:
 
 
 VALIDATORS = {"kernels": validate_kernels, "rewards": validate_rewards, "sample": validate_sd,
-              "train": validate_sd, "stage": validate_sd, "all": validate_sd}
+              "train": validate_sd, "stage": validate_sd, "objectives": validate_sd,
+              "all": validate_sd}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -47,9 +47,13 @@ _FOLDERS: dict[tuple, tempfile.TemporaryDirectory] = {}
 
 
 class _Silent:
-    """A progress bar that shows nothing (``policy_update`` reports its pairs to one)."""
+    """A progress bar that shows nothing (``policy_update`` sets its total and reports its units to one)."""
+    total: int | None = None
 
     def update(self, n: int) -> None:
+        pass
+
+    def refresh(self) -> None:
         pass
 
 
