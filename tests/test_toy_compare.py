@@ -246,14 +246,15 @@ def test_an_eval_stage_out_of_range_is_a_one_line_error(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing ran
 
 
+TINY_RUN = ("--schedule.num_stages", "2", "--sampling.batches_per_stage", "1", "--sampling.prompts_per_batch", "2",
+            "--sampling.num_steps", "4", "--schedule.min_interval", "2", "--schedule.max_interval", "4",
+            "--eval.images_per_prompt", "1", "--eval.prompts_per_set", "1")
+
+
 def test_end_to_end_tiny_comparison(tmp_path):
     started = time.perf_counter()
     done = _script("--seeds", "0", "1", "--methods", "B2-DiffuRL", "DDPO", "--eval-stages", "0", "1",
-                   "--schedule.num_stages", "2", "--sampling.batches_per_stage", "1",
-                   "--sampling.prompts_per_batch", "2", "--sampling.num_steps", "4",
-                   "--schedule.min_interval", "2", "--schedule.max_interval", "4",
-                   "--eval.images_per_prompt", "1", "--eval.prompts_per_set", "1", "--out", str(tmp_path),
-                   timeout=600)
+                   *TINY_RUN, "--out", str(tmp_path), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     print(f"end-to-end run: {time.perf_counter() - started:.1f} s")
     results = json.loads((tmp_path / "results.json").read_text())
@@ -285,11 +286,7 @@ def test_end_to_end_tiny_comparison(tmp_path):
 def test_end_to_end_objective_on_the_same_branches(tmp_path):
     started = time.perf_counter()
     done = _script("--seeds", "0", "--methods", "B2-DiffuRL", "D3PO", "--eval-stages", "1",
-                   "--schedule.num_stages", "2", "--sampling.batches_per_stage", "1",
-                   "--sampling.prompts_per_batch", "2", "--sampling.num_steps", "4",
-                   "--schedule.min_interval", "2", "--schedule.max_interval", "4",
-                   "--eval.images_per_prompt", "1", "--eval.prompts_per_set", "1", "--out", str(tmp_path),
-                   timeout=600)
+                   *TINY_RUN, "--out", str(tmp_path), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     print(f"end-to-end run: {time.perf_counter() - started:.1f} s")
     results = json.loads((tmp_path / "results.json").read_text())
