@@ -21,7 +21,8 @@ from b2fast.bench import cli as bench, common as bench_common, kernels as bench_
 from bench_util import run_main, run_quick, table_rows
 
 CASE_OPS = {"ddim_step_with_logprob": "ddim_step_with_logprob", "ddim_logprob_fwd": "ddim_logprob",
-            "ddim_logprob_fwd_bwd": "ddim_logprob", "branch_fork": "branch_fork"}
+            "ddim_logprob_fwd_bwd": "ddim_logprob", "branch_fork": "branch_fork",
+            "fork_index": "fork_index"}
 TOP_FIELDS = {"suite", "date", "device", "device_type", "torch", "cuda", "b2fast", "threads",
               "eps_dtype", "cache_dtype", "noise_dtype", "steps", "branches", "warmup", "repeats",
               "timer", "backends", "copy", "records"}

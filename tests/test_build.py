@@ -19,7 +19,8 @@ def test_import_and_version():
 def test_backends_report_every_op():
     report = b2fast.backends()
     assert isinstance(report, dict)
-    assert set(report) == {"cfg_combine", "ddim_step_with_logprob", "ddim_logprob", "branch_fork"}
+    assert set(report) == {"cfg_combine", "ddim_step_with_logprob", "ddim_logprob", "branch_fork",
+                           "fork_index"}
     for op, line in report.items():
         assert line.split()[0] in ops.KNOWN_BACKENDS, (op, line)
 
@@ -45,7 +46,7 @@ def test_every_kernel_op_is_built_on_the_cpu(skip_backend):
     if ops._C is None:
         skip_backend("cpp", "cpu", f"extension not built: {ops._C_ERROR}")
     report = ops.backends("cpu")
-    for op in ("ddim_step_with_logprob", "ddim_logprob", "branch_fork"):
+    for op in ("ddim_step_with_logprob", "ddim_logprob", "branch_fork", "fork_index"):
         assert report[op] == "cpp", report[op]
         assert "cpp" in ops.available_backends(op, "cpu")
 
@@ -87,7 +88,7 @@ def test_triton_on_the_cpu_under_the_interpreter_can_still_be_forced(monkeypatch
     if ops._backend_unavailable("triton"):
         skip_backend("triton", "cpu", f"triton not usable here: {ops._backend_unavailable('triton')}")
     with ops.use_backend("triton", device="cpu"):
-        for op in ("ddim_step_with_logprob", "ddim_logprob", "branch_fork"):
+        for op in ("ddim_step_with_logprob", "ddim_logprob", "branch_fork", "fork_index"):
             assert ops.backend_for(op, "cpu") == "triton"
             assert "triton" in ops.available_backends(op, "cpu")
 

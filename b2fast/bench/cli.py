@@ -38,7 +38,8 @@ from b2fast.utils import one_line_warnings
 SUITES = {
     "kernels": ("b2fast.bench.kernels",
                 "time, GB/s, %% of copy bandwidth and speed-up vs the torch reference of the "
-                "DDIM step, log-prob (fwd, fwd+bwd) and branch-fork ops on every live backend"),
+                "DDIM step, log-prob (fwd, fwd+bwd), branch-fork and fork-by-index ops on every "
+                "live backend"),
     "rewards": ("b2fast.bench.rewards",
                 "images/s, s per 1,280 images, TFLOP/s and speed-up vs PIL preprocessing of each "
                 "reward (clipscore ViT-H-14, aesthetic, bertscore, jpeg) on full-size random-weight "
@@ -62,7 +63,7 @@ DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "float16": "float16",
                  "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
                  "float64": "float64", "fp64": "float64"}
 KERNEL_CASES = ("ddim_step_with_logprob", "ddim_logprob_fwd", "ddim_logprob_fwd_bwd",
-                "branch_fork")
+                "branch_fork", "fork_index")
 SD_SHAPE = (40, 4, 64, 64)         # one ε half: 8 prompts × 5 branches, SD 1.x 64×64 latents
 LARGE_SHAPE = (2560, 4, 128, 128)  # step 2.0 GB, log-prob fwd 1.3 GB: launch cost vanishes
 QUICK_SHAPE = (10, 4, 16, 16)
@@ -74,6 +75,7 @@ speed-up vs the eager torch reference measured in the same run, for each case
   ddim_logprob_fwd        training log-prob forward: reads eps_u, eps_c, x_t, x_prev; writes log p
   ddim_logprob_fwd_bwd    forward, then the gradient w.r.t. both eps halves
   branch_fork             (B/K, C, H, W) -> (B, C, H, W) in the cache dtype, plus group ids
+  fork_index              (B, C, H, W) -> (B, C, H, W) rows picked by B random indices (resampling)
 
 on every backend live on the device. Bytes are what a fused kernel must move: every tensor
 the op reads counted once in its dtype, every tensor it writes counted once; the same count

@@ -24,6 +24,10 @@ every tensor the call reads is counted once in its own dtype, every tensor it wr
   ``ddim_logprob`` followed by ``torch.autograd.grad`` w.r.t. both ε halves.
 * branch_fork: read the B // K trunk latents (cache dtype); write the (B // K)·K forked
   latents (cache dtype) and their group ids (int64). Timed with preallocated ``out=`` buffers.
+* fork_index: resample B particles (FK steering): read the index (B int64, drawn uniformly
+  with repeats) and B rows of the latents (cache dtype); write the B resampled latents (cache
+  dtype). Timed with a preallocated ``out=`` buffer; the torch reference is
+  ``index_select`` + ``.to`` + ``copy_``.
 
 Copy bandwidth: ``dst.copy_(src)`` of a ``--copy-mib`` fp32 tensor, read + write bytes / time.
 
@@ -137,10 +141,22 @@ def _fork_case(shape, branches, cache_dtype, device, gen) -> Case:
                                         group_ids=group_ids))
 
 
+def _fork_index_case(shape, cache_dtype, device, gen) -> Case:
+    """fork_index of B particles into B resampled ones (random indices with repeats), into a
+    preallocated buffer."""
+    latents = torch.randn(shape, generator=gen, device=device).to(cache_dtype)
+    index = torch.randint(0, shape[0], (shape[0],), generator=gen, device=device)
+    out = torch.empty_like(latents)
+    return Case("fork_index", "fork_index", "x".join(map(str, shape)), tuple(shape),
+                nbytes(index, latents, out),
+                lambda: ops.fork_index(latents, index, cache_dtype, out=out))
+
+
 def build_cases(args, shape, eps_dtype, cache_dtype, table, device) -> list[Case]:
     gen = torch.Generator(device).manual_seed(0)
     cases = _step_cases(shape, eps_dtype, cache_dtype, table, device, gen)
     cases.append(_fork_case(shape, args.branches, cache_dtype, device, gen))
+    cases.append(_fork_index_case(shape, cache_dtype, device, gen))
     return [c for c in cases if c.name in args.ops]
 
 

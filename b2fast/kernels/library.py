@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from b2fast.kernels import branch_fork, ddim_logprob, ddim_step
+from b2fast.kernels import branch_fork, ddim_logprob, ddim_step, fork_index
 
 
 def _compute_dtype(eps_cond: Tensor) -> torch.dtype:
@@ -83,4 +83,14 @@ def branch_fork_out(latents: Tensor, branches: int, out: Tensor, group_ids: Tens
 
 @branch_fork_out.register_fake
 def _(latents, branches, out, group_ids):
+    return None
+
+
+@torch.library.custom_op("b2fast_triton::fork_index_out", mutates_args=("out",))
+def fork_index_out(latents: Tensor, index: Tensor, out: Tensor) -> None:
+    fork_index.fork_index_out(latents, index, out)
+
+
+@fork_index_out.register_fake
+def _(latents, index, out):
     return None

@@ -114,6 +114,16 @@ def _branch_fork_reference(latents, branches, out, group_ids):
     group_ids.copy_(groups)
 
 
+def _fork_index_kernel(backend: str):
+    def call(latents, index, out):
+        _registered(backend, "fork_index_out")(latents, index, out)
+    return call
+
+
+def _fork_index_reference(latents, index, out):
+    out.copy_(reference.fork_index(latents, index, out.dtype))
+
+
 def _register_logprob_autograd(namespace: str) -> None:
     """Make ``<namespace>::ddim_logprob`` differentiable through its backward kernel, which
     recomputes μ from the saved inputs (nothing else is kept for backward)."""
@@ -142,7 +152,7 @@ if _C is not None and torch._C._dispatch_has_kernel("b2fast::ddim_logprob_backwa
     _register_logprob_autograd("b2fast")
 
 
-# op → backend → implementation with the op's public signature (branch_fork: its out= form).
+# op → backend → implementation with the op's public signature (the forks: their out= form).
 _IMPLS = {
     "cfg_combine": {"torch": reference.cfg_combine},
     "ddim_step_with_logprob": {**{b: _ddim_step_kernel(b) for b in ("cuda", "triton", "cpp")},
@@ -151,10 +161,13 @@ _IMPLS = {
                      "torch": reference.ddim_logprob},
     "branch_fork": {**{b: _branch_fork_kernel(b) for b in ("cuda", "triton", "cpp")},
                     "torch": _branch_fork_reference},
+    "fork_index": {**{b: _fork_index_kernel(b) for b in ("cuda", "triton", "cpp")},
+                   "torch": _fork_index_reference},
 }
 # Name of the registered op behind each op (cpp/cuda backends).
 _REGISTERED = {"ddim_step_with_logprob": "ddim_step_with_logprob",
-               "ddim_logprob": "ddim_logprob", "branch_fork": "branch_fork_out"}
+               "ddim_logprob": "ddim_logprob", "branch_fork": "branch_fork_out",
+               "fork_index": "fork_index_out"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,3 +436,43 @@ def branch_fork(latents: torch.Tensor, branches: int, cache_dtype: torch.dtype,
                          f"{group_ids.dtype} of shape {tuple(group_ids.shape)}")
     _impl(op, latents)(latents, branches, out, group_ids)
     return out, group_ids
+
+
+def fork_index(latents: torch.Tensor, index: torch.Tensor, cache_dtype: torch.dtype | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """(P, C, H, W) and (M,) int64 → (M, C, H, W) in ``cache_dtype``: row i is latents[index[i]].
+
+    Particle resampling (FK steering): indices in any order, repeats allowed; :func:`branch_fork`
+    is index = arange(P).repeat_interleave(K). ``cache_dtype`` defaults to ``out``'s dtype, else
+    ``latents``'. Pass ``out`` (not overlapping ``latents``) to write into a preallocated buffer
+    (nothing is allocated then: CUDA-graph friendly). Index values are never read on the host:
+    one outside [0, P) raises on the CPU, fires a device-side assert in the CUDA kernel, and
+    gives a NaN row from the Triton kernel.
+    """
+    op = "fork_index"
+    if latents.ndim < 1 or latents.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{op}: latents must be a (P, ...) float tensor, got {latents.dtype} "
+                         f"of shape {tuple(latents.shape)}")
+    if cache_dtype is None:
+        cache_dtype = latents.dtype if out is None else out.dtype
+    _check_dtype(op, "cache_dtype", cache_dtype)
+    if not isinstance(index, torch.Tensor) or index.ndim != 1 or index.dtype != torch.int64 \
+            or index.device != latents.device:
+        got = (f"{index.dtype} of shape {tuple(index.shape)} on {index.device}"
+               if isinstance(index, torch.Tensor) else type(index).__name__)
+        raise ValueError(f"{op}: index must be a 1-D int64 tensor on {latents.device}, got {got}")
+    if latents.shape[0] == 0 and index.shape[0] > 0:
+        raise ValueError(f"{op}: index has {index.shape[0]} entries but latents has no rows")
+    shape = (index.shape[0], *latents.shape[1:])
+    if out is None:
+        out = torch.empty(shape, dtype=cache_dtype, device=latents.device)
+    elif tuple(out.shape) != shape or out.dtype != cache_dtype or out.device != latents.device:
+        raise ValueError(f"{op}: out must be {shape} {cache_dtype} on {latents.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    # (not while torch.compile traces, where the check would break the graph: the compiled
+    # kernels check again when they run, and the reference gathers into a temporary anyway)
+    elif out.numel() and not torch.compiler.is_compiling() and torch._C._overlaps(out, latents):
+        raise ValueError(f"{op}: out must not overlap latents (rows still to be read would be "
+                         "overwritten); write into another buffer")
+    _impl(op, latents)(latents, index, out)
+    return out

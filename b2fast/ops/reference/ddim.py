@@ -126,6 +126,16 @@ def branch_fork(latents: torch.Tensor, branches: int,
     return forked, groups
 
 
+def fork_index(latents: torch.Tensor, index: torch.Tensor,
+               cache_dtype: torch.dtype) -> torch.Tensor:
+    """(P, C, H, W) and (M,) int64 → (M, C, H, W) in ``cache_dtype``: row i is latents[index[i]].
+
+    Indices in [0, P), in any order, repeats allowed (particle resampling). ``branch_fork`` is
+    the case index = arange(P).repeat_interleave(K).
+    """
+    return latents.index_select(0, index).to(cache_dtype)
+
+
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, table: torch.Tensor,
               step_index: torch.Tensor) -> torch.Tensor:
     """The forward process at each sample's step: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·e (in fp32).
