@@ -40,7 +40,6 @@ OVERLAP = ("auto", "on", "off")
 # Objectives registered in b2fast.core.objectives (kept here too so the config stays torch-free;
 # tests/test_ppo.py checks the two lists agree).
 OBJECTIVES = ("ppo", "d3po", "dro", "dro_unpaired", "diffusion_dpo")
-PAIR_OBJECTIVES = ("d3po", "dro", "diffusion_dpo")  # trained on Selection.pairs
 PAIR_MODES = ("thresholds", "always")
 OPTIMIZERS = ("adamw", "nsgd")
 NULL_CONTROLS = ("off", "shuffle", "zero")
@@ -134,22 +133,17 @@ class SelectionConfig:
 @dataclass
 class TrainConfig:
     objective: str = _f("ppo", f"policy objective, one of {OBJECTIVES}: 'ppo' = DDPO-style PPO-clip on the kept "
-                                "branches' interval steps; 'd3po' = D3PO's pair loss on the groups' (best, worst) "
-                                "log-prob ratios to the base model; 'dro' = DSO's denoising loss of the winner "
-                                "minus the loser's; 'dro_unpaired' = +loss on kept positives, -loss on kept "
-                                "negatives; 'diffusion_dpo' = Diffusion-DPO on the pairs (docs/algorithm.md, "
-                                "'Objectives')")
+                                "branches' interval steps (the paper's); d3po, dro, dro_unpaired, diffusion_dpo "
+                                "train on the same branches (docs/algorithm.md, 'Objectives')")
     optimizer: str = _f("adamw", f"one of {OPTIMIZERS}: 'adamw' (DDPO's); 'nsgd' = SGD on the gradient scaled to "
                                   "unit norm, so every step moves the LoRA weights exactly lr (with train.momentum): "
                                   "keeps the gradient's direction where AdamW's per-coordinate scaling amplifies "
                                   "noise (few samples per step; docs/algorithm.md, 'Policy update')")
     lr: float = _f(1e-4, "learning rate (nsgd: Euclidean length of each step in LoRA-weight space)")
     momentum: float = _f(0.0, "nsgd: heavy-ball momentum over optimizer steps (0 = none)")
-    max_step_gain: float = _f(0.0, "interval steps whose log-prob gradient gain (dmu/deps)/sigma_t, in absolute value, exceeds this "
-                                   "multiple of the median over the sampling steps are not trained: a near-"
-                                   "deterministic DDIM step (the step to t=1) has a gain 5-14x the others' and "
-                                   "noise too small to change the image, so its term is gradient noise (0 = train "
-                                   "every interval step, as the paper)")
+    max_step_gain: float = _f(0.0, "interval steps whose log-prob gradient gain |dmu/deps|/sigma_t exceeds this multiple "
+                                   "of the median are not trained: the near-deterministic step to t=1 (gain 5-14x) "
+                                   "adds only gradient noise (0 = train every interval step, as the paper)")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
@@ -201,6 +195,28 @@ class LogConfig:
                              "caption of a captioning reward) to samples.jsonl")
 
 
+# steer.kind, and FK's potentials, resampling and weights (b2fast.core.steering; docs in README, "Sampling").
+STEER_KINDS, POTENTIALS = ("none", "fk"), ("diff", "max", "add", "rt")
+RESAMPLE_MODES, FK_WEIGHTS = ("schedule", "adaptive"), ("smc", "official")
+
+
+@dataclass
+class SteerConfig:
+    kind: str = _f("none", f"one of {STEER_KINDS}: 'fk' = Feynman-Kac steering in python -m b2fast.sample "
+                           "(training refuses it)")
+    particles: int = _f(4, "fk: particles N per prompt and seed, one batch, resampled within their prompt")
+    lam: float = _f(10.0, "fk: lambda >= 0; the particles target p(x)*exp(lambda*r(x)) (0: plain sampling)")
+    potential: str = _f("diff", f"fk: one of {POTENTIALS}: exp(lam*(r-r_prev)), exp(lam*max(r,r_prev)), "
+                                "exp(lam*(r+r_prev)), exp(lam*r)")
+    resample: str = _f("schedule", f"fk: one of {RESAMPLE_MODES}: at each potential step, or when ESS < N/2 "
+                                   "(the last step: always the ESS test)")
+    start: int = _f(5, "fk: first potential step of a 100-step chain, scaled to sampling.num_steps (20 steps: 1)")
+    every: int = _f(5, "fk: steps between potential steps of a 100-step chain, scaled (at least 1)")
+    end: int = _f(30, "fk: last scheduled potential step of a 100-step chain, scaled; the final step always is one")
+    weights: str = _f("smc", f"fk: one of {FK_WEIGHTS}: log-weights kept over skipped steps (SMC), or each "
+                             "step's alone (the official code)")
+
+
 DIST_BACKENDS = ("auto", "nccl", "gloo")
 
 
@@ -232,6 +248,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    steer: SteerConfig = field(default_factory=SteerConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,56 +419,57 @@ def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{name}: got {value!r}, expected {allowed}")
 
 
-def validate(cfg: Config) -> Config:
-    """Raise :class:`ConfigError` naming the first invalid field; return ``cfg`` when all is well."""
-    m, s, sc, sel, t, lg = cfg.model, cfg.sampling, cfg.schedule, cfg.selection, cfg.train, cfg.log
-    for name, value, _ in iter_fields(cfg):
+_CHOICES = {"model.dtype": DTYPES, "model.attention": ATTENTION, "model.compile_mode": COMPILE_MODES,
+            "sampling.overlap_reward": OVERLAP, "prompts.sampling": PROMPT_SAMPLING, "sampling.cache_dtype": DTYPES,
+            "selection.kind": SELECTION_KINDS, "selection.null_control": NULL_CONTROLS,
+            "selection.pair_mode": PAIR_MODES, "train.optimizer": OPTIMIZERS, "train.objective": OBJECTIVES,
+            "backend": BACKENDS, "distributed.backend": DIST_BACKENDS, "steer.kind": STEER_KINDS,
+            "steer.potential": POTENTIALS, "steer.resample": RESAMPLE_MODES, "steer.weights": FK_WEIGHTS}
+_AT_LEAST = {"model.lora_rank": 1, "sampling.num_steps": 1, "sampling.branches": 1, "sampling.prompts_per_batch": 1,
+             "sampling.batches_per_stage": 1, "sampling.unet_batch": 0, "schedule.num_stages": 1,
+             "selection.history_stages": 0, "selection.buffer_size": 1, "train.trajectories_per_step": 1,
+             "train.epochs": 1, "eval.images_per_prompt": 1, "eval.prompts_per_set": 0, "log.grid_every": 0,
+             "log.grid_images": 1, "keep_checkpoints": 1, "checkpoint_every": 1}  # integer fields
+
+
+def validate(cfg: Config, training: bool = True) -> Config:
+    """Raise :class:`ConfigError` naming the first invalid field; return ``cfg`` when all is well.
+    ``training=False`` (the sample CLI): no training-only rules, steering allowed."""
+    m, s, sc, sel, t = cfg.model, cfg.sampling, cfg.schedule, cfg.selection, cfg.train
+    values = {name: value for name, value, _ in iter_fields(cfg)}
+    for name, value in values.items():
         _check(not isinstance(value, float) or math.isfinite(value), name, value, "a finite number")
+    for name, choices in _CHOICES.items():
+        _check(values[name] in choices, name, values[name], f"one of {choices}")
+    for name, low in _AT_LEAST.items():
+        _check(values[name] >= low, name, values[name], f"an integer >= {low}")
     _check(0 <= cfg.seed < 2 ** 63, "seed", cfg.seed, "an integer in [0, 2**63)")
     _check(bool(m.path), "model.path", m.path, "a hub id or a local folder")
-    _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {DTYPES}")
-    _check(m.lora_rank >= 1, "model.lora_rank", m.lora_rank, "an integer >= 1")
     _check(m.lora_alpha > 0, "model.lora_alpha", m.lora_alpha, "a number > 0")
-    _check(m.attention in ATTENTION, "model.attention", m.attention, f"one of {ATTENTION}")
-    _check(m.compile_mode in COMPILE_MODES, "model.compile_mode", m.compile_mode, f"one of {COMPILE_MODES}")
     _check(bool(m.compile_cache_dir), "model.compile_cache_dir", m.compile_cache_dir, "a folder path")
     _check(not (s.cuda_graphs and m.compile and m.compile_mode in ("reduce-overhead", "max-autotune")),
            "sampling.cuda_graphs", s.cuda_graphs,
            f"false with model.compile_mode={m.compile_mode!r}, which captures CUDA graphs itself "
            "(or compile_mode 'default' / 'max-autotune-no-cudagraphs')")
-    _check(s.overlap_reward in OVERLAP, "sampling.overlap_reward", s.overlap_reward, f"one of {OVERLAP}")
     _check(len(m.lora_targets) > 0, "model.lora_targets", m.lora_targets, "a non-empty list of module names")
     _check(cfg.prompts.split in ("train", "test"), "prompts.split", cfg.prompts.split, "'train' or 'test'")
     src = cfg.prompts.source
     _check(Path(src).is_file() or all(part.strip() for part in src.split(",")), "prompts.source", src,
            "a prompt set name or a file, or several separated by commas (no empty entries)")
-    _check(cfg.prompts.sampling in PROMPT_SAMPLING, "prompts.sampling", cfg.prompts.sampling,
-           f"one of {PROMPT_SAMPLING}")
-    _check(s.num_steps >= 1, "sampling.num_steps", s.num_steps, "an integer >= 1")
     _check(s.guidance_scale >= 0, "sampling.guidance_scale", s.guidance_scale, "a number >= 0")
     _check(0 <= s.eta <= 1, "sampling.eta", s.eta, "a number in [0, 1]")
-    _check(s.branches >= 1, "sampling.branches", s.branches, "an integer >= 1")
-    _check(s.prompts_per_batch >= 1, "sampling.prompts_per_batch", s.prompts_per_batch, "an integer >= 1")
-    _check(s.batches_per_stage >= 1, "sampling.batches_per_stage", s.batches_per_stage, "an integer >= 1")
-    _check(s.cache_dtype in DTYPES, "sampling.cache_dtype", s.cache_dtype, f"one of {DTYPES}")
     _check(s.logprob_reduction in ("mean", "sum"), "sampling.logprob_reduction", s.logprob_reduction,
            "'mean' or 'sum'")
-    _check(s.unet_batch >= 0, "sampling.unet_batch", s.unet_batch, "an integer >= 0")
-    _check(sc.num_stages >= 1, "schedule.num_stages", sc.num_stages, "an integer >= 1")
     _check(1 <= sc.min_interval <= sc.max_interval, "schedule.min_interval", sc.min_interval,
            f"an integer in [1, schedule.max_interval={sc.max_interval}]")
-    _check(sc.max_interval <= s.num_steps, "schedule.max_interval", sc.max_interval,
+    _check(not training or sc.max_interval <= s.num_steps, "schedule.max_interval", sc.max_interval,
            f"an integer <= sampling.num_steps={s.num_steps}")
-    _check(sel.history_stages >= 0, "selection.history_stages", sel.history_stages, "an integer >= 0")
     _check(sel.neg_threshold < sel.pos_threshold, "selection.neg_threshold", sel.neg_threshold,
            f"a number < selection.pos_threshold={sel.pos_threshold}")
-    _check(sel.kind in SELECTION_KINDS, "selection.kind", sel.kind, f"one of {SELECTION_KINDS}")
-    _check(sel.buffer_size >= 1, "selection.buffer_size", sel.buffer_size, "an integer >= 1")
     _check(1 <= sel.min_count <= sel.buffer_size, "selection.min_count", sel.min_count,
            f"an integer in [1, selection.buffer_size={sel.buffer_size}]")
     for name in ("lr", "adam_eps", "clip_range", "adv_clip"):
         _check(getattr(t, name) > 0, f"train.{name}", getattr(t, name), "a number > 0")
-    _check(t.optimizer in OPTIMIZERS, "train.optimizer", t.optimizer, f"one of {OPTIMIZERS}")
     _check(0 <= t.momentum < 1, "train.momentum", t.momentum, "a number in [0, 1)")
     _check(t.max_step_gain == 0 or t.max_step_gain >= 1, "train.max_step_gain", t.max_step_gain,
            "0 (train every step) or a number >= 1")
@@ -459,11 +477,6 @@ def validate(cfg: Config) -> Config:
         _check(getattr(t, name) >= 0, f"train.{name}", getattr(t, name), "a number >= 0")
     for name in ("adam_beta1", "adam_beta2"):
         _check(0 <= getattr(t, name) < 1, f"train.{name}", getattr(t, name), "a number in [0, 1)")
-    for name in ("trajectories_per_step", "epochs"):
-        _check(getattr(t, name) >= 1, f"train.{name}", getattr(t, name), "an integer >= 1")
-    _check(sel.null_control in NULL_CONTROLS, "selection.null_control", sel.null_control, f"one of {NULL_CONTROLS}")
-    _check(t.objective in OBJECTIVES, "train.objective", t.objective, f"one of {OBJECTIVES}")
-    _check(sel.pair_mode in PAIR_MODES, "selection.pair_mode", sel.pair_mode, f"one of {PAIR_MODES}")
     _check(t.objective == "ppo" or sel.kind == "b2", "train.objective", t.objective,
            "'ppo' with selection.kind 'ddpo' (the other objectives need B² branch groups)")
     for name in ("d3po_beta", "dpo_beta"):
@@ -475,16 +488,13 @@ def validate(cfg: Config) -> Config:
     ev = cfg.eval
     _check(all(sp in ("train", "test") for sp in ev.splits) and bool(ev.splits), "eval.splits", ev.splits,
            "a non-empty list of 'train' / 'test'")
-    _check(ev.images_per_prompt >= 1, "eval.images_per_prompt", ev.images_per_prompt, "an integer >= 1")
-    _check(ev.prompts_per_set >= 0, "eval.prompts_per_set", ev.prompts_per_set, "an integer >= 0")
-    _check(lg.grid_every >= 0, "log.grid_every", lg.grid_every, "an integer >= 0")
-    _check(lg.grid_images >= 1, "log.grid_images", lg.grid_images, "an integer >= 1")
-    _check(cfg.backend in BACKENDS, "backend", cfg.backend, f"one of {BACKENDS}")
-    _check(cfg.keep_checkpoints >= 1, "keep_checkpoints", cfg.keep_checkpoints, "an integer >= 1")
-    _check(cfg.checkpoint_every >= 1, "checkpoint_every", cfg.checkpoint_every, "an integer >= 1")
-    _check(cfg.distributed.backend in DIST_BACKENDS, "distributed.backend", cfg.distributed.backend,
-           f"one of {DIST_BACKENDS}")
     _check(cfg.distributed.timeout_s > 0, "distributed.timeout_s", cfg.distributed.timeout_s, "a number > 0")
     _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
            "device", cfg.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    st = cfg.steer
+    for name, low in (("particles", 1), ("lam", 0), ("start", 0), ("every", 1), ("end", st.start)):
+        _check(getattr(st, name) >= low, f"steer.{name}", getattr(st, name), f"a number >= {low}")
+    _check(st.kind == "none" or s.eta > 0, "sampling.eta", s.eta, "> 0 with steer.kind 'fk' (copies need fresh noise)")
+    _check(not training or st.kind == "none", "steer.kind", st.kind, "'none' for training: steered samples are not "
+           "samples of the policy, so PPO ratios and z-scores would be biased (steer in python -m b2fast.sample)")
     return cfg

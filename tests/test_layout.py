@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("algorithm and rewards", ("b2fast.core", "b2fast.rewards", "b2fast.toy.reward", "b2fast.toy.ladder")),
     ("evaluation", ("b2fast.eval", "b2fast.eval.evaluator")),
     ("run machinery", ("b2fast.run",)),
-    ("entry points", ("b2fast.train", "b2fast.__main__", "b2fast.eval.cli", "b2fast.eval.__main__",
+    ("entry points", ("b2fast.train", "b2fast.sample", "b2fast.__main__", "b2fast.eval.cli", "b2fast.eval.__main__",
                       "b2fast.bench", "b2fast.toy.pretrain")),
 ]
 MAX_LINES = 500
@@ -122,7 +122,7 @@ def test_flat_package_holds_only_entry_points_and_foundations():
     algorithm, ops, run machinery, evaluation and benchmarks live in their subpackages."""
     top = sorted(p.name for p in (ROOT / "b2fast").glob("*.py"))
     assert top == ["__init__.py", "__main__.py", "config.py", "distributed.py", "prompts.py",
-                   "train.py", "utils.py"]
+                   "sample.py", "train.py", "utils.py"]
 
 
 def test_no_top_level_package_shadows_an_installed_one():
