@@ -10,6 +10,7 @@
     python -m b2fast.bench train --train.micro_batch 16     # LoRA PPO update; any config override
     python -m b2fast.bench stage --full --json stage.json   # seconds per stage, plus a real stage
     python -m b2fast.bench objectives --quick --device cpu  # update seconds per train.objective
+    python -m b2fast.bench steer --quick --device cpu       # FK steering's seconds beyond its UNet calls
     python -m b2fast.bench all --quick --device cpu         # every suite in turn, tiny models
 
 Every figure is a ratio against a baseline timed in the same run (the plain-PyTorch reference,
@@ -18,7 +19,7 @@ against a ceiling measured in the same run (GB/s against the device's copy bandw
 against a dense matmul), as docs/algorithm.md, "Measuring speed", says. Results go to stdout
 as a Markdown table, progress to stderr, raw records to ``--json``. Bad arguments stop before
 anything is measured, with a one-line message naming the argument (exit code 2). The SD suites
-(sample, train, stage, objectives, all) also take any config field of ``python -m b2fast.train`` as
+(sample, train, stage, objectives, steer, all) also take any config field of ``python -m b2fast.train`` as
 ``--section.field value``.
 
 This module only parses and checks arguments (it imports no torch, so ``--help`` is instant);
@@ -56,9 +57,12 @@ SUITES = {
     "objectives": ("b2fast.bench.objectives",
                    "seconds of one stage's policy update per train.objective (ppo, d3po, dro, dro_unpaired, "
                    "diffusion_dpo) on the same synthetic stage, the base-model reference pass apart"),
+    "steer": ("b2fast.bench.steer",
+              "seconds of FK steering (fk_sample) vs plain sampling of the same P x N images, and the "
+              "overhead's decode and reward parts at the potential steps, SD 1.x random weights"),
     "all": ("b2fast.bench.all", "kernels, rewards, sample, train and stage in turn"),
 }
-SD_SUITES = ("sample", "train", "stage", "objectives", "all")  # take config overrides
+SD_SUITES = ("sample", "train", "stage", "objectives", "steer", "all")  # take config overrides
 DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "float16": "float16",
                  "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
                  "float64": "float64", "fp64": "float64"}
@@ -167,6 +171,19 @@ kernels, rewards, sample, train and stage in turn, on one device, each with its 
 (--quick: every suite's quick mode); stage composes the parts the earlier suites measured.
 --config and config overrides go to the SD suites (sample, train, stage). --json writes one
 document with each suite's under "suites"."""
+STEER_HELP = """\
+Seconds of FK steering (b2fast.core.steering.fk_sample, the steer section as configured; steer.kind
+is not read) against plain sampling (b2fast.core.sampling.generate) of the same P x N images in one
+batch: P = sampling.prompts_per_batch prompts, N = steer.particles; the same UNet calls. Reported:
+plain s, FK s, the overhead (FK - plain) and its share, its decode and reward seconds at the
+potential steps (timed by wrappers during the same calls), the number of potential steps, and the
+overhead per potential step per particle. Reward: clipscore on ViT-H-14 with random weights.
+
+Model: SD 1.x with random weights saved in model.dtype (no downloads); --quick: the tiny test model,
+the tiny CLIP and tiny settings (CPU, seconds). Config overrides: --section.field VALUE, e.g.
+--steer.particles 8 --steer.resample adaptive --sampling.num_steps 50 (model.path and reward.* not
+allowed). Time: median of --repeats rounds (plain, then FK) after --warmup rounds, time.perf_counter
+with the device synchronised (see b2fast.bench.steer)."""
 KEPT_FRACTION = 0.84  # kept trajectories per stage / (2 per branch group): ~430 of 512 at the reference
 QUICK_CONFIG = [  # tiny settings of --quick (config overrides given on the command line win)
     "--model.dtype", "float32", "--sampling.num_steps", "6", "--sampling.prompts_per_batch", "2",
@@ -324,6 +341,9 @@ def _parser() -> argparse.ArgumentParser:
     objectives = sub.add_parser("objectives", help=SUITES["objectives"][1], description=OBJECTIVES_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_sd_arguments(objectives, "objectives")
+    steer = sub.add_parser("steer", help=SUITES["steer"][1], description=STEER_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_sd_arguments(steer, "steer")
     every = sub.add_parser("all", help=SUITES["all"][1], description=ALL_WHAT,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_argument(every)
@@ -387,7 +407,7 @@ def validate_sd(a: argparse.Namespace) -> argparse.Namespace:
 
 VALIDATORS = {"kernels": validate_kernels, "rewards": validate_rewards, "sample": validate_sd,
               "train": validate_sd, "stage": validate_sd, "objectives": validate_sd,
-              "all": validate_sd}
+              "steer": validate_sd, "all": validate_sd}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
