@@ -23,10 +23,10 @@ def table_rows(report: str, first_header: str = "op") -> list[list[str]]:
     return rows[1:]
 
 
-def run_quick(folder, suite: str) -> tuple[str, str, dict]:
-    """``python -m b2fast.bench SUITE --quick --device cpu --json``: stdout, stderr and the JSON
-    document of a run that must succeed."""
+def run_quick(folder, suite: str, *extra: str) -> tuple[str, str, dict]:
+    """``python -m b2fast.bench SUITE --quick --device cpu --json`` (+ ``extra``): stdout, stderr
+    and the JSON document of a run that must succeed."""
     path = folder / f"{suite}.json"
-    code, out, err = run_main([suite, "--quick", "--device", "cpu", "--json", str(path)])
+    code, out, err = run_main([suite, "--quick", "--device", "cpu", *extra, "--json", str(path)])
     assert code == 0, err
     return out, err, json.loads(path.read_text(encoding="utf-8"))

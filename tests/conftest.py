@@ -59,6 +59,16 @@ def _isolated_cache(tmp_path_factory):
     os.environ.setdefault("B2FAST_CACHE", str(tmp_path_factory.mktemp("b2fast-cache")))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    the toy UNet is tiny, and CI's two cores run other work too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_path(tmp_path_factory):
     from b2fast.testing.tiny_sd import save_tiny_sd

@@ -7,13 +7,12 @@ train half as many units as ppo on the same kept trajectories.
 """
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 
 from b2fast.bench import objectives as bench_objectives
-from bench_util import run_main, table_rows
+from bench_util import run_quick, table_rows
 
 OBJECTIVES = ["ppo", "d3po", "dro", "dro_unpaired", "diffusion_dpo"]
 QUICK_INTERVALS = [4, 6]  # schedule.min_interval, max_interval of --quick
@@ -29,10 +28,8 @@ def positive(value) -> bool:
 @pytest.fixture(scope="module")
 def objectives_run(tmp_path_factory):
     """``objectives --quick --device cpu --repeats 1 --json``: stdout and the JSON document."""
-    path = tmp_path_factory.mktemp("bench") / "objectives.json"
-    code, out, err = run_main(["objectives", "--quick", "--device", "cpu", "--repeats", "1", "--json", str(path)])
-    assert code == 0, err
-    return out, json.loads(path.read_text(encoding="utf-8"))
+    out, _, doc = run_quick(tmp_path_factory.mktemp("bench"), "objectives", "--repeats", "1")
+    return out, doc
 
 
 def test_every_objective_is_measured_per_interval_without_errors(objectives_run):

@@ -7,11 +7,10 @@ and that the potential steps are the ones ``resampling_steps`` schedules.
 """
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
-from bench_util import run_main, table_rows
+from bench_util import run_main, run_quick, table_rows
 
 from b2fast.bench import steer as bench_steer
 from b2fast.core.steering import resampling_steps
@@ -25,10 +24,8 @@ MEASURED = {"prompts", "particles", "images", "num_steps", "potential_steps", "p
 @pytest.fixture(scope="module")
 def steer_run(tmp_path_factory):
     """``steer --quick --device cpu --repeats 1 --json``: stdout and the JSON document."""
-    path = tmp_path_factory.mktemp("bench") / "steer.json"
-    code, out, err = run_main(["steer", "--quick", "--device", "cpu", "--repeats", "1", "--json", str(path)])
-    assert code == 0, err
-    return out, json.loads(path.read_text(encoding="utf-8"))
+    out, _, doc = run_quick(tmp_path_factory.mktemp("bench"), "steer", "--repeats", "1")
+    return out, doc
 
 
 def test_fields_and_settings(steer_run):

@@ -14,13 +14,7 @@ from b2fast.eval.evaluator import EvalRow, evaluate_prompts, format_comparison
 from b2fast.eval.stats import compare_rows, format_differences, paired_bootstrap_ci
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: the toy UNet is tiny, and other jobs share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the statistic -------------------------------------------------------------------------

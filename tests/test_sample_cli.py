@@ -16,12 +16,7 @@ from b2fast.sample import main
 FAST = ["--sampling.num_steps", "4", "--device", "cpu", "--no-progress"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _error_line(capsys) -> str:

@@ -17,12 +17,7 @@ from b2fast.ops.reference import ddim
 from b2fast.ops.reference.ddim import DIR_COEF, SIGMA, SQRT_1M_AB, SQRT_AB, SQRT_AB_PREV
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fk(**kw) -> SteerConfig:
