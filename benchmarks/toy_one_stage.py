@@ -45,6 +45,8 @@ VARIANTS = {  # name → overrides of the default preset
     # the signal's linearly); with or without momentum averaging the directions over stages
     "nsgd-gain4-h0": f"--train.optimizer nsgd --train.lr 1 --train.max_step_gain 4 --selection.history_stages 0 "
                      f"{ONE_STEP}",
+    "nsgd-gain4-h0-short": f"--train.optimizer nsgd --train.lr 0.5 --train.max_step_gain 4 "
+                           f"--selection.history_stages 0 {ONE_STEP}",
     "nsgd-gain4-h0-mom": f"--train.optimizer nsgd --train.lr 1 --train.momentum 0.8 --train.max_step_gain 4 "
                          f"--selection.history_stages 0 {ONE_STEP}",
 }
