@@ -177,7 +177,9 @@ def choose_lrs(results: list[dict], last: int) -> tuple[dict[str, float], list[s
 
 
 def _mean(rows: list[dict], split: str, key: str) -> float:
-    return statistics.mean(r[key] for r in rows if r["split"] == split)
+    """Mean ``key`` over the rows of ``split``; NaN when that split was not evaluated."""
+    values = [r[key] for r in rows if r["split"] == split]
+    return statistics.mean(values) if values else math.nan
 
 
 def summarise(results: list[dict], last: int = 3) -> str:
@@ -190,7 +192,9 @@ def summarise(results: list[dict], last: int = 3) -> str:
     lines = ["| method | seeds | test success | test score | train success | train score | test diversity | train minutes |",
              "|---|---|---|---|---|---|---|---|"]
     def cell(runs, when, split, key):
-        values = [_mean(r[when], split, key) for r in runs]
+        values = [v for v in (_mean(r[when], split, key) for r in runs) if math.isfinite(v)]
+        if not values:  # the split was not evaluated (e.g. --eval.splits [test])
+            return "-"
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.3f} ± {spread:.3f}"
 

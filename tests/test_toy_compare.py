@@ -139,6 +139,18 @@ def test_curves_table_pairs_the_reference_with_each_other_method():
     assert "Note:" not in d3po
 
 
+def test_summary_of_runs_evaluated_on_the_test_split_only():
+    """``--eval.splits [test]``: the train-split cells are "-", not an error."""
+    results = [r for r in _results() if r["method"] == "B2-DiffuRL"]
+    for run in results:
+        for key in ("before", "after"):
+            run[key] = [row for row in run[key] if row["split"] == "test"]
+    summary = tc.summarise(results)
+    row = next(line for line in summary.splitlines() if line.startswith("| B2-DiffuRL (lr"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4] == cells[5] == "-" and cells[3].startswith("0.8")   # train cells empty, test score ~0.82
+
+
 def test_any_subset_of_methods_works():
     results = [r for r in _three_methods() if r["method"] != "B2-DiffuRL"]
     chosen, runs = tc.chosen_runs(results, 3)
