@@ -1,9 +1,12 @@
-"""Helpers of the benchmark tests: run ``python -m b2fast.bench`` in-process, read its tables."""
+"""Helpers of the benchmark tests: run ``python -m b2fast.bench`` in-process, read its tables,
+load a ``benchmarks/`` script as a module."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
+from pathlib import Path
 
 from b2fast.bench import cli as bench
 
@@ -30,3 +33,12 @@ def run_quick(folder, suite: str, *extra: str) -> tuple[str, str, dict]:
     code, out, err = run_main([suite, "--quick", "--device", "cpu", *extra, "--json", str(path)])
     assert code == 0, err
     return out, err, json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module (``benchmarks/`` is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

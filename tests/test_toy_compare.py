@@ -2,7 +2,6 @@
 figure on synthetic results with known answers; one tiny end-to-end run of the script."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -12,20 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+from bench_util import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "toy_compare.py"
 SETS = ("toy_attribute", "toy_two_object", "toy_spatial")
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("toy_compare", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tc = _load()
+tc = load_benchmark("toy_compare")
 
 
 def _rows(test: float, train: float) -> list[dict]:

@@ -2,24 +2,15 @@
 tiny real stage (the gain is measured from the same noises: an untrained variant gains exactly 0)."""
 from __future__ import annotations
 
-import importlib.util
 import math
 import statistics
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("toy_one_stage", ROOT / "benchmarks" / "toy_one_stage.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bench_util import load_benchmark
 
 
-one = _load()
+
+one = load_benchmark("toy_one_stage")
 
 
 def test_table_pairs_each_variant_with_its_null_by_seed():

@@ -2,7 +2,6 @@
 end-to-end run (1 seed, 1 held-out prompt per template, 4 steps) in a subprocess."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -12,19 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from bench_util import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 T975 = {2: 4.3027, 3: 3.1824}  # Student-t 97.5% quantiles (toy_compare.T975) by degrees of freedom
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("toy_steer", ROOT / "benchmarks" / "toy_steer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-steer = _load()
+steer = load_benchmark("toy_steer")
 
 
 def ci(values: list[float], sign: str = "") -> str:
