@@ -1,4 +1,4 @@
-"""Schedules: the per-step DDIM scalar table, and the backward-progressive interval schedule.
+"""Schedules: the per-step DDIM (or LCM) scalar table, and the backward-progressive interval schedule.
 
 The step table is computed once from a diffusers scheduler (so any SD scheduler config gives
 the same timesteps and ᾱ that diffusers' own ``DDIMScheduler.step`` would use), in float64,
@@ -59,6 +59,63 @@ def build_step_table(scheduler, num_steps: int, eta: float) -> StepTable:
         table[i, LOG_SIGMA] = math.log(sigma) if sigma > 0 else 0.0
     clip = float(scheduler.config.clip_sample_range) if scheduler.config.clip_sample else None
     return StepTable(timesteps, table, clip)
+
+
+
+def lcm_timesteps(lcm, num_steps: int, rlcm_compat: bool = False) -> torch.Tensor:
+    """(K,) int64: diffusers' ``LCMScheduler.set_timesteps`` (evenly spaced indices into the
+    training grid of ``original_inference_steps`` origin steps), or RLCM's every ⌊origin/K⌋-th
+    from the top (K = 4 of 50: 999, 759, 519, 279 instead of diffusers' 999, 759, 499, 259)."""
+    if not rlcm_compat:
+        lcm.set_timesteps(num_steps)
+        return lcm.timesteps.to(torch.int64).cpu()
+    origin_steps = lcm.config.original_inference_steps
+    if not 1 <= num_steps <= origin_steps:
+        raise ValueError(f"sampling.num_steps: an LCM takes 1 to {origin_steps} steps, got {num_steps}")
+    stride = lcm.config.num_train_timesteps // origin_steps
+    origin = torch.arange(1, origin_steps + 1, dtype=torch.int64) * stride - 1
+    return origin.flip(0)[::origin_steps // num_steps][:num_steps].clone()
+
+
+def build_lcm_table(scheduler, num_steps: int, rlcm_compat: bool = False) -> StepTable:
+    """Per-step scalars of multistep latent-consistency sampling, in the DDIM table's layout.
+
+    LCM step t → t': x̂₀ = (x_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t, d = c_out(t)·x̂₀ + c_skip(t)·x_t, and the
+    action x_t' = √ᾱ_t'·d + √(1−ᾱ_t')·z. Writing x_t = √ᾱ_t·x̂₀ + √(1−ᾱ_t)·ε̂ turns the mean into
+    the DDIM form μ = A·x̂₀ + B·ε̂ with A = √ᾱ_t'·(c_out + c_skip·√ᾱ_t), B = √ᾱ_t'·c_skip·√(1−ᾱ_t)
+    and σ = √(1−ᾱ_t'), so every DDIM kernel (step, log-prob, all backends) runs LCM unchanged.
+    The last step returns d itself (σ = 0: deterministic, log p = 0, never trained), as diffusers'
+    ``LCMScheduler.step`` does; with ``rlcm_compat`` it is a noisy action x' = √ᾱ'·d + √(1−ᾱ')·z
+    with ᾱ' = ᾱ_t (RLCM's code), whose image is still d. ``scheduler`` is any diffusers scheduler
+    of the model (its config gives ᾱ; ``LCMScheduler.from_config`` adds the LCM settings).
+    """
+    from diffusers import LCMScheduler
+
+    if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"scheduler prediction_type: b2fast supports 'epsilon' and 'v_prediction' models, "
+                         f"got {scheduler.config.prediction_type!r}")
+    lcm = scheduler if isinstance(scheduler, LCMScheduler) else LCMScheduler.from_config(scheduler.config)
+    if lcm.config.clip_sample or lcm.config.thresholding:
+        raise ValueError("scheduler: an LCM policy needs clip_sample and thresholding off in the model's "
+                         "scheduler config (clipping x̂₀ breaks the step's Gaussian form); set them to false")
+    timesteps = lcm_timesteps(lcm, num_steps, rlcm_compat)
+    alphas_cumprod = lcm.alphas_cumprod.to(torch.float64).cpu()
+    table = torch.zeros(num_steps, TABLE_COLUMNS, dtype=torch.float64)
+    for i, t in enumerate(timesteps.tolist()):
+        last = i == num_steps - 1
+        ab = alphas_cumprod[t].item()
+        ab_prev = alphas_cumprod[t if last else timesteps[i + 1]].item()
+        c_skip, c_out = lcm.get_scalings_for_boundary_condition_discrete(t)
+        noisy = not last or rlcm_compat
+        scale = math.sqrt(ab_prev) if noisy else 1.0            # x' = scale·d + σ·z
+        sigma = math.sqrt(1 - ab_prev) if noisy else 0.0
+        table[i, SQRT_AB] = math.sqrt(ab)
+        table[i, SQRT_1M_AB] = math.sqrt(1 - ab)
+        table[i, SQRT_AB_PREV] = scale * (c_out + c_skip * math.sqrt(ab))
+        table[i, DIR_COEF] = scale * c_skip * math.sqrt(1 - ab)
+        table[i, SIGMA] = sigma
+        table[i, LOG_SIGMA] = math.log(sigma) if sigma > 0 else 0.0
+    return StepTable(timesteps, table, None)
 
 
 def step_gains(table: torch.Tensor) -> torch.Tensor:
