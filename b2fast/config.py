@@ -33,10 +33,9 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
-DTYPES = ("float32", "float16", "bfloat16")
-ATTENTION = ("auto", "sdpa", "xformers")
+DTYPES, ATTENTION = ("float32", "float16", "bfloat16"), ("auto", "sdpa", "xformers")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-OVERLAP = ("auto", "on", "off")
+OVERLAP, SCHEDULERS, REDUCTIONS = ("auto", "on", "off"), ("ddim", "lcm"), ("mean", "sum")
 # Objectives registered in b2fast.core.objectives (kept here too so the config stays torch-free;
 # tests/test_ppo.py checks the two lists agree).
 OBJECTIVES = ("ppo", "d3po", "dro", "dro_unpaired", "diffusion_dpo")
@@ -84,7 +83,9 @@ class PromptConfig:
 
 @dataclass
 class SamplingConfig:
-    num_steps: int = _f(20, "DDIM steps S")
+    num_steps: int = _f(20, "denoising steps S (an LCM: 1-8, e.g. 4)")
+    scheduler: str = _f("ddim", f"one of {SCHEDULERS}: DDIM with eta, or a latent consistency model's multistep "
+                                "sampling (diffusers' LCMScheduler; eta unused, w as the model's guidance embedding)")
     guidance_scale: float = _f(5.0, "classifier-free guidance scale w (1 disables the unconditional pass)")
     eta: float = _f(1.0, "DDIM eta; 0 is deterministic and gives no policy gradient")
     branches: int = _f(5, "branches K forked from each trunk")
@@ -420,7 +421,8 @@ def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
 
 
 _CHOICES = {"model.dtype": DTYPES, "model.attention": ATTENTION, "model.compile_mode": COMPILE_MODES,
-            "sampling.overlap_reward": OVERLAP, "prompts.sampling": PROMPT_SAMPLING, "sampling.cache_dtype": DTYPES,
+            "sampling.overlap_reward": OVERLAP, "sampling.scheduler": SCHEDULERS, "sampling.cache_dtype": DTYPES,
+            "sampling.logprob_reduction": REDUCTIONS, "prompts.sampling": PROMPT_SAMPLING,
             "selection.kind": SELECTION_KINDS, "selection.null_control": NULL_CONTROLS,
             "selection.pair_mode": PAIR_MODES, "train.optimizer": OPTIMIZERS, "train.objective": OBJECTIVES,
             "backend": BACKENDS, "distributed.backend": DIST_BACKENDS, "steer.kind": STEER_KINDS,
@@ -458,8 +460,6 @@ def validate(cfg: Config, training: bool = True) -> Config:
            "a prompt set name or a file, or several separated by commas (no empty entries)")
     _check(s.guidance_scale >= 0, "sampling.guidance_scale", s.guidance_scale, "a number >= 0")
     _check(0 <= s.eta <= 1, "sampling.eta", s.eta, "a number in [0, 1]")
-    _check(s.logprob_reduction in ("mean", "sum"), "sampling.logprob_reduction", s.logprob_reduction,
-           "'mean' or 'sum'")
     _check(1 <= sc.min_interval <= sc.max_interval, "schedule.min_interval", sc.min_interval,
            f"an integer in [1, schedule.max_interval={sc.max_interval}]")
     _check(not training or sc.max_interval <= s.num_steps, "schedule.max_interval", sc.max_interval,

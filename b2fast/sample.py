@@ -160,7 +160,7 @@ def load(cfg: Config, lora: Path | None):
         reward = build_reward(cfg.reward.name, cfg.reward.options, device)
         scored = functools.partial(score_images, reward, name=cfg.reward.name)
     torch.manual_seed(cfg.seed)  # adapter init; its B = 0, so without --lora this is the base model
-    policy = Policy(cfg.model, device, cfg.sampling.num_steps, cfg.sampling.eta)
+    policy = Policy(cfg.model, device, cfg.sampling.num_steps, cfg.sampling.eta, cfg.sampling.scheduler)
     if lora is not None:
         try:
             policy.load_lora(lora)

@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("evaluation", ("b2fast.eval", "b2fast.eval.evaluator")),
     ("run machinery", ("b2fast.run",)),
     ("entry points", ("b2fast.train", "b2fast.sample", "b2fast.__main__", "b2fast.eval.cli", "b2fast.eval.__main__",
-                      "b2fast.bench", "b2fast.toy.pretrain")),
+                      "b2fast.bench", "b2fast.toy.pretrain", "b2fast.toy.distill_lcm")),
 ]
 MAX_LINES = 500
 

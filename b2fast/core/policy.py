@@ -8,6 +8,7 @@ VAE decoding to images in [0, 1], the device-side DDIM step table, and the LoRA 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from b2fast.config import ModelConfig
 from b2fast.core.cuda_graphs import CapturedCalls
 from b2fast.ops.reference.ddim import SQRT_1M_AB, SQRT_AB, add_noise
-from b2fast.core.schedule import StepTable, build_step_table
+from b2fast.core.schedule import StepTable, build_lcm_table, build_step_table
 from b2fast.utils import LORA_WEIGHTS_NAME, first_line
 
 TINY_SD = "b2fast:tiny-sd"
@@ -96,10 +97,20 @@ def _set_attention(modules: list[torch.nn.Module], choice: str, device: torch.de
     return "sdpa"
 
 
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """(N, dim) sinusoidal embedding of 1000·w, the guidance input of latent consistency models
+    (LCM's w_embedding; its pipelines pass w = guidance_scale − 1)."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(math.log(10000.0) / (half - 1)))
+    angles = 1000.0 * w.float()[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return torch.nn.functional.pad(emb, (0, dim % 2))
+
+
 class Policy:
     """SD UNet (+ LoRA) with its text encoder, tokenizer, VAE and DDIM step table."""
 
-    def __init__(self, cfg: ModelConfig, device: torch.device, num_steps: int, eta: float):
+    def __init__(self, cfg: ModelConfig, device: torch.device, num_steps: int, eta: float, scheduler: str = "ddim"):
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -116,13 +127,32 @@ class Policy:
         for module in (self.text_encoder, self.vae, self.unet):
             if module is not None:
                 module.requires_grad_(False).eval().to(self.device)
-        self.steps: StepTable = build_step_table(self.scheduler, num_steps, eta).to(self.device)
+        # an LCM takes the guidance scale as an input embedding (one UNet pass, no CFG batch)
+        self.guidance_dim = self.unet.config.time_cond_proj_dim
+        if scheduler == "lcm":
+            self._check_lcm(path, kw)
+            self.steps: StepTable = build_lcm_table(self.scheduler, num_steps).to(self.device)
+        else:
+            self.steps = build_step_table(self.scheduler, num_steps, eta).to(self.device)
         self.v_prediction = self.scheduler.config.prediction_type == "v_prediction"
         self._add_lora(cfg)
         self._embeddings: dict[str, torch.Tensor] = {}
         self._captured: dict[tuple, CapturedCalls] = {}
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.attention = self._configure_kernels(cfg)
+
+    def _check_lcm(self, path: str, kw: dict) -> None:
+        """``sampling.scheduler: lcm`` needs a latent consistency model: a UNet with a guidance
+        embedding, or a folder whose scheduler is diffusers' LCMScheduler (e.g. SD + fused LCM-LoRA)."""
+        from diffusers import DDIMScheduler
+
+        if self.guidance_dim is not None:
+            return
+        declared = DDIMScheduler.load_config(path, subfolder="scheduler", **kw).get("_class_name")
+        if declared != "LCMScheduler":
+            raise ModelLoadError(f"sampling.scheduler: 'lcm' needs a latent consistency model, but {path!r} has no "
+                                 f"guidance embedding (unet time_cond_proj_dim) and its scheduler is {declared}; use "
+                                 "an LCM (or an SD folder with a fused LCM-LoRA and LCMScheduler), or 'ddim'")
 
     # -- speed: same maths, other kernels ----------------------------------------------------
     def _configure_kernels(self, cfg: ModelConfig) -> str:
@@ -236,7 +266,8 @@ class Policy:
                     guidance_scale: float, use_cfg: bool = True, max_batch: int = 0):
         """ε-predictions (ε_u or None, ε_c) for latents ``x`` at per-sample steps ``step_index``.
 
-        With CFG the unconditional and conditional halves go through the UNet as one batch.
+        With CFG the unconditional and conditional halves go through the UNet as one batch; a
+        latent consistency model gets w as its guidance embedding instead (one pass, ε_u None).
         ``max_batch`` > 0 splits the call into chunks of at most that many images.
         """
         n = x.shape[0]
@@ -247,6 +278,10 @@ class Policy:
             return uncond, torch.cat([p[1] for p in parts])
         t = self.steps.timesteps.index_select(0, step_index)
         x_in = x.to(self.dtype).contiguous(memory_format=self.memory_format)
+        if self.guidance_dim is not None:  # an LCM: w enters as an embedding, never as CFG
+            w = guidance_embedding(torch.full((n,), guidance_scale - 1.0, device=x.device), self.guidance_dim)
+            out = self.unet(x_in, t, encoder_hidden_states=cond, timestep_cond=w.to(self.dtype)).sample
+            return None, self._as_eps(out, x, step_index)
         if not use_cfg:
             return None, self._as_eps(self.unet(x_in, t, encoder_hidden_states=cond).sample, x, step_index)
         uncond = self.embed([""]).expand(n, -1, -1)

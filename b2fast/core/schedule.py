@@ -132,11 +132,16 @@ def step_gains(table: torch.Tensor) -> torch.Tensor:
 
 
 def trained_steps(table: torch.Tensor, max_step_gain: float) -> torch.Tensor:
-    """(S,) bool: the steps ``train.max_step_gain`` lets the update train (all when it is 0)."""
+    """(S,) bool: the steps ``train.max_step_gain`` lets the update train (all when it is 0).
+    Deterministic steps (σ = 0, e.g. an LCM's last) carry no gradient and are never trained,
+    unless every step is deterministic (η = 0: nothing to leave out)."""
     gains = step_gains(table)
-    if max_step_gain == 0:
+    stochastic = torch.isfinite(gains)
+    if not stochastic.any():
         return torch.ones(gains.shape, dtype=torch.bool)
-    return gains <= max_step_gain * gains[torch.isfinite(gains)].median()
+    if max_step_gain == 0:
+        return stochastic
+    return gains <= max_step_gain * gains[stochastic].median()
 
 
 # ----------------------------------------------------------------------------------------------

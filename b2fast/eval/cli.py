@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from b2fast.config import DTYPES, Config, ModelConfig, SamplingConfig, apply_dict
+from b2fast.config import DTYPES, SCHEDULERS, Config, ModelConfig, SamplingConfig, apply_dict
 from b2fast.prompts import TOY_SETS
 from b2fast.utils import (LORA_WEIGHTS_NAME, check_writable, first_line, one_line_warnings,
                           readable_folder)
@@ -89,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--num-steps", type=int, default=20, metavar="S", help="DDIM steps (default: %(default)s)")
     add("--guidance-scale", type=float, default=5.0, metavar="W", help="CFG scale (default: %(default)s)")
     add("--eta", type=float, default=1.0, help="DDIM eta (default: %(default)s)")
+    add("--scheduler", choices=SCHEDULERS, default="ddim",
+        help="'lcm' for a latent consistency model (e.g. --num-steps 4; default: %(default)s)")
     add("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N' (default: %(default)s)")
     add("--dtype", default="float32", help=f"base weights dtype, one of {', '.join(DTYPES)} (default: %(default)s)")
     add("--out", metavar="DIR", help="write eval.json, eval.csv, grid_<set>_<split>_<column>.png (one row per "
@@ -331,7 +333,7 @@ def load_models(args, model_cfg: ModelConfig, lora: Path | None, options: dict[s
     resolve_model_path(model_cfg.path)  # a bad path fails here, before the reward models load
     rewards = build_rewards(options, device)
     torch.manual_seed(args.seed)  # adapter init; its B = 0, so the base column is the base model
-    policy = Policy(model_cfg, device, args.num_steps, args.eta)
+    policy = Policy(model_cfg, device, args.num_steps, args.eta, args.scheduler)
     if lora is None:
         return device, rewards, policy, None
     base = policy.lora_state_dict()
@@ -347,7 +349,8 @@ def load_models(args, model_cfg: ModelConfig, lora: Path | None, options: dict[s
 
 def evaluate(args, policy, rewards: dict, trained: dict | None, plan) -> dict:
     """{"base": rows} and, with a LoRA, {"trained": rows}: the same seeds for both columns."""
-    cfg = SamplingConfig(num_steps=args.num_steps, guidance_scale=args.guidance_scale, eta=args.eta)
+    cfg = SamplingConfig(num_steps=args.num_steps, guidance_scale=args.guidance_scale, eta=args.eta,
+                         scheduler=args.scheduler)
     out = Path(args.out) if args.out else None
     keep = {"base": [], "trained": []} if out is not None and trained is not None else {}
     columns = {"base": evaluate_column(policy, plan, rewards, cfg, args, "base", out, keep.get("base"))}

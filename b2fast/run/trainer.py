@@ -79,7 +79,7 @@ class Trainer:
         distributed.init(self.device, cfg.distributed.backend, cfg.distributed.timeout_s, self.world)
         self.reward = build_reward(cfg.reward.name, cfg.reward.options, self.device)
         torch.manual_seed(cfg.seed)  # LoRA initialisation
-        self.policy = Policy(cfg.model, self.device, cfg.sampling.num_steps, cfg.sampling.eta)
+        self.policy = Policy(cfg.model, self.device, cfg.sampling.num_steps, cfg.sampling.eta, cfg.sampling.scheduler)
         if cfg.train.gradient_checkpointing:
             self.policy.enable_gradient_checkpointing()
         distributed.broadcast_parameters(self.world, self.policy.lora_parameters())

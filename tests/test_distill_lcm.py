@@ -1,0 +1,48 @@
+"""``python -m b2fast.toy.distill_lcm``: the consistency boundary condition, and a two-step
+distillation that writes a folder the LCM policy loads and samples."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from b2fast.config import ModelConfig, SamplingConfig
+from b2fast.core.policy import Policy
+from b2fast.core.sampling import generate
+from b2fast.toy import distill_lcm
+
+
+def test_boundary_scalings_make_f_the_identity_at_t_0_and_the_prediction_at_the_top():
+    c_skip, c_out = distill_lcm.boundary_scalings(torch.tensor([0, 999]))
+    assert c_skip[0].item() == 1.0 and c_out[0].item() == 0.0       # f(x, 0) = x
+    assert c_skip[1].item() < 1e-7 and c_out[1].item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_short_distillation_writes_an_lcm_folder_the_policy_samples(tmp_path, capsys):
+    out = tmp_path / "toy-lcm"
+    code = distill_lcm.main(["--steps", "2", "--batch-size", "2", "--eval-images", "0", "--out", str(out),
+                             "--device", "cpu"])
+    assert code == 0
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "LCMScheduler" and scheduler["clip_sample"] is False
+    unet = json.loads((out / "unet" / "config.json").read_text())
+    assert unet["time_cond_proj_dim"] == distill_lcm.GUIDANCE_DIM
+    stats = json.loads((out / "alignment.json").read_text())["distillation"]
+    assert stats["steps"] == 2 and stats["final_loss"] > 0
+    assert "python -m b2fast.toy.distill_lcm --steps 2" in (out / "README.md").read_text()
+    policy = Policy(ModelConfig(path=str(out), dtype="float32"), torch.device("cpu"), 2, 1.0, "lcm")
+    images = generate(policy, ["a red circle", "a blue square"], SamplingConfig(num_steps=2, scheduler="lcm"),
+                      torch.Generator().manual_seed(0))
+    assert images.shape == (2, 3, 32, 32) and bool(images.isfinite().all())
+    assert not list(tmp_path.glob(".toy-lcm.*"))                     # no temporary folder left behind
+
+
+@pytest.mark.parametrize("argv, message", [(["--steps", "0"], "--steps"), (["--ema", "1"], "--ema"),
+                                           (["--w-min", "5", "--w-max", "2"], "--w-min"),
+                                           (["--teacher", "/no/such/folder"], "model.path")])
+def test_bad_arguments_fail_in_one_line(argv, message, tmp_path, capsys):
+    assert distill_lcm.main([*argv, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,116 @@
+"""``sampling.scheduler: lcm``: a latent consistency model as the policy. A tiny random LCM (the
+tiny SD model with a guidance embedding and diffusers' LCMScheduler) checks that w enters as
+the UNet's guidance embedding (no CFG batch), that plain models are refused, and that a B²
+stage samples and trains on it with the on-policy ratio 1 and the deterministic last step
+left out."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import LCMScheduler, UNet2DConditionModel
+from diffusers.pipelines import LatentConsistencyModelPipeline
+
+from b2fast.config import ModelConfig, apply_overrides, load_yaml
+from b2fast.core.policy import ModelLoadError, Policy, guidance_embedding
+from b2fast.core.sampling import sample_branches
+from b2fast.core.update import _pair_log_probs, trained_positions
+from b2fast.run.trainer import Trainer
+from b2fast.testing.tiny_sd import SD_SCHEDULER
+from b2fast.train import preset_path
+
+COND_DIM = 32
+
+
+@pytest.mark.parametrize("dim", [32, 33])
+def test_guidance_embedding_is_lcm_pipelines_w_embedding(dim):
+    w = torch.tensor([0.0, 1.5, 7.0])
+    ours = guidance_embedding(w, dim)
+    theirs = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
+    torch.testing.assert_close(ours, theirs)
+
+
+def _lcm_scheduler(folder: Path) -> None:
+    shutil.rmtree(folder / "scheduler")
+    LCMScheduler(**SD_SCHEDULER).save_pretrained(folder / "scheduler")
+
+
+@pytest.fixture(scope="module")
+def tiny_lcm(tiny_sd_path, tmp_path_factory) -> str:
+    """The tiny SD model with a (random) guidance embedding and an LCMScheduler config."""
+    folder = tmp_path_factory.mktemp("tiny-lcm") / "model"
+    shutil.copytree(tiny_sd_path, folder)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    torch.manual_seed(0)
+    lcm = UNet2DConditionModel.from_config({**unet.config, "time_cond_proj_dim": COND_DIM})
+    missing, unexpected = lcm.load_state_dict(unet.state_dict(), strict=False)
+    assert not unexpected and all("cond_proj" in k for k in missing)
+    lcm.save_pretrained(folder / "unet")
+    _lcm_scheduler(folder)
+    return str(folder)
+
+
+def _policy(path: str, num_steps: int = 4, scheduler: str = "lcm") -> Policy:
+    torch.manual_seed(0)
+    return Policy(ModelConfig(path=path, dtype="float32"), torch.device("cpu"), num_steps, 1.0, scheduler)
+
+
+def test_an_lcm_policy_takes_lcm_timesteps_and_w_as_its_guidance_embedding(tiny_lcm):
+    policy = _policy(tiny_lcm)
+    reference = LCMScheduler(**SD_SCHEDULER)
+    reference.set_timesteps(4)
+    assert policy.steps.timesteps.tolist() == reference.timesteps.tolist()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn((3, *policy.latent_shape), generator=g)
+    step = torch.tensor([0, 1, 2])
+    cond = policy.embed(["a cat", "a dog", "a cat"])
+    eps_u, eps = policy.predict_eps(x, step, cond, 3.0, use_cfg=True)
+    assert eps_u is None                                    # one pass: no unconditional half
+    w = guidance_embedding(torch.full((3,), 2.0), COND_DIM)
+    direct = policy.unet(x, policy.steps.timesteps[step], encoder_hidden_states=cond, timestep_cond=w).sample
+    torch.testing.assert_close(eps, direct)
+    _, other = policy.predict_eps(x, step, cond, 1.5, use_cfg=True)
+    assert (other - eps).abs().max() > 1e-4                  # the scale reaches the UNet
+
+
+def test_plain_models_are_refused_and_an_lcm_lora_style_folder_is_accepted(tiny_sd_path, tmp_path):
+    with pytest.raises(ModelLoadError, match="latent consistency model"):
+        _policy(tiny_sd_path)
+    folder = tmp_path / "sd-lcm-lora"                        # SD weights (fused LoRA) + LCMScheduler
+    shutil.copytree(tiny_sd_path, folder)
+    _lcm_scheduler(folder)
+    policy = _policy(str(folder))
+    assert policy.guidance_dim is None and policy.steps.table[-1, 4] == 0  # last step σ = 0
+    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "LCMScheduler"
+
+
+def test_b2_branches_on_an_lcm_are_on_policy_and_skip_the_deterministic_last_step(tiny_lcm):
+    from b2fast.config import SamplingConfig, TrainConfig
+
+    policy = _policy(tiny_lcm)
+    cfg = SamplingConfig(num_steps=4, scheduler="lcm", branches=3, guidance_scale=4.0)
+    batch = sample_branches(policy, ["a cat", "a dog"], torch.tensor([0, 1]), 3, cfg, torch.Generator().manual_seed(0))
+    assert batch.latents.shape[:2] == (6, 3) and batch.images.shape[0] == 6
+    assert torch.equal(batch.log_probs[:, -1], torch.zeros(6))   # the last step returns d: log p 0
+    rows = torch.arange(6).repeat(2)
+    j = torch.tensor([0] * 6 + [1] * 6)
+    with torch.no_grad():
+        again = _pair_log_probs(policy, batch, rows, j, TrainConfig(), cfg)
+    torch.testing.assert_close(again, batch.log_probs[rows, j], rtol=0, atol=1e-5)   # ratio 1
+    assert trained_positions(policy, batch, TrainConfig()).tolist() == [True, True, False]
+
+
+def test_a_training_stage_runs_on_an_lcm(tiny_lcm, tmp_path):
+    cfg = load_yaml(preset_path("tiny_sd_jpeg.yaml"))
+    apply_overrides(cfg, ["--out", str(tmp_path / "run"), "--device", "cpu", "--model.path", tiny_lcm,
+                          "--sampling.scheduler", "lcm", "--sampling.num_steps", "4", "--schedule.min_interval", "3",
+                          "--schedule.max_interval", "4", "--schedule.num_stages", "2",
+                          "--sampling.batches_per_stage", "1", "--sampling.prompts_per_batch", "4",
+                          "--eval.enabled", "false", "--log.progress", "false", "--log.grid_every", "0"])
+    records = Trainer(cfg).run()
+    assert [r["interval_len"] for r in records] == [3, 4]
+    assert [r["trained_steps"] for r in records] == [2, 3]       # every step but the last
+    assert all(r["n_images"] == 16 and r["loss"] is not None for r in records)
