@@ -46,3 +46,15 @@ def test_bad_arguments_fail_in_one_line(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_pretraining_shares_the_folder_writer_and_refuses_bad_options(tmp_path, capsys):
+    from b2fast.toy import pretrain
+
+    out = tmp_path / "toy"
+    assert pretrain.main(["--steps", "2", "--batch-size", "2", "--eval-images", "0", "--out", str(out),
+                          "--device", "cpu"]) == 0
+    assert (out / "unet" / "config.json").is_file() and (out / "README.md").is_file()
+    assert json.loads((out / "alignment.json").read_text())["training"]["steps"] == 2
+    assert pretrain.main(["--cfg-dropout", "1", "--out", str(tmp_path / "y")]) == 2
+    assert "--cfg-dropout" in capsys.readouterr().err and not (tmp_path / "y").exists()

@@ -2,7 +2,9 @@
 
 Latent consistency distillation (Luo et al., "Latent Consistency Models", Algorithm 1, in pixel
 space here): the student is the teacher's UNet plus a guidance embedding (``time_cond_proj_dim``,
-so w is an input and sampling needs one UNet pass per step), initialised from the teacher. Each
+so w is an input and sampling needs one UNet pass per step), initialised from the teacher, and it
+predicts v, not ε: on the toy's cosine schedule √ᾱ at t = 999 (the LCM grid's first step) is
+5e-5, so an ε-prediction's error would reach x̂0 amplified 20,000×. Each
 step renders fresh training scenes, noises them to t from the 50-step LCM grid, and trains the
 student's consistency function f(x_t, t, w) = c_skip(t)·x_t + c_out(t)·x̂0 to match the EMA
 target's f at t − 20, where x_{t−20} is the frozen teacher's DDIM step (η = 0) with CFG scale
@@ -16,10 +18,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 
 from b2fast.core.policy import guidance_embedding
 from b2fast.toy.model import SCHEDULER, TEXT_LENGTH
-from b2fast.toy.pretrain import _training_batch
-from b2fast.utils import default_mode, one_line_warnings
+from b2fast.toy.pretrain import (_training_batch, add_run_arguments, resolve_device, validate_run_arguments,
+                                 write_model_folder)
+from b2fast.utils import one_line_warnings
 
 GUIDANCE_DIM = 64       # the toy UNet's time-embedding width (4 × 16 channels)
 ORIGIN_STEPS = 50       # the LCM grid: t ∈ {19, 39, …, 999}, skipping 20 steps
@@ -39,30 +40,15 @@ ORIGIN_STEPS = 50       # the LCM grid: t ∈ {19, 39, …, 999}, skipping 20 st
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m b2fast.toy.distill_lcm", description=__doc__.split("\n\n")[0])
+    add_run_arguments(p, out="runs/toy-lcm", steps=1800, batch_size=48, lr=5e-4, ema=0.95)
     p.add_argument("--teacher", default="b2fast:toy", help="diffusers folder of the DDIM toy model (default: %(default)s)")
-    p.add_argument("--out", default="runs/toy-lcm", help="output folder (diffusers layout + README.md)")
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=48, help="images per step (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: %(default)s)")
-    p.add_argument("--ema", type=float, default=0.95, help="EMA decay of the target network (default: %(default)s)")
     p.add_argument("--w-min", type=float, default=2.0, help="smallest guidance w (CFG scale 1 + w; default: %(default)s)")
     p.add_argument("--w-max", type=float, default=7.0, help="largest guidance w (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of data, noise and the guidance embedding's init")
-    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
-    p.add_argument("--eval-images", type=int, default=4, help="images per prompt in the final evaluation (0 skips it)")
-    p.add_argument("--eval-prompts", type=int, default=12, help="prompts per template and split in the evaluation")
-    p.add_argument("--guidance-scale", type=float, default=5.0, help="guidance scale of the final evaluation")
     return p
 
 
 def _validate(args: argparse.Namespace) -> None:
-    for name in ("steps", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: got {getattr(args, name)}, expected an integer >= 1")
-    if not 0 <= args.ema < 1:
-        raise ValueError(f"--ema: got {args.ema}, expected a number in [0, 1)")
-    if args.lr <= 0:
-        raise ValueError(f"--lr: got {args.lr}, expected a number > 0")
+    validate_run_arguments(args)
     if not 0 <= args.w_min <= args.w_max:
         raise ValueError(f"--w-min/--w-max: got {args.w_min}, {args.w_max}; expected 0 <= w-min <= w-max")
 
@@ -108,10 +94,11 @@ class Distiller:
         return (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
 
     def _consistency(self, unet, x_t, t, cond, w_emb) -> torch.Tensor:
-        """f(x_t, t, w) = c_skip(t)·x_t + c_out(t)·x̂0(ε_θ(x_t, t, c, w))."""
-        eps = unet(x_t, t, encoder_hidden_states=cond, timestep_cond=w_emb).sample
+        """f(x_t, t, w) = c_skip(t)·x_t + c_out(t)·x̂0, x̂0 = √ᾱ_t·x_t − √(1−ᾱ_t)·v_θ(x_t, t, c, w)."""
+        v = unet(x_t, t, encoder_hidden_states=cond, timestep_cond=w_emb).sample
+        ab = self.alphas[t].view(-1, 1, 1, 1)
         c_skip, c_out = boundary_scalings(t)
-        return c_skip * x_t + c_out * self._x0(x_t, eps, t)
+        return c_skip * x_t + c_out * (ab.sqrt() * x_t - (1 - ab).sqrt() * v)
 
     def step(self, images: torch.Tensor, prompts: list[str], generator: torch.Generator) -> float:
         n, stride = images.shape[0], len(self.alphas) // ORIGIN_STEPS
@@ -153,7 +140,8 @@ class Distiller:
             shutil.copytree(teacher / name, folder / name)
         shutil.copy(teacher / "model_index.json", folder / "model_index.json")
         self.target.save_pretrained(folder / "unet")
-        LCMScheduler(**{**SCHEDULER, "clip_sample": False}).save_pretrained(folder / "scheduler")
+        LCMScheduler(**{**SCHEDULER, "clip_sample": False, "prediction_type": "v_prediction"}).save_pretrained(
+            folder / "scheduler")
 
 
 def distil(args: argparse.Namespace, device: torch.device, teacher: Path, folder: Path) -> dict:
@@ -232,27 +220,20 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        os.chmod(tmp, default_mode(folder=True))  # mkdtemp makes 0o700
-        stats = distil(args, device, teacher, tmp)
+    device = resolve_device(args.device)
+
+    def build(folder: Path) -> None:
+        stats = distil(args, device, teacher, folder)
         results = {}
         if args.eval_images:
             results["teacher, DDIM 20 steps"] = measure(teacher, "ddim", 20, device, args)
             for k in (2, 4, 8):
-                results[f"LCM, {k} steps"] = measure(tmp, "lcm", k, device, args)
-        (tmp / "alignment.json").write_text(json.dumps({"distillation": stats, "alignment": results}, indent=2))
-        (tmp / "README.md").write_text(model_card(args, argv, stats, device, results))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print((out / "README.md").read_text())
+                results[f"LCM, {k} steps"] = measure(folder, "lcm", k, device, args)
+        (folder / "alignment.json").write_text(json.dumps({"distillation": stats, "alignment": results}, indent=2))
+        (folder / "README.md").write_text(model_card(args, argv, stats, device, results))
+
+    write_model_folder(Path(args.out), build)
+    print((Path(args.out) / "README.md").read_text())
     return 0
 
 

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,32 +31,43 @@ from b2fast.toy.world import sample_images
 from b2fast.utils import default_mode, one_line_warnings
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m b2fast.toy.pretrain", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/toy-model", help="output folder (diffusers layout + README.md)")
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=64, help="images per step")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (cosine decay)")
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
-    p.add_argument("--cfg-dropout", type=float, default=0.1, help="probability of training on the empty prompt")
-    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
+def add_run_arguments(p: argparse.ArgumentParser, out: str, steps: int, batch_size: int, lr: float,
+                      ema: float) -> None:
+    """The options every toy model builder shares: output, optimisation, seed, device, evaluation."""
+    p.add_argument("--out", default=out, help="output folder (diffusers layout + README.md; default: %(default)s)")
+    p.add_argument("--steps", type=int, default=steps, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="images per step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=lr, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--ema", type=float, default=ema, help="EMA decay (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of init, data and noise")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     p.add_argument("--eval-images", type=int, default=4, help="images per prompt in the final evaluation (0 skips it)")
     p.add_argument("--eval-prompts", type=int, default=12, help="prompts per template and split in the evaluation")
-    return p
+    p.add_argument("--guidance-scale", type=float, default=5.0, help="guidance scale of the final evaluation")
 
 
-def _validate(args: argparse.Namespace) -> None:
+def validate_run_arguments(args: argparse.Namespace) -> None:
     for name in ("steps", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: got {getattr(args, name)}, expected an integer >= 1")
-    if not 0 <= args.cfg_dropout < 1:
-        raise ValueError(f"--cfg-dropout: got {args.cfg_dropout}, expected a number in [0, 1)")
     if not 0 <= args.ema < 1:
         raise ValueError(f"--ema: got {args.ema}, expected a number in [0, 1)")
     if args.lr <= 0:
         raise ValueError(f"--lr: got {args.lr}, expected a number > 0")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m b2fast.toy.pretrain", description=__doc__.split("\n\n")[0])
+    add_run_arguments(p, out="runs/toy-model", steps=3000, batch_size=64, lr=2e-3, ema=0.999)
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    p.add_argument("--cfg-dropout", type=float, default=0.1, help="probability of training on the empty prompt")
+    return p
+
+
+def _validate(args: argparse.Namespace) -> None:
+    validate_run_arguments(args)
+    if not 0 <= args.cfg_dropout < 1:
+        raise ValueError(f"--cfg-dropout: got {args.cfg_dropout}, expected a number in [0, 1)")
 
 
 def _training_batch(rng: np.random.Generator, n: int, dropout: float) -> tuple[torch.Tensor, list[str]]:
@@ -187,34 +199,44 @@ fraction of constraints met; diversity = mean pairwise distance of 8×8-pooled i
 """
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    one_line_warnings()
-    parser = _parser()
-    parser.add_argument("--guidance-scale", type=float, default=5.0, help="CFG scale of the final evaluation")
-    args = parser.parse_args(argv)
-    try:
-        _validate(args)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    out = Path(args.out)
+def resolve_device(name: str) -> torch.device:
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+
+
+def write_model_folder(out: Path, build: Callable[[Path], None]) -> None:
+    """``build`` fills a temporary sibling of ``out``, which then replaces ``out``: a killed run
+    leaves no half-written model behind."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         os.chmod(tmp, default_mode(folder=True))  # mkdtemp makes 0o700
-        stats = train(args, device, tmp)
-        rows = measure_alignment(tmp, device, args) if args.eval_images else []
-        (tmp / "alignment.json").write_text(json.dumps({"training": stats, "alignment": rows}, indent=2))
-        (tmp / "README.md").write_text(model_card(args, argv, stats, device, rows))
+        build(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print((out / "README.md").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    one_line_warnings()
+    args = _parser().parse_args(argv)
+    try:
+        _validate(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    device = resolve_device(args.device)
+
+    def build(folder: Path) -> None:
+        stats = train(args, device, folder)
+        rows = measure_alignment(folder, device, args) if args.eval_images else []
+        (folder / "alignment.json").write_text(json.dumps({"training": stats, "alignment": rows}, indent=2))
+        (folder / "README.md").write_text(model_card(args, argv, stats, device, rows))
+
+    write_model_folder(Path(args.out), build)
+    print((Path(args.out) / "README.md").read_text())
     return 0
 
 
