@@ -117,7 +117,7 @@ class ToyTrainer:
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._update_ema()
-        return float(loss)
+        return float(loss.detach())
 
     @torch.no_grad()
     def _update_ema(self) -> None:
