@@ -36,6 +36,11 @@ def test_a_short_distillation_writes_an_lcm_folder_the_policy_samples(tmp_path, 
                       torch.Generator().manual_seed(0))
     assert images.shape == (2, 3, 32, 32) and bool(images.isfinite().all())
     assert not list(tmp_path.glob(".toy-lcm.*"))                     # no temporary folder left behind
+    from argparse import Namespace
+    from b2fast.toy.pretrain import measure_alignment
+    rows = measure_alignment(out, torch.device("cpu"), Namespace(eval_images=1, eval_prompts=1, guidance_scale=5.0,
+                                                                 seed=0), "lcm", 2)
+    assert len(rows) == 6 and all(r["n_images"] == 1 and 0 <= r["score"] <= 1 for r in rows)
 
 
 @pytest.mark.parametrize("argv, message", [(["--steps", "0"], "--steps"), (["--ema", "1"], "--ema"),

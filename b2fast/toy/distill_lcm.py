@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 
 from b2fast.core.policy import guidance_embedding
 from b2fast.toy.model import SCHEDULER, TEXT_LENGTH
-from b2fast.toy.pretrain import (_training_batch, add_run_arguments, resolve_device, validate_run_arguments,
-                                 write_model_folder)
+from b2fast.toy.pretrain import (_training_batch, add_run_arguments, measure_alignment, resolve_device,
+                                 validate_run_arguments, write_model_folder)
 from b2fast.utils import one_line_warnings
 
 GUIDANCE_DIM = 64       # the toy UNet's time-embedding width (4 × 16 channels)
@@ -159,21 +159,6 @@ def distil(args: argparse.Namespace, device: torch.device, teacher: Path, folder
     return {"steps": args.steps, "final_loss": float(np.mean(losses[-100:])), "seconds": time.perf_counter() - started}
 
 
-def measure(folder: Path, scheduler: str, num_steps: int, device: torch.device, args) -> list[dict]:
-    """toy_align per template and split (the pretraining model card's evaluation)."""
-    from b2fast.config import ModelConfig, SamplingConfig
-    from b2fast.core.policy import Policy
-    from b2fast.eval.evaluator import evaluate_sets
-    from b2fast.prompts import TOY_SETS
-    from b2fast.rewards import build_reward
-
-    policy = Policy(ModelConfig(path=str(folder), dtype="float32"), device, num_steps, 1.0, scheduler)
-    rows = evaluate_sets(policy, list(TOY_SETS), ["train", "test"], build_reward("toy_align", {}, device),
-                         SamplingConfig(num_steps=num_steps, guidance_scale=args.guidance_scale, scheduler=scheduler),
-                         args.eval_images, args.eval_prompts, seed=args.seed)
-    return [r.as_dict() for r in rows]
-
-
 def _mean(rows: list[dict], key: str) -> float:
     return float(np.mean([r[key] for r in rows])) if rows else float("nan")
 
@@ -226,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         stats = distil(args, device, teacher, folder)
         results = {}
         if args.eval_images:
-            results["teacher, DDIM 20 steps"] = measure(teacher, "ddim", 20, device, args)
+            results["teacher, DDIM 20 steps"] = measure_alignment(teacher, device, args)
             for k in (2, 4, 8):
-                results[f"LCM, {k} steps"] = measure(folder, "lcm", k, device, args)
+                results[f"LCM, {k} steps"] = measure_alignment(folder, device, args, "lcm", k)
         (folder / "alignment.json").write_text(json.dumps({"distillation": stats, "alignment": results}, indent=2))
         (folder / "README.md").write_text(model_card(args, argv, stats, device, results))
 

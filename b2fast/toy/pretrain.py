@@ -149,7 +149,8 @@ def train(args: argparse.Namespace, device: torch.device, folder: Path) -> dict:
             "seconds": time.perf_counter() - started}
 
 
-def measure_alignment(folder: Path, device: torch.device, args: argparse.Namespace) -> list[dict]:
+def measure_alignment(folder: Path, device: torch.device, args: argparse.Namespace, scheduler: str = "ddim",
+                      num_steps: int = 20) -> list[dict]:
     """toy_align success and score per template and split, with the card's fixed seed."""
     from b2fast.config import ModelConfig, SamplingConfig
     from b2fast.eval.evaluator import evaluate_sets
@@ -157,11 +158,11 @@ def measure_alignment(folder: Path, device: torch.device, args: argparse.Namespa
     from b2fast.core.policy import Policy
     from b2fast.rewards import build_reward
 
-    policy = Policy(ModelConfig(path=str(folder), dtype="float32"), device, 20, 1.0)
+    policy = Policy(ModelConfig(path=str(folder), dtype="float32"), device, num_steps, 1.0, scheduler)
     reward = build_reward("toy_align", {}, device)
     rows = evaluate_sets(policy, list(TOY_SETS), ["train", "test"], reward,
-                         SamplingConfig(guidance_scale=args.guidance_scale), args.eval_images,
-                         args.eval_prompts, seed=args.seed)
+                         SamplingConfig(num_steps=num_steps, guidance_scale=args.guidance_scale, scheduler=scheduler),
+                         args.eval_images, args.eval_prompts, seed=args.seed)
     return [r.as_dict() for r in rows]
 
 
