@@ -124,7 +124,8 @@ setup(
     # Hugging Face's ``kernels`` (a transformers dependency), which a kernels/ folder in the checkout
     # would shadow whenever Python runs from the checkout root.
     packages=find_packages(include=["b2fast", "b2fast.*"]),
-    package_data={"b2fast": ["configs/*.yaml", "toy/pretrained/*", "toy/pretrained/*/*"]},
+    package_data={"b2fast": ["configs/*.yaml", "toy/pretrained/*", "toy/pretrained/*/*",
+                            "toy/pretrained_lcm/*", "toy/pretrained_lcm/*/*"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
     zip_safe=False,

@@ -48,8 +48,8 @@ NULL_CONTROLS = ("off", "shuffle", "zero")
 class ModelConfig:
     path: str = _f("runwayml/stable-diffusion-v1-5",
                    "hub id or local folder in diffusers layout (unet/, text_encoder/, tokenizer/, "
-                   "vae/, scheduler/); 'b2fast:toy' is the shipped toy-world model, 'b2fast:tiny-sd' "
-                   "builds a tiny random SD-layout model for smoke tests")
+                   "vae/, scheduler/); 'b2fast:toy' is the shipped toy-world model ('b2fast:toy-lcm' its LCM), "
+                   "'b2fast:tiny-sd' builds a tiny random SD-layout model for smoke tests")
     revision: str | None = _f(None, "hub revision (branch, tag or commit) when path is a hub id")
     dtype: str = _f("float16", f"dtype of the frozen base weights, one of {DTYPES}; LoRA weights stay fp32. "
                                "float16 (SD 1.x/2.x's own dtype) keeps a LoRA update of >= 0.05% of a projection's "

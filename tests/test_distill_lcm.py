@@ -1,5 +1,6 @@
-"""``python -m b2fast.toy.distill_lcm``: the consistency boundary condition, and a two-step
-distillation that writes a folder the LCM policy loads and samples."""
+"""``python -m b2fast.toy.distill_lcm``: the consistency boundary condition, the teacher's
+trajectories against diffusers' DDIM, and a two-step distillation that writes a folder the LCM
+policy loads and samples."""
 from __future__ import annotations
 
 import json
@@ -19,9 +20,60 @@ def test_boundary_scalings_make_f_the_identity_at_t_0_and_the_prediction_at_the_
     assert c_skip[1].item() < 1e-7 and c_out[1].item() == pytest.approx(1.0, abs=1e-6)
 
 
+def test_solved_trajectories_are_the_teachers_ddim_steps_and_their_interpolations():
+    from argparse import Namespace
+    from pathlib import Path
+
+    from diffusers import DDIMScheduler
+
+    from b2fast.core.policy import resolve_model_path
+
+    teacher = Path(resolve_model_path("b2fast:toy"))
+    args = Namespace(seed=0, lr=1e-4, ema=0.9, batch_size=2)
+    distiller = distill_lcm.Distiller(teacher, args, torch.device("cpu"))
+    prompts, w = ["a red circle", "a blue square left of a green triangle"], torch.tensor([2.0, 5.0])
+    data = distiller.solve(prompts, w, torch.Generator().manual_seed(3))
+    noise = torch.randn((2, 3, 32, 32), generator=torch.Generator().manual_seed(3))
+    assert data.points.shape == (2, 50, 3, 32, 32) and torch.equal(data.points[:, 49], noise.half())
+    assert data.ends.abs().max() <= 1 and torch.equal(data.w, w)
+    ddim = DDIMScheduler.from_pretrained(teacher / "scheduler")
+    ddim.set_timesteps(25)                                              # 999, 959, …: 40 apart
+    cond = distiller._embed(prompts)
+    x = noise                                                           # not its fp16 copy: x̂0 = (x − …)/5e-5
+    for index in (49, 47, 45):                                          # the first three UNet steps
+        t = int(distill_lcm.grid_timestep(torch.tensor(index)))
+        with torch.no_grad():  # one batch of both halves, as pipelines run CFG (at t = 999 x̂0 amplifies ε̂ 20,000×)
+            eps_u, eps_c = distiller.teacher(torch.cat([x, x]), t, encoder_hidden_states=torch.cat(
+                [distiller.uncond.expand(2, -1, -1), cond])).sample.chunk(2)
+        eps = eps_c + w.view(-1, 1, 1, 1) * (eps_c - eps_u)
+        out = ddim.step(eps, t, x, eta=0.0)
+        x = out.prev_sample
+        torch.testing.assert_close(data.points[:, index - 2].float(), x, atol=2e-2, rtol=0)  # fp16 storage
+        ab = ddim.alphas_cumprod[t - 20]                                 # the point between: same x̂0, ε̂
+        between = ab.sqrt() * out.pred_original_sample + (1 - ab).sqrt() * eps
+        torch.testing.assert_close(data.points[:, index - 1].float(), between, atol=2e-2, rtol=0)
+
+
+def test_one_step_lowers_the_regression_loss_on_the_same_batch():
+    from argparse import Namespace
+    from pathlib import Path
+
+    from b2fast.core.policy import resolve_model_path
+
+    teacher = Path(resolve_model_path("b2fast:toy"))
+    distiller = distill_lcm.Distiller(teacher, Namespace(seed=0, lr=1e-4, ema=0.0, batch_size=8), torch.device("cpu"))
+    data = distiller.solve(["a red circle"] * 4, torch.full((4,), 4.0), torch.Generator().manual_seed(0))
+    first = distiller.step(data, torch.Generator().manual_seed(1))
+    again = distiller.step(data, torch.Generator().manual_seed(1))     # same pairs, after one update
+    assert again < first
+    for e, p in zip(distiller.ema.parameters(), distiller.student.parameters()):
+        assert torch.equal(e, p)                                        # EMA 0: the EMA is the student
+
+
 def test_a_short_distillation_writes_an_lcm_folder_the_policy_samples(tmp_path, capsys):
     out = tmp_path / "toy-lcm"
-    code = distill_lcm.main(["--steps", "2", "--batch-size", "2", "--eval-images", "0", "--out", str(out),
+    code = distill_lcm.main(["--steps", "2", "--batch-size", "2", "--trajectories", "3", "--eval-images", "0",
+                             "--out", str(out),
                              "--device", "cpu"])
     assert code == 0
     scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
@@ -29,7 +81,7 @@ def test_a_short_distillation_writes_an_lcm_folder_the_policy_samples(tmp_path, 
     unet = json.loads((out / "unet" / "config.json").read_text())
     assert unet["time_cond_proj_dim"] == distill_lcm.GUIDANCE_DIM
     stats = json.loads((out / "alignment.json").read_text())["distillation"]
-    assert stats["steps"] == 2 and stats["final_loss"] > 0
+    assert stats["steps"] == 2 and stats["trajectories"] == 3 and stats["final_loss"] > 0
     assert "python -m b2fast.toy.distill_lcm --steps 2" in (out / "README.md").read_text()
     policy = Policy(ModelConfig(path=str(out), dtype="float32"), torch.device("cpu"), 2, 1.0, "lcm")
     images = generate(policy, ["a red circle", "a blue square"], SamplingConfig(num_steps=2, scheduler="lcm"),
@@ -45,6 +97,7 @@ def test_a_short_distillation_writes_an_lcm_folder_the_policy_samples(tmp_path, 
 
 @pytest.mark.parametrize("argv, message", [(["--steps", "0"], "--steps"), (["--ema", "1"], "--ema"),
                                            (["--w-min", "5", "--w-max", "2"], "--w-min"),
+                                           (["--trajectories", "0"], "--trajectories"),
                                            (["--teacher", "/no/such/folder"], "model.path")])
 def test_bad_arguments_fail_in_one_line(argv, message, tmp_path, capsys):
     assert distill_lcm.main([*argv, "--out", str(tmp_path / "x")]) == 2

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import LCMScheduler, UNet2DConditionModel
+from diffusers import LCMScheduler
 from diffusers.pipelines import LatentConsistencyModelPipeline
 
 from b2fast.config import ModelConfig, apply_overrides, load_yaml
@@ -19,6 +19,7 @@ from b2fast.core.policy import ModelLoadError, Policy, guidance_embedding
 from b2fast.core.sampling import sample_branches
 from b2fast.core.update import _pair_log_probs, trained_positions
 from b2fast.run.trainer import Trainer
+from b2fast.testing.lcm import copy_as_lcm
 from b2fast.testing.tiny_sd import SD_SCHEDULER
 from b2fast.train import preset_path
 
@@ -41,15 +42,8 @@ def _lcm_scheduler(folder: Path) -> None:
 @pytest.fixture(scope="module")
 def tiny_lcm(tiny_sd_path, tmp_path_factory) -> str:
     """The tiny SD model with a (random) guidance embedding and an LCMScheduler config."""
-    folder = tmp_path_factory.mktemp("tiny-lcm") / "model"
-    shutil.copytree(tiny_sd_path, folder)
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
-    torch.manual_seed(0)
-    lcm = UNet2DConditionModel.from_config({**unet.config, "time_cond_proj_dim": COND_DIM})
-    missing, unexpected = lcm.load_state_dict(unet.state_dict(), strict=False)
-    assert not unexpected and all("cond_proj" in k for k in missing)
-    lcm.save_pretrained(folder / "unet")
-    _lcm_scheduler(folder)
+    folder = copy_as_lcm(tiny_sd_path, tmp_path_factory.mktemp("tiny-lcm") / "model", COND_DIM)
+    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "LCMScheduler"
     return str(folder)
 
 

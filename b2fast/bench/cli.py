@@ -11,6 +11,8 @@
     python -m b2fast.bench stage --full --json stage.json   # seconds per stage, plus a real stage
     python -m b2fast.bench objectives --quick --device cpu  # update seconds per train.objective
     python -m b2fast.bench steer --quick --device cpu       # FK steering's seconds beyond its UNet calls
+    python -m b2fast.bench lcm                              # a B² stage: toy LCM (4 steps) vs toy DDIM
+    python -m b2fast.bench lcm --model sd --sampling.batches_per_stage 4   # SD 1.x shapes (GPU)
     python -m b2fast.bench all --quick --device cpu         # every suite in turn, tiny models
 
 Every figure is a ratio against a baseline timed in the same run (the plain-PyTorch reference,
@@ -19,7 +21,7 @@ against a ceiling measured in the same run (GB/s against the device's copy bandw
 against a dense matmul), as docs/algorithm.md, "Measuring speed", says. Results go to stdout
 as a Markdown table, progress to stderr, raw records to ``--json``. Bad arguments stop before
 anything is measured, with a one-line message naming the argument (exit code 2). The SD suites
-(sample, train, stage, objectives, steer, all) also take any config field of ``python -m b2fast.train`` as
+(sample, train, stage, objectives, steer, lcm, all) also take any config field of ``python -m b2fast.train`` as
 ``--section.field value``.
 
 This module only parses and checks arguments (it imports no torch, so ``--help`` is instant);
@@ -60,9 +62,13 @@ SUITES = {
     "steer": ("b2fast.bench.steer",
               "seconds of FK steering (fk_sample) vs plain sampling of the same P x N images, and the "
               "overhead's decode and reward parts at the potential steps, SD 1.x random weights"),
+    "lcm": ("b2fast.bench.lcm",
+            "seconds of a real B² stage on an LCM policy (K steps, no CFG batch) vs the DDIM policy at "
+            "equal images, UNet rows per image, speed-up; the toy models (CPU) or SD 1.x shapes"),
     "all": ("b2fast.bench.all", "kernels, rewards, sample, train and stage in turn"),
 }
-SD_SUITES = ("sample", "train", "stage", "objectives", "steer", "all")  # take config overrides
+LCM_MODELS = ("toy", "sd")
+SD_SUITES = ("sample", "train", "stage", "objectives", "steer", "lcm", "all")  # take config overrides
 DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "float16": "float16",
                  "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
                  "float64": "float64", "fp64": "float64"}
@@ -184,6 +190,21 @@ the tiny CLIP and tiny settings (CPU, seconds). Config overrides: --section.fiel
 --steer.particles 8 --steer.resample adaptive --sampling.num_steps 50 (model.path and reward.* not
 allowed). Time: median of --repeats rounds (plain, then FK) after --warmup rounds, time.perf_counter
 with the device synchronised (see b2fast.bench.steer)."""
+LCM_HELP = """\
+Seconds of real B² stages (Trainer.run_stage) on a latent consistency model's policy against the
+DDIM policy of the same model, at equal images per stage and the same reward, selection and
+training settings: ddim at sampling.num_steps steps with CFG and interval schedule.max_interval,
+lcm at --lcm-steps K steps (one UNet pass per step, w as the guidance embedding) and interval K.
+Reported per policy: sampling s (sampling, decoding, reward), training s (selection, update),
+total s, kept trajectories, UNet rows per image in sampling and in training (a hook on the UNet),
+peak GiB (cuda), and the LCM's speed-up per part.
+
+Models (--model): toy (default) = b2fast:toy and b2fast:toy-lcm on toy_align with the built-in
+default config; sd = SD 1.x with random weights in model.dtype and the same weights plus a random
+guidance embedding (LCMScheduler), clipscore ViT-H-14 with random weights. --quick: one batch per
+stage (toy), the tiny test model, tiny CLIP and tiny settings (sd). Config overrides: --section.field
+VALUE, to both policies (model.path and reward.* not allowed). Time: --warmup untimed stages, then
+the median of --repeats timed stages (see b2fast.bench.lcm)."""
 KEPT_FRACTION = 0.84  # kept trajectories per stage / (2 per branch group): ~430 of 512 at the reference
 QUICK_CONFIG = [  # tiny settings of --quick (config overrides given on the command line win)
     "--model.dtype", "float32", "--sampling.num_steps", "6", "--sampling.prompts_per_batch", "2",
@@ -305,6 +326,10 @@ def _add_sd_arguments(p: argparse.ArgumentParser, suite: str) -> None:
         add("--groups", type=_positive, metavar="G",
             help="branch groups of the synthetic stage, 2 kept trajectories each (default: "
                  "sampling.prompts_per_batch, one sampling batch)")
+    if suite == "lcm":
+        add("--model", choices=LCM_MODELS, default="toy",
+            help="toy: b2fast:toy vs b2fast:toy-lcm; sd: SD 1.x shapes, random weights (default: %(default)s)")
+        add("--lcm-steps", type=_positive, default=4, metavar="K", help="LCM sampling steps (default: %(default)s)")
     if suite in ("train", "stage"):
         add("--trajectories", type=_positive, metavar="T",
             help="kept trajectories per timed training call, T x L pairs (default: 8 cuda, 4 cpu, 2 quick)")
@@ -341,6 +366,9 @@ def _parser() -> argparse.ArgumentParser:
     objectives = sub.add_parser("objectives", help=SUITES["objectives"][1], description=OBJECTIVES_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_sd_arguments(objectives, "objectives")
+    lcm = sub.add_parser("lcm", help=SUITES["lcm"][1], description=LCM_HELP,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_sd_arguments(lcm, "lcm")
     steer = sub.add_parser("steer", help=SUITES["steer"][1], description=STEER_HELP,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_sd_arguments(steer, "steer")
@@ -379,9 +407,9 @@ def validate_rewards(a: argparse.Namespace) -> argparse.Namespace:
     return a
 
 
-def suite_config(quick: bool, overrides: list[str], preset: str | None = None):
-    """The validated config of an SD suite: the defaults (or ``preset``), then --quick's, then the
-    command line's overrides."""
+def suite_config(quick: bool, overrides: list[str], preset: str | None = None, toy: bool = False):
+    """The validated config of an SD suite: the defaults (or ``preset``; ``toy``: the built-in
+    default of ``python -m b2fast.train``), then --quick's, then the command line's overrides."""
     from b2fast.config import Config, apply_overrides, load_yaml, validate
 
     for arg in overrides:
@@ -389,9 +417,12 @@ def suite_config(quick: bool, overrides: list[str], preset: str | None = None):
         if key == "model.path" or key.startswith("reward."):
             raise ArgumentError(f"--{key}: not allowed here; the benchmark builds its own random-weight "
                                 "models (SD 1.x, clipscore ViT-H-14)")
+    if toy:
+        from b2fast.train import preset_path
+        preset = preset or str(preset_path("default.yaml"))
     cfg = load_yaml(preset) if preset else Config()
     if quick:
-        apply_overrides(cfg, QUICK_CONFIG)
+        apply_overrides(cfg, ["--sampling.batches_per_stage", "1"] if toy else QUICK_CONFIG)
     return validate(apply_overrides(cfg, overrides))
 
 
@@ -402,12 +433,15 @@ def validate_sd(a: argparse.Namespace) -> argparse.Namespace:
     if a.suite == "stage" and a.kept is None:  # 430 of the 512 a reference stage can keep
         groups = a.cfg.sampling.batches_per_stage * a.cfg.sampling.prompts_per_batch
         a.kept = max(1, round(KEPT_FRACTION * 2 * groups))
+    if a.suite == "lcm" and a.lcm_steps < 2:
+        raise ArgumentError(f"--lcm-steps: got {a.lcm_steps}, expected >= 2 (an LCM's last step is "
+                            "deterministic, so one step leaves nothing to train)")
     return a
 
 
 VALIDATORS = {"kernels": validate_kernels, "rewards": validate_rewards, "sample": validate_sd,
               "train": validate_sd, "stage": validate_sd, "objectives": validate_sd,
-              "steer": validate_sd, "all": validate_sd}
+              "steer": validate_sd, "lcm": validate_sd, "all": validate_sd}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -416,7 +450,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args, extra = _parser().parse_known_args(argv)
     if args.suite in SD_SUITES:
         args.overrides = extra
-        args.cfg = suite_config(args.quick, extra, args.config)
+        args.cfg = suite_config(args.quick, extra, args.config, toy=getattr(args, "model", None) == "toy")
     elif extra:
         raise ArgumentError(f"unrecognized arguments: {' '.join(extra)}")
     if args.json:  # before anything is measured: a long run must not end unable to write its records

@@ -22,6 +22,7 @@ from b2fast.utils import LORA_WEIGHTS_NAME, first_line
 
 TINY_SD = "b2fast:tiny-sd"
 TOY = "b2fast:toy"  # the pretrained toy-world model shipped inside the package
+TOY_LCM = "b2fast:toy-lcm"  # its latent consistency distillation, also shipped
 SD_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
 OPTIONAL_SUBFOLDERS = ("vae",)  # without a VAE the UNet works in pixel space (the toy world)
 
@@ -47,13 +48,14 @@ def hide_loading_progress() -> None:
 
 
 def resolve_model_path(path: str) -> str:
-    """Map ``b2fast:tiny-sd`` to its built folder; check a local folder's layout up front."""
+    """Map ``b2fast:tiny-sd``, ``b2fast:toy`` and ``b2fast:toy-lcm`` to their folders; check a local
+    folder's layout up front."""
     if path == TINY_SD:
         from b2fast.testing.tiny_sd import cached_tiny_sd
         return str(cached_tiny_sd())
-    if path == TOY:
+    if path in (TOY, TOY_LCM):
         from b2fast.toy.model import pretrained_path
-        return str(pretrained_path())
+        return str(pretrained_path("pretrained" if path == TOY else "pretrained_lcm"))
     local = Path(path).expanduser()
     looks_local = path.startswith((".", "/", "~")) or local.exists() or path.count("/") != 1
     if not looks_local:

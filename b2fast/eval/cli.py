@@ -64,8 +64,8 @@ def _parser() -> argparse.ArgumentParser:
                 description=DESCRIPTION,
                 epilog="examples:\n" + __doc__.split("\n\n")[1])  # the usage lines of the docstring
     add = p.add_argument
-    add("--model", help="hub id, diffusers folder, 'b2fast:tiny-sd' or 'b2fast:toy' (default: the model of "
-                        f"the --lora run when it has a config.yaml, else {DEFAULT_MODEL!r})")
+    add("--model", help="hub id, diffusers folder, 'b2fast:tiny-sd', 'b2fast:toy' or 'b2fast:toy-lcm' "
+                        f"(default: the model of the --lora run when it has a config.yaml, else {DEFAULT_MODEL!r})")
     add("--lora", metavar="DIR", help="LoRA folder (holding pytorch_lora_weights.safetensors), checkpoint "
                                       "folder, or run folder of b2fast.train (its lora/, else its latest checkpoint)")
     add("--prompts", nargs="+", metavar="SET_OR_FILE",

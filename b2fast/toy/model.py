@@ -31,14 +31,18 @@ UNET = dict(
 )
 
 
-def pretrained_path() -> Path:
-    """Folder of the shipped pretrained toy model (``model.path: "b2fast:toy"``)."""
+BUILDERS = {"pretrained": "pretrain", "pretrained_lcm": "distill_lcm"}  # shipped folder → its builder
+
+
+def pretrained_path(name: str = "pretrained") -> Path:
+    """Folder of a shipped toy model: ``pretrained`` (``b2fast:toy``) or ``pretrained_lcm``
+    (``b2fast:toy-lcm``, its latent consistency distillation)."""
     from importlib import resources
 
-    folder = Path(str(resources.files("b2fast.toy") / "pretrained"))
+    folder = Path(str(resources.files("b2fast.toy") / name))
     if not (folder / "unet").is_dir():
-        raise ValueError(f"model.path: the toy model is not installed at {folder.name}/; "
-                                "train one with `python -m b2fast.toy.pretrain --out DIR` and give DIR as the model path")
+        raise ValueError(f"model.path: the toy model is not installed at {folder.name}/; build one with "
+                         f"`python -m b2fast.toy.{BUILDERS[name]} --out DIR` and give DIR as the model path")
     return folder
 
 

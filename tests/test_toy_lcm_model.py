@@ -1,0 +1,51 @@
+"""The shipped toy LCM (``b2fast:toy-lcm``): it loads as an LCM policy, its 4-step alignment
+matches its model card, and it is within 0.1 toy_align of its 20-step DDIM teacher."""
+import json
+from argparse import Namespace
+
+import numpy as np
+import pytest
+import torch
+
+from b2fast.config import ModelConfig
+from b2fast.core.policy import Policy, resolve_model_path
+from b2fast.toy.model import pretrained_path
+from b2fast.toy.pretrain import measure_alignment
+
+TEACHER, FOUR_STEPS = "teacher, DDIM 20 steps", "LCM, 4 steps"
+
+
+@pytest.fixture(scope="module")
+def card():
+    return json.loads((pretrained_path("pretrained_lcm") / "alignment.json").read_text())
+
+
+def _mean_score(rows: list[dict]) -> float:
+    return float(np.mean([r["score"] for r in rows]))
+
+
+def test_shipped_lcm_loads_as_an_lcm_policy_with_its_guidance_embedding():
+    assert resolve_model_path("b2fast:toy-lcm") == str(pretrained_path("pretrained_lcm"))
+    policy = Policy(ModelConfig(path="b2fast:toy-lcm", dtype="float32"), torch.device("cpu"), 4, 1.0, "lcm")
+    assert policy.guidance_dim == 64 and policy.vae is None
+    assert policy.steps.timesteps.tolist() == [999, 759, 499, 259]
+
+
+def test_the_cards_teacher_rows_are_the_shipped_teachers_own_card(card):
+    teacher = json.loads((pretrained_path() / "alignment.json").read_text())["alignment"]
+    ours = card["alignment"][TEACHER]
+    assert [(r["prompt_set"], r["split"], r["n_images"]) for r in ours] == [
+        (r["prompt_set"], r["split"], r["n_images"]) for r in teacher]
+    for row, ref in zip(ours, teacher):   # the same measurement; float rounding across CPUs may flip an image
+        assert abs(row["score"] - ref["score"]) <= 2 / row["n_images"] + 1e-9, (row, ref)
+
+
+def test_four_steps_match_the_card_and_score_within_0_1_of_the_teacher(card):
+    args = Namespace(eval_images=4, eval_prompts=12, guidance_scale=5.0, seed=0)   # the card's settings
+    rows = measure_alignment(pretrained_path("pretrained_lcm"), torch.device("cpu"), args, "lcm", 4)
+    expected = {(r["prompt_set"], r["split"]): r for r in card["alignment"][FOUR_STEPS]}
+    for row in rows:
+        ref = expected[(row["prompt_set"], row["split"])]
+        assert row["n_images"] == ref["n_images"]
+        assert abs(row["score"] - ref["score"]) <= 2 / row["n_images"] + 1e-9   # float rounding may flip an image
+    assert _mean_score(rows) >= _mean_score(card["alignment"][TEACHER]) - 0.1, (_mean_score(rows), card)
