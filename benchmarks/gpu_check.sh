@@ -5,12 +5,13 @@
 #   2. compute-sanitizer (memcheck) over the CUDA kernels' tests,
 #   3. python -m b2fast.bench kernels --large (a batch of more than 1 GB of traffic),
 #   4. python -m b2fast.bench all (kernels, rewards, sample, train, stage; the stage composed from
-#      the parts measured just before).
+#      the parts measured just before),
+#   5. python -m b2fast.bench lcm --model sd (a B² stage of 128 images on an SD-shaped LCM vs DDIM).
 # Usage, from the repository root after `pip install -e .` with a CUDA torch:
-#   benchmarks/gpu_check.sh [OUT_DIR] [STEPS]     # STEPS: any of tests,sanitizer,kernels,all
+#   benchmarks/gpu_check.sh [OUT_DIR] [STEPS]     # STEPS: any of tests,sanitizer,kernels,all,lcm
 set -uo pipefail
 out=${1:-gpu-check}
-steps=${2:-tests,sanitizer,kernels,all}
+steps=${2:-tests,sanitizer,kernels,all,lcm}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python - <<'EOF' || exit 2
@@ -39,6 +40,10 @@ if want kernels; then
 fi
 if want all; then
   python -m b2fast.bench all --json "$out/all.json" | tee "$out/all.md" || status=1
+fi
+if want lcm; then
+  python -m b2fast.bench lcm --model sd --sampling.batches_per_stage 4 --sampling.prompts_per_batch 8 \
+    --sampling.branches 4 --json "$out/lcm.json" | tee "$out/lcm.md" || status=1
 fi
 echo "gpu_check: results in $out (exit $status)"
 exit $status

@@ -15,6 +15,9 @@ number of stages:
   (docs/algorithm.md, "Objectives"). They sample and select exactly as B2-DiffuRL does and train
   on the same B²-selected branches, only the loss differs: D3PO, DRO and Diffusion-DPO on each
   branch group's (best, worst) pair, DRO-unpaired on every kept branch (sign of its advantage).
+- **B2-DiffuRL-LCM**: B2-DiffuRL on the toy LCM (``b2fast:toy-lcm``, 4 LCM steps, no CFG batch,
+  interval 2 → 4 of which the last step is deterministic): the same images per stage at about a
+  tenth of the stage time (README, "Latent consistency models").
 
 ``--methods`` picks the methods (default: B2-DiffuRL and DDPO, the paper's comparison). A
 method's config is its preset, then seed, out and lr, then the overrides given to the script,
@@ -76,6 +79,9 @@ METHODS = {
     "DRO": ("default.yaml", ["--train.objective", "dro"]),
     "DRO-unpaired": ("default.yaml", ["--train.objective", "dro_unpaired"]),
     "Diffusion-DPO": ("default.yaml", ["--train.objective", "diffusion_dpo"]),
+    "B2-DiffuRL-LCM": ("default.yaml", ["--model.path", "b2fast:toy-lcm", "--sampling.scheduler", "lcm",
+                                        "--sampling.num_steps", "4", "--schedule.min_interval", "2",
+                                        "--schedule.max_interval", "4"]),
 }
 REFERENCE = next(iter(METHODS))
 DEFAULT_METHODS = ["B2-DiffuRL", "DDPO"]  # the paper's comparison

@@ -189,13 +189,16 @@ def test_figure_has_one_band_per_method(tmp_path, monkeypatch):
 
 def test_methods_overrides_reach_the_config(tmp_path):
     objectives = {"B2-DiffuRL": "ppo", "DDPO": "ppo", "D3PO": "d3po", "DRO": "dro",
-                  "DRO-unpaired": "dro_unpaired", "Diffusion-DPO": "diffusion_dpo"}
+                  "DRO-unpaired": "dro_unpaired", "Diffusion-DPO": "diffusion_dpo", "B2-DiffuRL-LCM": "ppo"}
     assert list(tc.METHODS) == list(objectives) and tc.DEFAULT_METHODS == ["B2-DiffuRL", "DDPO"]
     for method, objective in objectives.items():
         cfg = tc.validate(tc.make_config(method, 1, tmp_path, ["--train.epochs", "1"], lr=0.02))
         assert cfg.train.objective == objective and cfg.train.epochs == 1 and cfg.train.lr == 0.02
         assert cfg.selection.kind == ("ddpo" if method == "DDPO" else "b2")
         assert cfg.out == str(tmp_path / f"{method}-lr0.02-seed1")
+    lcm = tc.validate(tc.make_config("B2-DiffuRL-LCM", 0, tmp_path, []))
+    assert (lcm.model.path, lcm.sampling.scheduler, lcm.sampling.num_steps) == ("b2fast:toy-lcm", "lcm", 4)
+    assert lcm.schedule.max_interval == 4 and lcm.sampling.batches_per_stage == 4   # the same images per stage
     # the method's own overrides come last: D3PO stays D3PO
     assert tc.make_config("D3PO", 0, tmp_path, ["--train.objective", "dro"]).train.objective == "d3po"
 
