@@ -49,3 +49,27 @@ def test_four_steps_match_the_card_and_score_within_0_1_of_the_teacher(card):
         assert row["n_images"] == ref["n_images"]
         assert abs(row["score"] - ref["score"]) <= 2 / row["n_images"] + 1e-9   # float rounding may flip an image
     assert _mean_score(rows) >= _mean_score(card["alignment"][TEACHER]) - 0.1, (_mean_score(rows), card)
+
+
+def _last_stage_rewards(tmp_path, *extra: str) -> float:
+    """Mean stage reward of the last 3 of 10 stages of B² on the toy LCM at its measured lr."""
+    from b2fast.config import apply_overrides, load_yaml
+    from b2fast.run.trainer import Trainer
+    from b2fast.train import preset_path
+
+    cfg = load_yaml(preset_path("default.yaml"))
+    apply_overrides(cfg, ["--out", str(tmp_path), "--device", "cpu", "--model.path", "b2fast:toy-lcm",
+                          "--sampling.scheduler", "lcm", "--sampling.num_steps", "4", "--schedule.min_interval", "2",
+                          "--schedule.max_interval", "4", "--train.lr", "3e-3", "--eval.enabled", "false",
+                          "--log.progress", "false", "--log.grid_every", "0", *extra])
+    records = Trainer(cfg).run()
+    return float(np.mean([r["reward_mean"] for r in records[-3:]]))
+
+
+def test_short_b2_run_on_the_lcm_keeps_training_reward_above_its_null_control(tmp_path):
+    """README, "Latent consistency models": over 5 seeds the last stages' reward of this run
+    minus its null's (advantages shuffled) is +0.034 [+0.004, +0.064], every seed positive;
+    this is seed 0 (+0.061 when measured)."""
+    signal = _last_stage_rewards(tmp_path / "signal")
+    null = _last_stage_rewards(tmp_path / "null", "--selection.null_control", "shuffle")
+    assert signal > null, (signal, null)

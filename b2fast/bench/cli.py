@@ -341,9 +341,9 @@ def _add_sd_arguments(p: argparse.ArgumentParser, suite: str) -> None:
             help="also run one real stage per interval (Trainer.run_stage, b2fast only, after a "
                  "warm-up) and report its measured seconds; minutes per stage on full-size models")
     _add_config_argument(p)
-    _add_common_arguments(p, "the tiny test model (b2fast.testing.tiny_sd) and tiny settings: "
-                             f"{' '.join(QUICK_CONFIG)}; 1 warm-up, 2 repeats (explicit options and "
-                             "overrides still win)")
+    quick = (f"the tiny test model (b2fast.testing.tiny_sd) and tiny settings: {' '.join(QUICK_CONFIG)}; 1 "
+             "warm-up, 2 repeats (explicit options and overrides still win)")
+    _add_common_arguments(p, f"--model toy: one batch per stage; --model sd: {quick}" if suite == "lcm" else quick)
     p.epilog = "config overrides: --section.field VALUE, any field of python -m b2fast.train --help"
 
 
