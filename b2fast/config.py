@@ -35,7 +35,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 DTYPES, ATTENTION = ("float32", "float16", "bfloat16"), ("auto", "sdpa", "xformers")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-OVERLAP, SCHEDULERS, REDUCTIONS = ("auto", "on", "off"), ("ddim", "lcm"), ("mean", "sum")
+OVERLAP, SCHEDULERS, REDUCTIONS = ("auto", "on", "off"), ("ddim", "lcm", "rlcm"), ("mean", "sum")
 # Objectives registered in b2fast.core.objectives (kept here too so the config stays torch-free;
 # tests/test_ppo.py checks the two lists agree).
 OBJECTIVES = ("ppo", "d3po", "dro", "dro_unpaired", "diffusion_dpo")
@@ -84,8 +84,8 @@ class PromptConfig:
 @dataclass
 class SamplingConfig:
     num_steps: int = _f(20, "denoising steps S (an LCM: 1-8, e.g. 4)")
-    scheduler: str = _f("ddim", f"one of {SCHEDULERS}: DDIM with eta, or a latent consistency model's multistep "
-                                "sampling (diffusers' LCMScheduler; eta unused, w as the model's guidance embedding)")
+    scheduler: str = _f("ddim", f"one of {SCHEDULERS}: DDIM with eta; an LCM's multistep sampling as in diffusers "
+                                "(eta unused); 'rlcm': as in RLCM's code (its timesteps, a noisy trained last step)")
     guidance_scale: float = _f(5.0, "classifier-free guidance scale w (1 disables the unconditional pass)")
     eta: float = _f(1.0, "DDIM eta; 0 is deterministic and gives no policy gradient")
     branches: int = _f(5, "branches K forked from each trunk")
@@ -468,7 +468,7 @@ def validate(cfg: Config, training: bool = True) -> Config:
            f"a number < selection.pos_threshold={sel.pos_threshold}")
     _check(1 <= sel.min_count <= sel.buffer_size, "selection.min_count", sel.min_count,
            f"an integer in [1, selection.buffer_size={sel.buffer_size}]")
-    for name in ("lr", "adam_eps", "clip_range", "adv_clip"):
+    for name in ("lr", "adam_eps", "clip_range", "adv_clip", "d3po_beta", "dpo_beta"):
         _check(getattr(t, name) > 0, f"train.{name}", getattr(t, name), "a number > 0")
     _check(0 <= t.momentum < 1, "train.momentum", t.momentum, "a number in [0, 1)")
     _check(t.max_step_gain == 0 or t.max_step_gain >= 1, "train.max_step_gain", t.max_step_gain,
@@ -479,8 +479,6 @@ def validate(cfg: Config, training: bool = True) -> Config:
         _check(0 <= getattr(t, name) < 1, f"train.{name}", getattr(t, name), "a number in [0, 1)")
     _check(t.objective == "ppo" or sel.kind == "b2", "train.objective", t.objective,
            "'ppo' with selection.kind 'ddpo' (the other objectives need B² branch groups)")
-    for name in ("d3po_beta", "dpo_beta"):
-        _check(getattr(t, name) > 0, f"train.{name}", getattr(t, name), "a number > 0")
     _check(0 < t.d3po_clip < 1, "train.d3po_clip", t.d3po_clip, "a number in (0, 1)")
     _check(t.loser_guard >= 0, "train.loser_guard", t.loser_guard, "a number >= 0 (0 turns the guard off)")
     _check(t.micro_batch >= 0, "train.micro_batch", t.micro_batch, "an integer >= 1, or 0 for automatic")
@@ -495,6 +493,8 @@ def validate(cfg: Config, training: bool = True) -> Config:
     for name, low in (("particles", 1), ("lam", 0), ("start", 0), ("every", 1), ("end", st.start)):
         _check(getattr(st, name) >= low, f"steer.{name}", getattr(st, name), f"a number >= {low}")
     _check(st.kind == "none" or s.eta > 0, "sampling.eta", s.eta, "> 0 with steer.kind 'fk' (copies need fresh noise)")
+    _check(st.kind == "none" or s.scheduler != "rlcm", "sampling.scheduler", s.scheduler,
+           "'ddim' or 'lcm' with steer.kind 'fk' ('rlcm' is RLCM's training policy: its image is not its last latent)")
     _check(not training or st.kind == "none", "steer.kind", st.kind, "'none' for training: steered samples are not "
            "samples of the policy, so PPO ratios and z-scores would be biased (steer in python -m b2fast.sample)")
     return cfg

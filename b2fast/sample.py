@@ -185,8 +185,9 @@ def plain_sample(policy, prompts: list[str], cfg, generators):
         x = draw((len(prompts), *policy.latent_shape)).to(cache_dtype)
         for i in range(policy.steps.num_steps):
             index = torch.full((len(prompts),), i, dtype=torch.long, device=policy.device)
-            x, _ = step(x, index, cond, draw(tuple(x.shape)))
-        return policy.decode(x, cfg.unet_batch)
+            noise = draw(tuple(x.shape))
+            x, _ = step(x, index, cond, noise)
+        return policy.decode(policy.steps.image_latents(x, noise), cfg.unet_batch)
 
 
 def resample_seed(seed: int) -> int:

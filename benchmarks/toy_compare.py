@@ -84,6 +84,9 @@ METHODS = {
                                         "--schedule.max_interval", "4"]),
 }
 REFERENCE = next(iter(METHODS))
+# A method's own lr when --lrs is not given, where it differs from its preset's (chosen on training
+# reward, never on held-out prompts: README, "Latent consistency models").
+METHOD_LRS = {"B2-DiffuRL-LCM": 3e-3}
 DEFAULT_METHODS = ["B2-DiffuRL", "DDPO"]  # the paper's comparison
 
 
@@ -97,8 +100,9 @@ def make_config(method: str, seed: int, out: Path, extra: list[str], lr: float |
     can be evaluated afterwards."""
     preset, overrides = METHODS[method]
     cfg = load_yaml(preset_path(preset))
+    run_lr = METHOD_LRS.get(method) if lr is None else lr
     apply_overrides(cfg, ["--seed", str(seed), "--out", str(out / run_name(method, seed, lr)),
-                          "--log.progress", "false", *(["--train.lr", repr(lr)] if lr is not None else []),
+                          "--log.progress", "false", *(["--train.lr", repr(run_lr)] if run_lr is not None else []),
                           *extra, *overrides])
     if cfg.eval.enabled:
         cfg.checkpoint_every = 1
@@ -146,7 +150,7 @@ def run_one(method: str, seed: int, out: Path, extra: list[str], lr: float | Non
     if result:
         result["eval_curve"] = eval_curve(trainer, queries, result,
                                           default_eval_stages(len(records)) if eval_stages is None else eval_stages)
-    return {"method": method, "seed": seed, "lr": cfg.train.lr,
+    return {"method": method, "seed": seed, "lr": cfg.train.lr, "model": cfg.model.path,
             "minutes": (time.perf_counter() - started) / 60, "train_minutes": train_minutes,
             "reward_first": records[0]["reward_mean"], "reward_last": records[-1]["reward_mean"],
             "stage_rewards": [r["reward_mean"] for r in records], "queries": queries, **result}
@@ -188,6 +192,16 @@ def _mean(rows: list[dict], split: str, key: str) -> float:
     return statistics.mean(values) if values else math.nan
 
 
+def base_models(results: list[dict]) -> list[str]:
+    """The starting models of the runs, in order of appearance ("" for a results.json of an older
+    version, which did not record it)."""
+    return list(dict.fromkeys(r.get("model", "") for r in results))
+
+
+def base_name(model: str, models: list[str]) -> str:
+    return "base model" if len(models) == 1 else f"base model ({model or '?'})"
+
+
 def summarise(results: list[dict], last: int = 3) -> str:
     """Markdown: the lr sweep, then per method (at its chosen lr) mean ± std over seeds of
     test/train alignment after training."""
@@ -209,9 +223,12 @@ def summarise(results: list[dict], last: int = 3) -> str:
                 f"{cell(runs, when, 'test', 'score')} | {cell(runs, when, 'train', 'success')} | "
                 f"{cell(runs, when, 'train', 'score')} | {cell(runs, when, 'test', 'diversity')} | {minutes} |")
 
-    # The base model is evaluated with each seed's eval noise: one "before" per seed.
-    first_per_seed = list({r["seed"]: r for r in reversed(results)}.values())
-    lines.append(row("base model", first_per_seed, "before", "-"))
+    # The base model is evaluated with each seed's eval noise: one "before" per seed (and per
+    # starting model: B2-DiffuRL-LCM starts from the toy LCM).
+    models = base_models(results)
+    for model in models:
+        first_per_seed = list({r["seed"]: r for r in reversed(results) if r.get("model", "") == model}.values())
+        lines.append(row(base_name(model, models), first_per_seed, "before", "-"))
     for method in METHODS:
         runs = [r for r in results if r["method"] == method]
         if runs:
@@ -304,15 +321,19 @@ def curves_table(results: list[dict], last: int = 3) -> str:
               f"templates), mean over seeds [95% CI]; {CI_NOTE}."), "",
              "| method | stage | reward queries | seeds | held-out (test) score | train score |",
              "|---|---|---|---|---|---|"]
-    base: dict = {"test": {}, "train": {}}  # every run of a seed starts from the same base model
-    for points in evaluated.values():
+    # every run of a seed from the same starting model starts from the same evaluation
+    models = base_models([r for method_runs in runs.values() for r in method_runs])
+    bases: dict = {model: {"test": {}, "train": {}} for model in models}
+    for method, points in evaluated.items():
+        base = bases[runs[method][0].get("model", "")]
         for p in points:
             if p["stage"] == "before":
                 base["test"].update(p["test"])
                 base["train"].update(p["train"])
-    if base["test"]:
-        lines.append(f"| base model | before | 0 | {len(base['test'])} | {_ci(base['test'].values())} | "
-                     f"{_ci(base['train'].values())} |")
+    for model, base in bases.items():
+        if base["test"]:
+            lines.append(f"| {base_name(model, models)} | before | 0 | {len(base['test'])} | "
+                         f"{_ci(base['test'].values())} | {_ci(base['train'].values())} |")
     for method, points in evaluated.items():
         for p in points:
             if p["stage"] != "before":

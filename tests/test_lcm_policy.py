@@ -97,14 +97,78 @@ def test_b2_branches_on_an_lcm_are_on_policy_and_skip_the_deterministic_last_ste
     assert trained_positions(policy, batch, TrainConfig()).tolist() == [True, True, False]
 
 
-def test_a_training_stage_runs_on_an_lcm(tiny_lcm, tmp_path):
+@pytest.mark.parametrize("scheduler, trained", [("lcm", [2, 3]), ("rlcm", [3, 4])])
+def test_a_training_stage_runs_on_an_lcm(tiny_lcm, tmp_path, scheduler, trained):
     cfg = load_yaml(preset_path("tiny_sd_jpeg.yaml"))
     apply_overrides(cfg, ["--out", str(tmp_path / "run"), "--device", "cpu", "--model.path", tiny_lcm,
-                          "--sampling.scheduler", "lcm", "--sampling.num_steps", "4", "--schedule.min_interval", "3",
+                          "--sampling.scheduler", scheduler, "--sampling.num_steps", "4", "--schedule.min_interval", "3",
                           "--schedule.max_interval", "4", "--schedule.num_stages", "2",
                           "--sampling.batches_per_stage", "1", "--sampling.prompts_per_batch", "4",
                           "--eval.enabled", "false", "--log.progress", "false", "--log.grid_every", "0"])
     records = Trainer(cfg).run()
     assert [r["interval_len"] for r in records] == [3, 4]
-    assert [r["trained_steps"] for r in records] == [2, 3]       # every step but the last
+    assert [r["trained_steps"] for r in records] == trained      # lcm: every step but the deterministic last
     assert all(r["n_images"] == 16 and r["loss"] is not None for r in records)
+
+
+def test_rlcm_trains_its_noisy_last_step_and_decodes_that_steps_mean(tiny_lcm):
+    """``sampling.scheduler: rlcm``: RLCM's timesteps and its noisy last action, scored (log p ≠ 0,
+    ratio 1) and trained, while the image is the action's mean d, not the noisy latent."""
+    from b2fast import ops
+    from b2fast.config import SamplingConfig, TrainConfig
+    from b2fast.ops.reference.ddim import SIGMA
+
+    policy = _policy(tiny_lcm, scheduler="rlcm")
+    assert policy.steps.timesteps.tolist() == [999, 759, 519, 279] and policy.steps.noisy_last
+    cfg = SamplingConfig(num_steps=4, scheduler="rlcm", branches=2, guidance_scale=4.0)
+    batch = sample_branches(policy, ["a cat", "a dog"], torch.tensor([0, 1]), 2, cfg, torch.Generator().manual_seed(0))
+    assert bool((batch.log_probs[:, -1] != 0).all())
+    rows, j = torch.arange(4).repeat(2), torch.tensor([0] * 4 + [1] * 4)
+    with torch.no_grad():
+        again = _pair_log_probs(policy, batch, rows, j, TrainConfig(), cfg)
+    torch.testing.assert_close(again, batch.log_probs[rows, j], rtol=0, atol=1e-5)   # ratio 1
+    assert trained_positions(policy, batch, TrainConfig()).tolist() == [True, True]
+    # the image: the last step's mean d = μ/√(1−σ²), μ the step with zero noise from the same x_t
+    last = torch.full((4,), 3)
+    x_t = batch.x_t(torch.arange(4), torch.full((4,), 1))
+    with torch.no_grad():
+        eps_u, eps_c = policy.predict_eps(x_t, last, policy.embed(batch.prompts), 4.0, use_cfg=True)
+        mean, _ = ops.ddim_step_with_logprob(eps_u, eps_c, 4.0, x_t, torch.zeros_like(x_t), policy.steps.table,
+                                             last, torch.float32, None, "mean")
+    sigma = float(policy.steps.table[-1, SIGMA])
+    torch.testing.assert_close(batch.final_latents, mean / (1 - sigma ** 2) ** 0.5, rtol=1e-4, atol=1e-5)
+    assert (batch.final_latents - batch.latents[:, -1]).abs().max() > 0.1             # not the noisy action
+    torch.testing.assert_close(batch.images, policy.decode(batch.final_latents))
+
+
+def test_step_table_image_latents_undo_the_noise_of_a_noisy_last_step():
+    from b2fast.core.schedule import build_lcm_table
+
+    steps = build_lcm_table(LCMScheduler(**SD_SCHEDULER), 4, rlcm_compat=True)
+    sigma = float(steps.table[-1, 4])
+    d, z = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    x = (1 - sigma ** 2) ** 0.5 * d + sigma * z
+    torch.testing.assert_close(steps.image_latents(x, z), d, rtol=1e-5, atol=1e-5)
+    plain = build_lcm_table(LCMScheduler(**SD_SCHEDULER), 4)
+    assert plain.image_latents(x, z) is x                                                # diffusers: x is d
+
+
+def test_rlcm_generate_matches_a_one_branch_full_interval_sample(tiny_lcm):
+    """Plain sampling (evaluation) shows the same d as the sampler, from the same noise."""
+    from b2fast.config import SamplingConfig
+    from b2fast.core.sampling import generate
+
+    policy = _policy(tiny_lcm, scheduler="rlcm")
+    cfg = SamplingConfig(num_steps=4, scheduler="rlcm", branches=1, guidance_scale=4.0)
+    images = generate(policy, ["a cat", "a dog"], cfg, torch.Generator().manual_seed(3))
+    batch = sample_branches(policy, ["a cat", "a dog"], torch.tensor([0, 1]), 4, cfg, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(images, batch.images)
+
+
+def test_rlcm_is_refused_for_fk_steering():
+    from b2fast.config import Config, ConfigError, validate
+
+    cfg = Config()
+    apply_overrides(cfg, ["--sampling.scheduler", "rlcm", "--steer.kind", "fk"])
+    with pytest.raises(ConfigError, match="sampling.scheduler"):
+        validate(cfg, training=False)

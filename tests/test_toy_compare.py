@@ -132,6 +132,24 @@ def test_curves_table_pairs_the_reference_with_each_other_method():
     assert "Note:" not in d3po
 
 
+def test_methods_from_different_starting_models_get_a_base_row_each():
+    """B2-DiffuRL-LCM starts from the toy LCM: its before-training evaluation is not pooled with
+    the DDIM model's, in the curves table or in the summary."""
+    results = []
+    for seed in range(3):
+        results.append({**_run("B2-DiffuRL", seed, 0.01, {3: (0.5, 0.5)}), "model": "b2fast:toy"})
+        lcm = _run("B2-DiffuRL-LCM", seed, 0.003, {3: (0.6, 0.6)})
+        for point in lcm["eval_curve"][:1]:
+            point["rows"] = lcm["before"] = _rows(0.20, 0.25)        # another base model
+        results.append({**lcm, "model": "b2fast:toy-lcm"})
+    table = tc.curves_table(results)
+    assert "| base model (b2fast:toy) | before | 0 | 3 | 0.310 [0.285, 0.335] |" in table
+    assert "| base model (b2fast:toy-lcm) | before | 0 | 3 | 0.200 [0.200, 0.200] |" in table
+    summary = tc.summarise(results)
+    assert "| base model (b2fast:toy) | 3 |" in summary and "| base model (b2fast:toy-lcm) | 3 |" in summary
+    assert "| base model | 3 |" in tc.summarise(_results())                    # one model: one plain row
+
+
 def test_summary_of_runs_evaluated_on_the_test_split_only():
     """``--eval.splits [test]``: the train-split cells are "-", not an error."""
     results = [r for r in _results() if r["method"] == "B2-DiffuRL"]
@@ -199,6 +217,9 @@ def test_methods_overrides_reach_the_config(tmp_path):
     lcm = tc.validate(tc.make_config("B2-DiffuRL-LCM", 0, tmp_path, []))
     assert (lcm.model.path, lcm.sampling.scheduler, lcm.sampling.num_steps) == ("b2fast:toy-lcm", "lcm", 4)
     assert lcm.schedule.max_interval == 4 and lcm.sampling.batches_per_stage == 4   # the same images per stage
+    # its own lr (chosen on training reward) without --lrs; a sweep's lr or an override still wins
+    assert lcm.train.lr == tc.METHOD_LRS["B2-DiffuRL-LCM"] != tc.make_config("B2-DiffuRL", 0, tmp_path, []).train.lr
+    assert tc.make_config("B2-DiffuRL-LCM", 0, tmp_path, ["--train.lr", "0.5"]).train.lr == 0.5
     # the method's own overrides come last: D3PO stays D3PO
     assert tc.make_config("D3PO", 0, tmp_path, ["--train.objective", "dro"]).train.objective == "d3po"
 

@@ -131,9 +131,10 @@ class Policy:
                 module.requires_grad_(False).eval().to(self.device)
         # an LCM takes the guidance scale as an input embedding (one UNet pass, no CFG batch)
         self.guidance_dim = self.unet.config.time_cond_proj_dim
-        if scheduler == "lcm":
-            self._check_lcm(path, kw)
-            self.steps: StepTable = build_lcm_table(self.scheduler, num_steps).to(self.device)
+        if scheduler in ("lcm", "rlcm"):
+            self._check_lcm(path, kw, scheduler)
+            self.steps: StepTable = build_lcm_table(self.scheduler, num_steps,
+                                                    rlcm_compat=scheduler == "rlcm").to(self.device)
         else:
             self.steps = build_step_table(self.scheduler, num_steps, eta).to(self.device)
         self.v_prediction = self.scheduler.config.prediction_type == "v_prediction"
@@ -143,7 +144,7 @@ class Policy:
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.attention = self._configure_kernels(cfg)
 
-    def _check_lcm(self, path: str, kw: dict) -> None:
+    def _check_lcm(self, path: str, kw: dict, scheduler: str) -> None:
         """``sampling.scheduler: lcm`` needs a latent consistency model: a UNet with a guidance
         embedding, or a folder whose scheduler is diffusers' LCMScheduler (e.g. SD + fused LCM-LoRA)."""
         from diffusers import DDIMScheduler
@@ -152,7 +153,7 @@ class Policy:
             return
         declared = DDIMScheduler.load_config(path, subfolder="scheduler", **kw).get("_class_name")
         if declared != "LCMScheduler":
-            raise ModelLoadError(f"sampling.scheduler: 'lcm' needs a latent consistency model, but {path!r} has no "
+            raise ModelLoadError(f"sampling.scheduler: {scheduler!r} needs a latent consistency model, but {path!r} has no "
                                  f"guidance embedding (unet time_cond_proj_dim) and its scheduler is {declared}; use "
                                  "an LCM (or an SD folder with a fused LCM-LoRA and LCMScheduler), or 'ddim'")
 

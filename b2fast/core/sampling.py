@@ -29,6 +29,7 @@ class TrajectoryBatch:
     prompt_ids: torch.Tensor     # (N,) int64: index of each branch's prompt in the prompt set
     prompts: list[str]           # (N,) prompt text of each branch
     images: torch.Tensor | None  # (N, 3, H', W') fp32 in [0, 1]: decoded final latents (None: not yet)
+    image_latents: torch.Tensor | None = None  # (N, C, H, W) what images decode, when not the last latent
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -45,8 +46,9 @@ class TrajectoryBatch:
 
     @property
     def final_latents(self) -> torch.Tensor:
-        """(N, C, H, W): the last interval step's output, i.e. what ``images`` decodes."""
-        return self.latents[:, -1]
+        """(N, C, H, W): what ``images`` decodes: the last interval step's output (for RLCM's noisy
+        last step, its mean d)."""
+        return self.latents[:, -1] if self.image_latents is None else self.image_latents
 
     def x_prev(self, rows: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """Latent *after* interval step j of branch ``rows``."""
@@ -68,7 +70,7 @@ class TrajectoryBatch:
                 merged[f.name] = torch.cat([v + o for v, o in zip(values, offsets)])
             elif f.name == "prompts":
                 merged[f.name] = [p for v in values for p in v]
-            elif f.name == "images" and any(v is None for v in values):
+            elif f.name in ("images", "image_latents") and any(v is None for v in values):
                 merged[f.name] = None
             else:
                 merged[f.name] = torch.cat(values)
@@ -97,11 +99,11 @@ def step_function(policy: Policy, cfg: SamplingConfig, cache_dtype: torch.dtype)
 
 
 def _denoise_step(step: StepFunction, x: torch.Tensor, i: int, cond: torch.Tensor,
-                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM step of every latent in ``x`` at schedule row i: returns (x_prev, log p)."""
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One DDIM step of every latent in ``x`` at schedule row i: returns (x_prev, log p, noise)."""
     step_index = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-    return step(x, step_index, cond, noise)
+    return (*step(x, step_index, cond, noise), noise)
 
 
 @torch.no_grad()
@@ -121,22 +123,24 @@ def sample_branches(policy: Policy, prompts: list[str], prompt_ids: torch.Tensor
     cond = policy.embed(prompts)                                            # (P, 77, D)
     x = torch.randn((P, *policy.latent_shape), generator=generator, device=device).to(cache_dtype)
     for i in range(S - interval_len):                                       # shared trunk
-        x, _ = _denoise_step(step, x, i, cond, generator)
+        x, _, _ = _denoise_step(step, x, i, cond, generator)
     fork_latents = x
     x, groups = ops.branch_fork(x, K, cache_dtype)                          # (P·K, C, H, W)
     cond = cond.repeat_interleave(K, dim=0)
     latents, log_probs = [], []
     for i in range(S - interval_len, S):                                    # trained interval
-        x, log_prob = _denoise_step(step, x, i, cond, generator)
+        x, log_prob, noise = _denoise_step(step, x, i, cond, generator)
         latents.append(x)
         log_probs.append(log_prob.float())
+    image_latents = policy.steps.image_latents(x, noise)
     return TrajectoryBatch(
         fork_latents=fork_latents, latents=torch.stack(latents, dim=1),
         log_probs=torch.stack(log_probs, dim=1),
         step_indices=torch.arange(S - interval_len, S, device=device), group_ids=groups,
         prompt_ids=prompt_ids.to(device).repeat_interleave(K),
         prompts=[p for p in prompts for _ in range(K)],
-        images=policy.decode(x, cfg.unet_batch) if decode else None)
+        images=policy.decode(image_latents, cfg.unet_batch) if decode else None,
+        image_latents=None if image_latents is x else image_latents)
 
 
 @torch.no_grad()
@@ -149,5 +153,5 @@ def generate(policy: Policy, prompts: list[str], cfg: SamplingConfig,
     x = torch.randn((len(prompts), *policy.latent_shape), generator=generator,
                     device=policy.device).to(cache_dtype)
     for i in range(policy.steps.num_steps):
-        x, _ = _denoise_step(step, x, i, cond, generator)
-    return policy.decode(x, cfg.unet_batch)
+        x, _, noise = _denoise_step(step, x, i, cond, generator)
+    return policy.decode(policy.steps.image_latents(x, noise), cfg.unet_batch)

@@ -24,6 +24,7 @@ class StepTable:
     timesteps: torch.Tensor      # (S,) int64, e.g. 951, 901, …, 1 for SD with S = 20
     table: torch.Tensor          # (S, 6) fp32 (or fp64), columns as in reference.ddim
     clip_sample_range: float | None
+    noisy_last: bool = False     # RLCM's last step: a noisy action x = √(1−σ²)·d + σ·z whose image is d
 
     @property
     def num_steps(self) -> int:
@@ -31,7 +32,16 @@ class StepTable:
 
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "StepTable":
         return StepTable(self.timesteps.to(device), self.table.to(device, dtype),
-                         self.clip_sample_range)
+                         self.clip_sample_range, self.noisy_last)
+
+    def image_latents(self, x_last: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the image decodes from, given the last step's output and its noise: that output,
+        or for ``noisy_last`` the action's mean d = (x − σ·z)/√(1 − σ²) (RLCM scores the noisy
+        action but shows d)."""
+        if not self.noisy_last:
+            return x_last
+        sigma = float(self.table[-1, SIGMA])
+        return ((x_last.float() - sigma * noise.float()) / math.sqrt(1 - sigma ** 2)).to(x_last.dtype)
 
 
 def build_step_table(scheduler, num_steps: int, eta: float) -> StepTable:
@@ -86,7 +96,7 @@ def build_lcm_table(scheduler, num_steps: int, rlcm_compat: bool = False) -> Ste
     and σ = √(1−ᾱ_t'), so every DDIM kernel (step, log-prob, all backends) runs LCM unchanged.
     The last step returns d itself (σ = 0: deterministic, log p = 0, never trained), as diffusers'
     ``LCMScheduler.step`` does; with ``rlcm_compat`` it is a noisy action x' = √ᾱ'·d + √(1−ᾱ')·z
-    with ᾱ' = ᾱ_t (RLCM's code), whose image is still d. ``scheduler`` is any diffusers scheduler
+    with ᾱ' = ᾱ_t (RLCM's code), whose image is still d (``StepTable.image_latents``). ``scheduler`` is any diffusers scheduler
     of the model (its config gives ᾱ; ``LCMScheduler.from_config`` adds the LCM settings).
     """
     from diffusers import LCMScheduler
@@ -115,7 +125,7 @@ def build_lcm_table(scheduler, num_steps: int, rlcm_compat: bool = False) -> Ste
         table[i, DIR_COEF] = scale * c_skip * math.sqrt(1 - ab)
         table[i, SIGMA] = sigma
         table[i, LOG_SIGMA] = math.log(sigma) if sigma > 0 else 0.0
-    return StepTable(timesteps, table, None)
+    return StepTable(timesteps, table, None, noisy_last=rlcm_compat)
 
 
 def step_gains(table: torch.Tensor) -> torch.Tensor:

@@ -90,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--guidance-scale", type=float, default=5.0, metavar="W", help="CFG scale (default: %(default)s)")
     add("--eta", type=float, default=1.0, help="DDIM eta (default: %(default)s)")
     add("--scheduler", choices=SCHEDULERS, default="ddim",
-        help="'lcm' for a latent consistency model (e.g. --num-steps 4; default: %(default)s)")
+        help="'lcm' for a latent consistency model (e.g. --num-steps 4), 'rlcm' for it as RLCM's code samples "
+             "(default: %(default)s)")
     add("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N' (default: %(default)s)")
     add("--dtype", default="float32", help=f"base weights dtype, one of {', '.join(DTYPES)} (default: %(default)s)")
     add("--out", metavar="DIR", help="write eval.json, eval.csv, grid_<set>_<split>_<column>.png (one row per "

@@ -45,7 +45,8 @@ PURPOSES = {"prompts": 0, "noise": 1, "shuffle": 2, "null": 3}
 _RUN_ONLY = ("out:", "log.", "eval.", "checkpoint_every:", "keep_checkpoints:", "device:", "distributed.")
 # The settings the evaluation before training depends on: eval_before.json is reused only if equal.
 _EVAL_SETTINGS = ("seed", "model.path", "model.revision", "model.dtype", "prompts.source", "reward", "eval",
-                  "sampling.num_steps", "sampling.guidance_scale", "sampling.eta", "sampling.cache_dtype")
+                  "sampling.scheduler", "sampling.num_steps", "sampling.guidance_scale", "sampling.eta",
+                  "sampling.cache_dtype")
 
 
 def stage_generator(seed: int, stage: int, purpose: str, index: int = 0,
