@@ -2,7 +2,7 @@
 tiny SD model with a guidance embedding and diffusers' LCMScheduler) checks that w enters as
 the UNet's guidance embedding (no CFG batch), that plain models are refused, and that a B²
 stage samples and trains on it with the on-policy ratio 1 and the deterministic last step
-left out."""
+left out; ``rlcm`` (RLCM's code) trains a noisy last step and shows its mean."""
 from __future__ import annotations
 
 import json
