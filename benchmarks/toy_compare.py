@@ -342,14 +342,18 @@ def curves_table(results: list[dict], last: int = 3) -> str:
     if REFERENCE in evaluated:
         for other in evaluated:
             if other != REFERENCE:
-                lines += ["", *paired_table(evaluated[REFERENCE], evaluated[other], REFERENCE, other)]
+                same_base = runs[other][0].get("model") == runs[REFERENCE][0].get("model")
+                lines += ["", *paired_table(evaluated[REFERENCE], evaluated[other], REFERENCE, other, same_base)]
     return "\n".join(lines)
 
 
-def paired_table(ours: list[dict], theirs: list[dict], first: str, second: str) -> list[str]:
+def paired_table(ours: list[dict], theirs: list[dict], first: str, second: str,
+                 same_base: bool = True) -> list[str]:
     """Markdown lines: ``first − second`` per evaluated stage both have, paired by seed."""
-    lines = [(f"Paired difference {first} − {second} per budget, by seed (a seed's two runs share the "
-              f"base model and the evaluation noise); {CI_NOTE} of the paired differences."), "",
+    shared = ("the base model and the evaluation noise" if same_base else
+              "the evaluation noise; they start from different models, see the base rows")
+    lines = [(f"Paired difference {first} − {second} per budget, by seed (a seed's two runs share "
+              f"{shared}); {CI_NOTE} of the paired differences."), "",
              ("| stage | reward queries | seeds paired | held-out (test) difference | held-out | "
               "train difference | train |"), "|---|---|---|---|---|---|---|"]
     by_stage = {p["stage"]: p for p in theirs}
@@ -363,6 +367,9 @@ def paired_table(ours: list[dict], theirs: list[dict], first: str, second: str) 
         cells = [str(p["stage"]), budget, str(paired_difference(p["test"], q["test"]).n)]
         for split in ("test", "train"):
             d = paired_difference(p[split], q[split])
+            if d.n == 0:  # the split was not evaluated (e.g. --eval.splits [test])
+                cells += ["-", "-"]
+                continue
             ci = "" if math.isnan(d.ci_low) else f" [{d.ci_low:+.3f}, {d.ci_high:+.3f}]"
             cells += [f"{d.diff:+.3f}{ci}", _verdict(d, first, second)]
         lines.append("| " + " | ".join(cells) + " |")

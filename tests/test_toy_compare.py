@@ -145,6 +145,8 @@ def test_methods_from_different_starting_models_get_a_base_row_each():
     table = tc.curves_table(results)
     assert "| base model (b2fast:toy) | before | 0 | 3 | 0.310 [0.285, 0.335] |" in table
     assert "| base model (b2fast:toy-lcm) | before | 0 | 3 | 0.200 [0.200, 0.200] |" in table
+    assert "they start from different models" in table
+    assert "they start from different models" not in tc.curves_table(_results())
     summary = tc.summarise(results)
     assert "| base model (b2fast:toy) | 3 |" in summary and "| base model (b2fast:toy-lcm) | 3 |" in summary
     assert "| base model | 3 |" in tc.summarise(_results())                    # one model: one plain row
@@ -160,6 +162,12 @@ def test_summary_of_runs_evaluated_on_the_test_split_only():
     row = next(line for line in summary.splitlines() if line.startswith("| B2-DiffuRL (lr"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[4] == cells[5] == "-" and cells[3].startswith("0.8")   # train cells empty, test score ~0.82
+    results = [r for r in _results() if r["lr"] == 0.01]
+    for run in results:
+        for point in run["eval_curve"]:
+            point["rows"] = [row for row in point["rows"] if row["split"] == "test"]
+    stage3 = next(line for line in tc.curves_table(results).splitlines() if line.startswith("| 3 | 40 | 3 |"))
+    assert stage3.endswith("| B2-DiffuRL ahead | - | - |")             # the paired train cells too
 
 
 def test_any_subset_of_methods_works():
