@@ -20,8 +20,10 @@ number of stages:
   tenth of the stage time (README, "Latent consistency models").
 
 ``--methods`` picks the methods (default: B2-DiffuRL and DDPO, the paper's comparison). A
-method's config is its preset, then seed, out and lr, then the overrides given to the script,
-then the method's own overrides (``METHODS``), so a method stays what its name says.
+method's config is its preset, then seed, out and lr, then the policy's overrides (``--policy
+lcm``: every method on the toy LCM, e.g. the objectives at a tenth of the stage time), then the
+overrides given to the script, then the method's own overrides (``METHODS``), so a method stays
+what its name says.
 
 ``--lrs`` makes it a small learning-rate sweep: every method runs with every lr (and seed), and
 per method the lr with the best mean *training* reward over the last ``--select-last`` stages
@@ -41,6 +43,7 @@ method is paired by seed (all runs of a seed share the base model and the evalua
     python benchmarks/toy_compare.py --seeds 0 1 2 --lrs 3e-3 1e-2 3e-2 --out runs/toy_compare
     python benchmarks/toy_compare.py --seeds 0 1 2 --eval-stages 2 4 6 9 --out runs/toy_compare
     python benchmarks/toy_compare.py --methods B2-DiffuRL D3PO DRO Diffusion-DPO --out runs/toy_objectives
+    python benchmarks/toy_compare.py --policy lcm --methods B2-DiffuRL D3PO DRO --lrs 1e-3 3e-3 --out runs/lcm_objectives
     python benchmarks/toy_compare.py --table-only --out runs/toy_compare   # tables and figure again
 
 Writes to OUT: ``results.json`` (per run: ``stage_rewards`` and ``queries``, the cumulative
@@ -71,6 +74,10 @@ from b2fast.run.trainer import Trainer
 from b2fast.train import preset_path
 from b2fast.utils import atomic_write, atomic_write_text, finite_json
 
+# The toy LCM policy: 4 LCM steps, interval 2 -> 4 (the whole chain for a constant schedule).
+LCM_POLICY = ["--model.path", "b2fast:toy-lcm", "--sampling.scheduler", "lcm", "--sampling.num_steps", "4",
+              "--schedule.min_interval", "2", "--schedule.max_interval", "4"]
+POLICIES = {"ddim": [], "lcm": LCM_POLICY}
 # method -> (preset, its own overrides). The first is the reference of the paired differences.
 METHODS = {
     "B2-DiffuRL": ("default.yaml", []),
@@ -79,9 +86,7 @@ METHODS = {
     "DRO": ("default.yaml", ["--train.objective", "dro"]),
     "DRO-unpaired": ("default.yaml", ["--train.objective", "dro_unpaired"]),
     "Diffusion-DPO": ("default.yaml", ["--train.objective", "diffusion_dpo"]),
-    "B2-DiffuRL-LCM": ("default.yaml", ["--model.path", "b2fast:toy-lcm", "--sampling.scheduler", "lcm",
-                                        "--sampling.num_steps", "4", "--schedule.min_interval", "2",
-                                        "--schedule.max_interval", "4"]),
+    "B2-DiffuRL-LCM": ("default.yaml", LCM_POLICY),
 }
 REFERENCE = next(iter(METHODS))
 # A method's own lr when --lrs is not given, where it differs from its preset's (chosen on training
@@ -94,16 +99,17 @@ def run_name(method: str, seed: int, lr: float | None) -> str:
     return f"{method}-seed{seed}" if lr is None else f"{method}-lr{lr:g}-seed{seed}"
 
 
-def make_config(method: str, seed: int, out: Path, extra: list[str], lr: float | None = None) -> Config:
-    """The run's config: the method's preset, then seed, out, lr, ``extra`` and the method's own
-    overrides. With evaluation on, every stage's checkpoint is written and kept, so that any stage
-    can be evaluated afterwards."""
+def make_config(method: str, seed: int, out: Path, extra: list[str], lr: float | None = None,
+                policy: str = "ddim") -> Config:
+    """The run's config: the method's preset, then seed, out, lr, the policy's overrides
+    (``POLICIES``), ``extra`` and the method's own overrides. With evaluation on, every stage's
+    checkpoint is written and kept, so that any stage can be evaluated afterwards."""
     preset, overrides = METHODS[method]
     cfg = load_yaml(preset_path(preset))
     run_lr = METHOD_LRS.get(method) if lr is None else lr
     apply_overrides(cfg, ["--seed", str(seed), "--out", str(out / run_name(method, seed, lr)),
                           "--log.progress", "false", *(["--train.lr", repr(run_lr)] if run_lr is not None else []),
-                          *extra, *overrides])
+                          *POLICIES[policy], *extra, *overrides])
     if cfg.eval.enabled:
         cfg.checkpoint_every = 1
         cfg.keep_checkpoints = max(cfg.keep_checkpoints, cfg.schedule.num_stages)
@@ -132,8 +138,8 @@ def eval_curve(trainer: Trainer, queries: list[int], result: dict, stages: list[
 
 
 def run_one(method: str, seed: int, out: Path, extra: list[str], lr: float | None = None,
-            eval_stages: list[int] | None = None) -> dict:
-    cfg = make_config(method, seed, out, extra, lr)
+            eval_stages: list[int] | None = None, policy: str = "ddim") -> dict:
+    cfg = make_config(method, seed, out, extra, lr, policy)
     shutil.rmtree(cfg.out, ignore_errors=True)  # the script's own run folder: every run starts afresh
     # Before training every run of a seed is the same model evaluated with the same seeds: reuse
     # an evaluation already made (the trainer reads eval_before.json only if made with the same settings).
@@ -435,7 +441,7 @@ def check_eval_stages(parser: argparse.ArgumentParser, args: argparse.Namespace,
     (or an override is not a config field, or a method's config is invalid), before any model loads."""
     for method in args.methods:
         try:
-            cfg = validate(make_config(method, args.seeds[0], out, extra))
+            cfg = validate(make_config(method, args.seeds[0], out, extra, policy=args.policy))
         except ValueError as exc:
             parser.error(str(exc))
         n = cfg.schedule.num_stages
@@ -456,6 +462,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS),
                         metavar="METHOD",
                         help=f"methods to run, of {', '.join(METHODS)} (default: {' '.join(DEFAULT_METHODS)})")
+    parser.add_argument("--policy", choices=list(POLICIES), default="ddim",
+                        help="the policy every method trains: 'ddim' (each preset's, the 20-step toy model) or "
+                             "'lcm' (the 4-step toy LCM, a tenth of the stage time; sweep --lrs, the presets' lr "
+                             "is the DDIM policy's) (default: %(default)s)")
     parser.add_argument("--lrs", type=float, nargs="+", default=None,
                         help="learning rates to sweep per method (default: each preset's own train.lr)")
     parser.add_argument("--select-last", type=int, default=3,
@@ -483,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         for method in args.methods:
             for lr in args.lrs or [None]:
-                results.append(run_one(method, seed, out, extra, lr, args.eval_stages))
+                results.append(run_one(method, seed, out, extra, lr, args.eval_stages, args.policy))
                 atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     table = summarise(results, args.select_last)
     atomic_write_text(out / "results.md", table + "\n")

@@ -228,6 +228,13 @@ def test_methods_overrides_reach_the_config(tmp_path):
     # its own lr (chosen on training reward) without --lrs; a sweep's lr or an override still wins
     assert lcm.train.lr == tc.METHOD_LRS["B2-DiffuRL-LCM"] != tc.make_config("B2-DiffuRL", 0, tmp_path, []).train.lr
     assert tc.make_config("B2-DiffuRL-LCM", 0, tmp_path, ["--train.lr", "0.5"]).train.lr == 0.5
+    # --policy lcm: every method on the toy LCM, its own objective and selection kept
+    for method in tc.METHODS:
+        cfg = tc.validate(tc.make_config(method, 0, tmp_path, [], policy="lcm"))
+        assert (cfg.model.path, cfg.sampling.scheduler, cfg.sampling.num_steps) == ("b2fast:toy-lcm", "lcm", 4)
+        assert cfg.train.objective == objectives[method] and cfg.schedule.max_interval == 4
+    ddpo = tc.make_config("DDPO", 0, tmp_path, [], policy="lcm")
+    assert (ddpo.schedule.kind, ddpo.sampling.branches) == ("constant", 1)   # DDPO's whole chain: 4 steps
     # the method's own overrides come last: D3PO stays D3PO
     assert tc.make_config("D3PO", 0, tmp_path, ["--train.objective", "dro"]).train.objective == "d3po"
 
