@@ -96,8 +96,9 @@ def build_lcm_table(scheduler, num_steps: int, rlcm_compat: bool = False) -> Ste
     and σ = √(1−ᾱ_t'), so every DDIM kernel (step, log-prob, all backends) runs LCM unchanged.
     The last step returns d itself (σ = 0: deterministic, log p = 0, never trained), as diffusers'
     ``LCMScheduler.step`` does; with ``rlcm_compat`` it is a noisy action x' = √ᾱ'·d + √(1−ᾱ')·z
-    with ᾱ' = ᾱ_t (RLCM's code), whose image is still d (``StepTable.image_latents``). ``scheduler`` is any diffusers scheduler
-    of the model (its config gives ᾱ; ``LCMScheduler.from_config`` adds the LCM settings).
+    with ᾱ' = ᾱ_t (RLCM's code), whose image is still d (``StepTable.image_latents``).
+    ``scheduler`` is any diffusers scheduler of the model (its config gives ᾱ;
+    ``LCMScheduler.from_config`` adds the LCM settings).
     """
     from diffusers import LCMScheduler
 
