@@ -68,7 +68,7 @@ import time
 from pathlib import Path
 
 from b2fast.config import Config, apply_overrides, load_yaml, validate
-from b2fast.eval.stats import PairedDifference
+from b2fast.eval.stats import PairedDifference, mean_ci, paired_difference
 from b2fast.run.checkpoint import load_checkpoint
 from b2fast.run.trainer import Trainer
 from b2fast.train import preset_path
@@ -243,43 +243,8 @@ def summarise(results: list[dict], last: int = 3) -> str:
     return "\n".join(sweep + [""] + lines)
 
 
-# -- learning curves: means over seeds with 95% Student-t intervals ---------------------------------
-# Seeds are few (2 to 5), so the interval is the t-interval, mean ± t(0.975, n−1)·sd/√n; a
-# percentile bootstrap over so few units (b2fast.eval.stats) would be far too narrow.
-# t(0.975, df) for df = 1..30; beyond, the Cornish–Fisher expansion (error < 1e-5 there).
-T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788,
-        2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639,
-        2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
+# -- learning curves: means over seeds with 95% Student-t intervals (b2fast.eval.stats) -------------
 CI_NOTE = "95% CI: Student-t interval over seeds, mean ± t(0.975, n−1)·sd/√n"
-
-
-def t975(df: int) -> float:
-    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (two-sided 95%)."""
-    if df <= len(T975):
-        return T975[df - 1]
-    z = 1.959963984540054
-    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
-            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
-
-
-def mean_ci(values) -> tuple[float, float, float]:
-    """(mean, low, high) of the finite values: the 95% t-interval over them (NaN bounds with fewer
-    than 2 values; all NaN with none)."""
-    v = [float(x) for x in values if x is not None and math.isfinite(x)]
-    if not v:
-        return math.nan, math.nan, math.nan
-    mean = statistics.mean(v)
-    if len(v) < 2:
-        return mean, math.nan, math.nan
-    half = t975(len(v) - 1) * statistics.stdev(v) / math.sqrt(len(v))
-    return mean, mean - half, mean + half
-
-
-def paired_difference(a: dict, b: dict) -> PairedDifference:
-    """a − b paired by seed (the keys both have): mean difference and its 95% t-interval."""
-    seeds = sorted(set(a) & set(b))
-    mean, low, high = mean_ci([a[s] - b[s] for s in seeds])
-    return PairedDifference(mean, low, high, len(seeds))
 
 
 def chosen_runs(results: list[dict], last: int) -> tuple[dict[str, float], dict[str, list[dict]]]:

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from bench_util import load_benchmark
 
+from b2fast.eval import stats
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "toy_compare.py"
 SETS = ("toy_attribute", "toy_two_object", "toy_spatial")
@@ -69,17 +71,17 @@ def _three_methods() -> list[dict]:
 
 def test_t_interval_matches_the_hand_computed_bounds():
     # n = 3: mean 0.4, sd 0.2, t(0.975, 2) = 4.3027 -> half width 4.3027 * 0.2 / sqrt(3) = 0.49683
-    mean, low, high = tc.mean_ci([0.2, 0.4, 0.6])
+    mean, low, high = stats.mean_ci([0.2, 0.4, 0.6])
     assert mean == pytest.approx(0.4)
     assert (low, high) == (pytest.approx(0.4 - 0.496833, abs=1e-5), pytest.approx(0.4 + 0.496833, abs=1e-5))
     # n = 2: mean 2, sd sqrt(2), t(0.975, 1) = 12.7062 -> 2 ± 12.7062
-    assert tc.mean_ci([1.0, 3.0]) == (2.0, pytest.approx(-10.7062), pytest.approx(14.7062))
+    assert stats.mean_ci([1.0, 3.0]) == (2.0, pytest.approx(-10.7062), pytest.approx(14.7062))
     # one value: no interval; None and NaN are left out
-    mean, low, high = tc.mean_ci([0.7, None, math.nan])
+    mean, low, high = stats.mean_ci([0.7, None, math.nan])
     assert mean == 0.7 and math.isnan(low) and math.isnan(high)
     # beyond the table, the expansion: t(0.975, 40) = 2.02108, t(0.975, 100) = 1.98397
-    assert tc.t975(40) == pytest.approx(2.02108, abs=1e-4) and tc.t975(100) == pytest.approx(1.98397, abs=1e-4)
-    assert tc.t975(30) == 2.0423
+    assert stats.t975(40) == pytest.approx(2.02108, abs=1e-4) and stats.t975(100) == pytest.approx(1.98397, abs=1e-4)
+    assert stats.t975(30) == 2.0423
 
 
 def test_paired_difference_is_by_seed():
