@@ -140,7 +140,7 @@ def sample_branches(policy: Policy, prompts: list[str], prompt_ids: torch.Tensor
         prompt_ids=prompt_ids.to(device).repeat_interleave(K),
         prompts=[p for p in prompts for _ in range(K)],
         images=policy.decode(image_latents, cfg.unet_batch) if decode else None,
-        image_latents=None if image_latents is x else image_latents)
+        image_latents=image_latents if policy.steps.noisy_last else None)
 
 
 @torch.no_grad()
