@@ -18,6 +18,9 @@ number of stages:
 - **B2-DiffuRL-LCM**: B2-DiffuRL on the toy LCM (``b2fast:toy-lcm``, 4 LCM steps, no CFG batch,
   interval 2 → 4 of which the last step is deterministic): the same images per stage at about a
   tenth of the stage time (README, "Latent consistency models").
+- **B2-DiffuRL-null**: B2-DiffuRL with ``selection.null_control: shuffle`` (advantages permuted
+  within each stage: the same update sizes, no signal), the control any "it learns" is paired
+  with; give it B2-DiffuRL's chosen lr.
 
 ``--methods`` picks the methods (default: B2-DiffuRL and DDPO, the paper's comparison). A
 method's config is its preset, then seed, out and lr, then the policy's overrides (``--policy
@@ -87,6 +90,8 @@ METHODS = {
     "DRO-unpaired": ("default.yaml", ["--train.objective", "dro_unpaired"]),
     "Diffusion-DPO": ("default.yaml", ["--train.objective", "diffusion_dpo"]),
     "B2-DiffuRL-LCM": ("default.yaml", LCM_POLICY),
+    # B2-DiffuRL's null control: advantages shuffled within each stage (same update sizes, no signal)
+    "B2-DiffuRL-null": ("default.yaml", ["--selection.null_control", "shuffle"]),
 }
 REFERENCE = next(iter(METHODS))
 # A method's own lr when --lrs is not given, where it differs from its preset's (chosen on training

@@ -217,7 +217,8 @@ def test_figure_has_one_band_per_method(tmp_path, monkeypatch):
 
 def test_methods_overrides_reach_the_config(tmp_path):
     objectives = {"B2-DiffuRL": "ppo", "DDPO": "ppo", "D3PO": "d3po", "DRO": "dro",
-                  "DRO-unpaired": "dro_unpaired", "Diffusion-DPO": "diffusion_dpo", "B2-DiffuRL-LCM": "ppo"}
+                  "DRO-unpaired": "dro_unpaired", "Diffusion-DPO": "diffusion_dpo", "B2-DiffuRL-LCM": "ppo",
+                  "B2-DiffuRL-null": "ppo"}
     assert list(tc.METHODS) == list(objectives) and tc.DEFAULT_METHODS == ["B2-DiffuRL", "DDPO"]
     for method, objective in objectives.items():
         cfg = tc.validate(tc.make_config(method, 1, tmp_path, ["--train.epochs", "1"], lr=0.02))
@@ -237,6 +238,8 @@ def test_methods_overrides_reach_the_config(tmp_path):
         assert cfg.train.objective == objectives[method] and cfg.schedule.max_interval == 4
     ddpo = tc.make_config("DDPO", 0, tmp_path, [], policy="lcm")
     assert (ddpo.schedule.kind, ddpo.sampling.branches) == ("constant", 1)   # DDPO's whole chain: 4 steps
+    assert tc.make_config("B2-DiffuRL-null", 0, tmp_path, []).selection.null_control == "shuffle"
+    assert tc.make_config("B2-DiffuRL", 0, tmp_path, []).selection.null_control != "shuffle"
     # the method's own overrides come last: D3PO stays D3PO
     assert tc.make_config("D3PO", 0, tmp_path, ["--train.objective", "dro"]).train.objective == "d3po"
 
