@@ -2,8 +2,7 @@
 
 Defaults are the reference settings of B²-DiffuRL (Hu et al., CVPR 2025; docs/algorithm.md).
 This module imports no torch, so ``--help`` and validation are instant and a bad config fails
-before any model loads. Every error names the field, what was given and what is allowed, in one
-line.
+before any model loads. Every error names the field, what was given and what is allowed, in one line.
 """
 from __future__ import annotations
 
@@ -39,9 +38,7 @@ OVERLAP, SCHEDULERS, REDUCTIONS = ("auto", "on", "off"), ("ddim", "lcm", "rlcm")
 # Objectives registered in b2fast.core.objectives (kept here too so the config stays torch-free;
 # tests/test_ppo.py checks the two lists agree).
 OBJECTIVES = ("ppo", "d3po", "dro", "dro_unpaired", "diffusion_dpo")
-PAIR_MODES = ("thresholds", "always")
-OPTIMIZERS = ("adamw", "nsgd")
-NULL_CONTROLS = ("off", "shuffle", "zero")
+PAIR_MODES, OPTIMIZERS, NULL_CONTROLS = ("thresholds", "always"), ("adamw", "nsgd"), ("off", "shuffle", "zero")
 
 
 @dataclass
@@ -151,6 +148,8 @@ class TrainConfig:
     adam_eps: float = _f(1e-8, "AdamW epsilon")
     max_grad_norm: float = _f(1.0, "gradient-norm clip (0 disables)")
     clip_range: float = _f(0.1, "PPO ratio clip epsilon")
+    target_kl: float = _f(0.0, "ppo: end the stage's update before a step whose units' approx-KL (before the step) "
+                               "exceeds 1.5 x this, as stable-baselines3's target_kl (0 = off)")
     d3po_beta: float = _f(0.1, "d3po: beta of -log sigmoid(beta * (log rho_w - log rho_l)) (the official code's)")
     d3po_clip: float = _f(0.1, "d3po: ratios to the base model clamped to [1 - clip, 1 + clip] (the official "
                                "code's; zero gradient outside)")
@@ -473,12 +472,13 @@ def validate(cfg: Config, training: bool = True) -> Config:
     _check(0 <= t.momentum < 1, "train.momentum", t.momentum, "a number in [0, 1)")
     _check(t.max_step_gain == 0 or t.max_step_gain >= 1, "train.max_step_gain", t.max_step_gain,
            "0 (train every step) or a number >= 1")
-    for name in ("weight_decay", "max_grad_norm", "pos_weight", "neg_weight"):
+    for name in ("weight_decay", "max_grad_norm", "pos_weight", "neg_weight", "target_kl"):
         _check(getattr(t, name) >= 0, f"train.{name}", getattr(t, name), "a number >= 0")
     for name in ("adam_beta1", "adam_beta2"):
         _check(0 <= getattr(t, name) < 1, f"train.{name}", getattr(t, name), "a number in [0, 1)")
     _check(t.objective == "ppo" or sel.kind == "b2", "train.objective", t.objective,
            "'ppo' with selection.kind 'ddpo' (the other objectives need B² branch groups)")
+    _check(t.target_kl == 0 or t.objective == "ppo", "train.target_kl", t.target_kl, "0 (only ppo measures KL)")
     _check(0 < t.d3po_clip < 1, "train.d3po_clip", t.d3po_clip, "a number in (0, 1)")
     _check(t.loser_guard >= 0, "train.loser_guard", t.loser_guard, "a number >= 0 (0 turns the guard off)")
     _check(t.micro_batch >= 0, "train.micro_batch", t.micro_batch, "an integer >= 1, or 0 for automatic")

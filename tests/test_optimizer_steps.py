@@ -114,3 +114,42 @@ def test_untrained_steps_contribute_no_pairs_and_no_gradient(tiny_policy, branch
     _update(tiny_policy, tcfg, scfg, batch)
     assert sorted(seen) == [0, 0, 2, 2, 3, 3]
 
+
+
+def test_target_kl_ends_the_update_before_a_step_past_it(tiny_policy, branch_batch):
+    """The first step is on-policy (approx-KL 0) and always taken; once the weights moved, the next
+    step's approx-KL exceeds a tiny target and the stage's update ends there, without that step."""
+    scfg, batch = branch_batch
+    common = dict(lr=0.3, weight_decay=0.0, micro_batch=3, trajectories_per_step=1, epochs=2)
+    free, free_moved = _update(tiny_policy, TrainConfig(**common), scfg, batch)
+    assert free["optimizer_steps"] == 4 and free["kl_stopped"] is False and free["approx_kl"] > 0
+    loose, loose_moved = _update(tiny_policy, TrainConfig(target_kl=1e9, **common), scfg, batch)
+    assert loose["optimizer_steps"] == 4 and loose["kl_stopped"] is False and loose_moved == free_moved
+    tight, tight_moved = _update(tiny_policy, TrainConfig(target_kl=1e-12, **common), scfg, batch)
+    assert tight["optimizer_steps"] == 1 and tight["kl_stopped"] is True
+    assert 0 < tight_moved < free_moved and tight_moved == pytest.approx(
+        _first_step_length(tiny_policy, TrainConfig(**common), scfg, batch), rel=1e-6)
+
+
+def _first_step_length(policy, tcfg, scfg, batch):
+    """How far the first optimizer step of an update moves the LoRA weights (the update is cut
+    after one step by making every later step fail)."""
+    import b2fast.core.update as update
+    calls, original = [], update._optimizer_step
+
+    def once(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs) if len(calls) == 1 else False
+    update._optimizer_step = once
+    try:
+        return _update(policy, tcfg, scfg, batch)[1]
+    finally:
+        update._optimizer_step = original
+
+
+@pytest.mark.parametrize("objective, value, match", [("ppo", -1e-3, ">= 0"), ("d3po", 1e-3, "only ppo")])
+def test_target_kl_validation(objective, value, match):
+    cfg = Config()
+    cfg.train.objective, cfg.train.target_kl = objective, value
+    with pytest.raises(ConfigError, match=f"train.target_kl.*{match}"):
+        validate(cfg)

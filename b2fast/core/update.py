@@ -42,6 +42,7 @@ class UpdateStats:
     totals: dict[str, float] = field(default_factory=dict)
     counts: dict[str, float] = field(default_factory=dict)
     grad_norms: list[float] = field(default_factory=list)
+    kl_stopped: bool = False  # train.target_kl ended the stage's update early
 
     def _add(self, name: str, total: float, count: float) -> None:
         self.totals[name] = self.totals.get(name, 0.0) + total
@@ -73,7 +74,7 @@ class UpdateStats:
         means = {k: None for k in ("loss", "clipfrac", "approx_kl")}
         means.update({k: v / self.counts[k] for k, v in self.totals.items() if self.counts.get(k)})
         grad_norm = sum(self.grad_norms) / len(self.grad_norms) if self.grad_norms else None
-        return {**means, "grad_norm": grad_norm, "optimizer_steps": len(self.grad_norms)}
+        return {**means, "grad_norm": grad_norm, "optimizer_steps": len(self.grad_norms), "kl_stopped": self.kl_stopped}
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -188,19 +189,29 @@ def _reference_terms(policy: Policy, batch: TrajectoryBatch, units: StageUnits, 
 def _optimizer_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: TrajectoryBatch,
                     units: StageUnits, items: torch.Tensor, positions: torch.Tensor, n_units: int,
                     objective: Objective, needs: frozenset[str], tcfg: TrainConfig, scfg: SamplingConfig,
-                    stats: UpdateStats, progress, world: World) -> None:
+                    stats: UpdateStats, progress, world: World) -> bool:
     """Accumulate this rank's share of the mean loss over the step's ``n_units`` units (the given
-    local (item, position) units), sum the gradients over ranks, then one optimizer step."""
+    local (item, position) units), sum the gradients over ranks, then one optimizer step. Returns
+    False, without stepping, when ``train.target_kl`` stops the stage's update here."""
     per_call = max(1, tcfg.micro_batch // units.members)  # UNet rows per call <= micro_batch
+    kl = [0.0, 0.0]  # this rank's approx-KL sum and unit count for the step
     for start in range(0, items.numel(), per_call):
         i, j = items[start:start + per_call], positions[start:start + per_call]
         terms = _unit_terms(policy, batch, units, i, j, needs, tcfg, scfg)
         loss, loss_stats = objective.loss(terms, units.values[i], tcfg)
         (loss.sum() / n_units).backward()
         stats.add(i.numel(), loss, loss_stats)
+        if tcfg.target_kl > 0:
+            kl = [kl[0] + float(loss_stats["approx_kl"]) * i.numel(), kl[1] + i.numel()]
         if progress is not None:
             progress.update(i.numel() * units.members)
     params = policy.lora_parameters()
+    if tcfg.target_kl > 0:  # every rank sees the same total, so all stop together
+        total, count = distributed.sum_floats(world, kl, "approx-KL of the optimizer step")
+        if count and total / count > 1.5 * tcfg.target_kl:
+            optimizer.zero_grad(set_to_none=True)
+            stats.kl_stopped = True
+            return False
     distributed.sum_gradients(world, params)
     if tcfg.optimizer == "nsgd":  # the step's direction only: SGD then moves the weights lr
         grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
@@ -214,6 +225,7 @@ def _optimizer_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Tra
     stats.grad_norms.append(float(grad_norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return True
 
 
 def trained_positions(policy: Policy, batch: TrajectoryBatch, tcfg: TrainConfig) -> torch.Tensor:
@@ -270,7 +282,11 @@ def policy_update(policy: Policy, optimizer: torch.optim.Optimizer, batch: Traje
             positions = step_order[chunk].T.reshape(-1)                        # (T·L,)
             mine = local[items] & trained[positions]                           # units this rank trains
             device = batch.latents.device
-            _optimizer_step(policy, optimizer, batch, units, items[mine].to(device), positions[mine].to(device),
-                            int(trained[positions].sum()), objective, needs, tcfg, scfg, stats, progress, world)
+            if not _optimizer_step(policy, optimizer, batch, units, items[mine].to(device),
+                                   positions[mine].to(device), int(trained[positions].sum()), objective, needs,
+                                   tcfg, scfg, stats, progress, world):
+                break
+        if stats.kl_stopped:
+            break
     stats.sum_over_ranks(world)
     return stats.summary()
