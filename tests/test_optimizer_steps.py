@@ -153,3 +153,11 @@ def test_target_kl_validation(objective, value, match):
     cfg.train.objective, cfg.train.target_kl = objective, value
     with pytest.raises(ConfigError, match=f"train.target_kl.*{match}"):
         validate(cfg)
+
+
+def test_the_stage_line_says_when_target_kl_stopped_the_update():
+    from b2fast.run.trainer import _summary_line
+    row = dict(stage=3, interval_len=4, reward_mean=0.5, reward_std=0.1, n_selected=10, loss=-0.1,
+               approx_kl=2e-3, clipfrac=0.2, seconds=1.0, seconds_sampling=0.5)
+    assert "kl 0.002 (stopped)  clip" in _summary_line({**row, "kl_stopped": True})
+    assert "(stopped)" not in _summary_line({**row, "kl_stopped": False})

@@ -355,5 +355,6 @@ def _summary_line(r: dict) -> str:
                     (("accuracy", "acc"), ("error_winner", "err+"), ("error_loser", "err-")) if r.get(key) is not None)
     return (f"stage {r['stage']:3d}  L={r['interval_len']:2d}  reward {fmt(r['reward_mean'])} "
             f"± {fmt(r['reward_std'])}  kept {r['n_selected']:4d}  loss {fmt(r['loss'])}  "
-            f"kl {fmt(r['approx_kl'])}  clip {fmt(r['clipfrac'])}{extra}  {r['seconds']:.1f}s "
+            f"kl {fmt(r['approx_kl'])}{' (stopped)' if r.get('kl_stopped') else ''}  clip {fmt(r['clipfrac'])}"
+            f"{extra}  {r['seconds']:.1f}s "
             f"(sampling {r['seconds_sampling']:.1f}s)")
