@@ -1,7 +1,7 @@
 """Config tree: defaults, YAML presets, CLI overrides, one-line validation errors."""
 import pytest
 
-from b2fast.config import (Config, ConfigError, apply_overrides, dump_yaml, iter_fields, load_yaml,
+from b2fast.config import (Config, ConfigError, apply_overrides, dump_yaml, iter_fields, load_yaml, presets_dir,
                            validate)
 from b2fast.train import preset_path
 
@@ -75,7 +75,7 @@ def test_bad_yaml_files(tmp_path):
         load_yaml(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "tiny_sd_jpeg.yaml", "sd15_clipscore.yaml", "sd15_24gb.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in presets_dir().glob("*.yaml")))
 def test_shipped_presets_validate(name):
     validate(load_yaml(preset_path(name)))
 
@@ -105,7 +105,7 @@ def test_config_takes_a_shipped_preset_by_name_from_any_folder(tmp_path, monkeyp
     by_name, by_file = load_yaml("tiny_sd_jpeg"), load_yaml(preset_path("tiny_sd_jpeg.yaml"))
     assert by_name == by_file and by_name.model.path == "b2fast:tiny-sd"
     assert load_yaml("tiny_sd_jpeg.yaml") == by_file
-    with pytest.raises(ConfigError, match=r"no such file 'nope'; .* shipped preset \(default, .*tiny_sd_jpeg.*toy_ddpo\)"):
+    with pytest.raises(ConfigError, match=r"no such file 'nope'; .* shipped preset \(default, .*tiny_sd_jpeg.*toy_ddpo, toy_lcm\)"):
         load_yaml("nope")
     (tmp_path / "tiny_sd_jpeg.yaml").write_text("seed: 7\n")  # a file of that name wins
     assert load_yaml("tiny_sd_jpeg.yaml").seed == 7
