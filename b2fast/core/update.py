@@ -189,29 +189,28 @@ def _reference_terms(policy: Policy, batch: TrajectoryBatch, units: StageUnits, 
 def _optimizer_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: TrajectoryBatch,
                     units: StageUnits, items: torch.Tensor, positions: torch.Tensor, n_units: int,
                     objective: Objective, needs: frozenset[str], tcfg: TrainConfig, scfg: SamplingConfig,
-                    stats: UpdateStats, progress, world: World) -> bool:
+                    stats: UpdateStats, progress, world: World) -> None:
     """Accumulate this rank's share of the mean loss over the step's ``n_units`` units (the given
-    local (item, position) units), sum the gradients over ranks, then one optimizer step. Returns
-    False, without stepping, when ``train.target_kl`` stops the stage's update here."""
+    local (item, position) units), sum the gradients over ranks, then one optimizer step — unless
+    ``train.target_kl`` stops the stage's update here (``stats.kl_stopped``, no step taken)."""
     per_call = max(1, tcfg.micro_batch // units.members)  # UNet rows per call <= micro_batch
-    kl = [0.0, 0.0]  # this rank's approx-KL sum and unit count for the step
+    kl_before = stats.totals.get("approx_kl", 0.0), stats.counts.get("approx_kl", 0.0)
     for start in range(0, items.numel(), per_call):
         i, j = items[start:start + per_call], positions[start:start + per_call]
         terms = _unit_terms(policy, batch, units, i, j, needs, tcfg, scfg)
         loss, loss_stats = objective.loss(terms, units.values[i], tcfg)
         (loss.sum() / n_units).backward()
         stats.add(i.numel(), loss, loss_stats)
-        if tcfg.target_kl > 0:
-            kl = [kl[0] + float(loss_stats["approx_kl"]) * i.numel(), kl[1] + i.numel()]
         if progress is not None:
             progress.update(i.numel() * units.members)
     params = policy.lora_parameters()
-    if tcfg.target_kl > 0:  # every rank sees the same total, so all stop together
-        total, count = distributed.sum_floats(world, kl, "approx-KL of the optimizer step")
+    if tcfg.target_kl > 0:  # this step's share of the stats; every rank sees the same sums, so all stop together
+        step_kl = [stats.totals.get("approx_kl", 0.0) - kl_before[0], stats.counts.get("approx_kl", 0.0) - kl_before[1]]
+        total, count = distributed.sum_floats(world, step_kl, "approx-KL of the optimizer step")
         if count and total / count > 1.5 * tcfg.target_kl:
             optimizer.zero_grad(set_to_none=True)
             stats.kl_stopped = True
-            return False
+            return
     distributed.sum_gradients(world, params)
     if tcfg.optimizer == "nsgd":  # the step's direction only: SGD then moves the weights lr
         grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
@@ -225,7 +224,6 @@ def _optimizer_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Tra
     stats.grad_norms.append(float(grad_norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return True
 
 
 def trained_positions(policy: Policy, batch: TrajectoryBatch, tcfg: TrainConfig) -> torch.Tensor:
@@ -282,9 +280,9 @@ def policy_update(policy: Policy, optimizer: torch.optim.Optimizer, batch: Traje
             positions = step_order[chunk].T.reshape(-1)                        # (T·L,)
             mine = local[items] & trained[positions]                           # units this rank trains
             device = batch.latents.device
-            if not _optimizer_step(policy, optimizer, batch, units, items[mine].to(device),
-                                   positions[mine].to(device), int(trained[positions].sum()), objective, needs,
-                                   tcfg, scfg, stats, progress, world):
+            _optimizer_step(policy, optimizer, batch, units, items[mine].to(device), positions[mine].to(device),
+                            int(trained[positions].sum()), objective, needs, tcfg, scfg, stats, progress, world)
+            if stats.kl_stopped:
                 break
         if stats.kl_stopped:
             break
