@@ -38,7 +38,7 @@ OVERLAP, SCHEDULERS, REDUCTIONS = ("auto", "on", "off"), ("ddim", "lcm", "rlcm")
 # Objectives registered in b2fast.core.objectives (kept here too so the config stays torch-free;
 # tests/test_ppo.py checks the two lists agree).
 OBJECTIVES = ("ppo", "d3po", "dro", "dro_unpaired", "diffusion_dpo")
-PAIR_MODES, OPTIMIZERS, NULL_CONTROLS = ("thresholds", "always"), ("adamw", "nsgd"), ("off", "shuffle", "zero")
+PAIR_MODES, OPTIMIZERS, LR_SCHEDULES = ("thresholds", "always"), ("adamw", "nsgd"), ("constant", "cosine")
 
 
 @dataclass
@@ -64,8 +64,7 @@ class ModelConfig:
                                 "between runs (sets TORCHINDUCTOR_CACHE_DIR when compile is on)")
 
 
-PROMPT_SAMPLING = ("uniform", "balanced")
-SELECTION_KINDS = ("b2", "ddpo")
+PROMPT_SAMPLING, SELECTION_KINDS, NULL_CONTROLS = ("uniform", "balanced"), ("b2", "ddpo"), ("off", "shuffle", "zero")
 
 
 @dataclass
@@ -138,6 +137,8 @@ class TrainConfig:
                                   "keeps the gradient's direction where AdamW's per-coordinate scaling amplifies "
                                   "noise (few samples per step; docs/algorithm.md, 'Policy update')")
     lr: float = _f(1e-4, "learning rate (nsgd: Euclidean length of each step in LoRA-weight space)")
+    lr_schedule: str = _f("constant", f"one of {LR_SCHEDULES}: the stage's learning rate, lr throughout, or "
+                                      "lr * (1 + cos(pi * stage / num_stages)) / 2 (late stages refine, not undo)")
     momentum: float = _f(0.0, "nsgd: heavy-ball momentum over optimizer steps (0 = none)")
     max_step_gain: float = _f(0.0, "interval steps whose log-prob gradient gain |dmu/deps|/sigma_t exceeds this multiple "
                                    "of the median are not trained: the near-deterministic step to t=1 (gain 5-14x) "
@@ -422,7 +423,7 @@ def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
 _CHOICES = {"model.dtype": DTYPES, "model.attention": ATTENTION, "model.compile_mode": COMPILE_MODES,
             "sampling.overlap_reward": OVERLAP, "sampling.scheduler": SCHEDULERS, "sampling.cache_dtype": DTYPES,
             "sampling.logprob_reduction": REDUCTIONS, "prompts.sampling": PROMPT_SAMPLING,
-            "selection.kind": SELECTION_KINDS, "selection.null_control": NULL_CONTROLS,
+            "selection.kind": SELECTION_KINDS, "selection.null_control": NULL_CONTROLS, "train.lr_schedule": LR_SCHEDULES,
             "selection.pair_mode": PAIR_MODES, "train.optimizer": OPTIMIZERS, "train.objective": OBJECTIVES,
             "backend": BACKENDS, "distributed.backend": DIST_BACKENDS, "steer.kind": STEER_KINDS,
             "steer.potential": POTENTIALS, "steer.resample": RESAMPLE_MODES, "steer.weights": FK_WEIGHTS}
@@ -472,7 +473,7 @@ def validate(cfg: Config, training: bool = True) -> Config:
     _check(0 <= t.momentum < 1, "train.momentum", t.momentum, "a number in [0, 1)")
     _check(t.max_step_gain == 0 or t.max_step_gain >= 1, "train.max_step_gain", t.max_step_gain,
            "0 (train every step) or a number >= 1")
-    for name in ("weight_decay", "max_grad_norm", "pos_weight", "neg_weight", "target_kl"):
+    for name in ("weight_decay", "max_grad_norm", "pos_weight", "neg_weight", "target_kl", "loser_guard"):
         _check(getattr(t, name) >= 0, f"train.{name}", getattr(t, name), "a number >= 0")
     for name in ("adam_beta1", "adam_beta2"):
         _check(0 <= getattr(t, name) < 1, f"train.{name}", getattr(t, name), "a number in [0, 1)")
@@ -480,7 +481,6 @@ def validate(cfg: Config, training: bool = True) -> Config:
            "'ppo' with selection.kind 'ddpo' (the other objectives need B² branch groups)")
     _check(t.target_kl == 0 or t.objective == "ppo", "train.target_kl", t.target_kl, "0 (only ppo measures KL)")
     _check(0 < t.d3po_clip < 1, "train.d3po_clip", t.d3po_clip, "a number in (0, 1)")
-    _check(t.loser_guard >= 0, "train.loser_guard", t.loser_guard, "a number >= 0 (0 turns the guard off)")
     _check(t.micro_batch >= 0, "train.micro_batch", t.micro_batch, "an integer >= 1, or 0 for automatic")
     _check(bool(cfg.reward.name), "reward.name", cfg.reward.name, "a reward name or 'module:function'")
     ev = cfg.eval

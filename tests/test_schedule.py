@@ -1,10 +1,11 @@
 """Interval schedules and the DDIM step table against diffusers."""
+import math
 from collections import Counter
 
 import pytest
 import torch
 
-from b2fast.core.schedule import build_step_table, constant_max, linear_plateaus, resolve_schedule
+from b2fast.core.schedule import build_step_table, constant_max, linear_plateaus, resolve_schedule, stage_lr
 from b2fast.testing.tiny_sd import SD_SCHEDULER
 
 
@@ -30,6 +31,17 @@ def test_resolve_schedule_names_and_user_functions():
         resolve_schedule("cosine")
     with pytest.raises(ValueError, match="schedule.kind"):
         resolve_schedule("no_such_module_xyz:fn")
+
+
+def test_stage_lr_constant_and_cosine():
+    assert [stage_lr(3e-3, "constant", s, 10) for s in range(10)] == [3e-3] * 10
+    cosine = [stage_lr(2e-3, "cosine", s, 40) for s in range(40)]
+    assert cosine[0] == 2e-3 and cosine[20] == pytest.approx(1e-3)
+    assert all(a > b > 0 for a, b in zip(cosine, cosine[1:]))  # strictly falling, never zero
+    assert cosine[-1] == pytest.approx(2e-3 * (1 - math.cos(math.pi / 40)) / 2)
+    assert stage_lr(1e-3, "cosine", 0, 1) == 1e-3
+    with pytest.raises(ValueError, match="train.lr_schedule"):
+        stage_lr(1e-3, "step", 0, 10)
 
 
 @pytest.mark.parametrize("steps", [20, 50])

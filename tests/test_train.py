@@ -46,14 +46,16 @@ def _lora(trainer):
 
 
 def test_resume_after_interruption_gives_identical_weights(tiny_sd_path, tmp_path):
-    # the uninterrupted run also scores in the overlap worker: the results must not change
-    full = Trainer(_cfg(tiny_sd_path, tmp_path / "full", "--sampling.overlap_reward", "on"))
+    # the uninterrupted run also scores in the overlap worker: the results must not change; the
+    # cosine learning rate must continue where the interrupted run left it
+    cosine = ("--train.lr_schedule", "cosine")
+    full = Trainer(_cfg(tiny_sd_path, tmp_path / "full", "--sampling.overlap_reward", "on", *cosine))
     full.run()
-    interrupted = Trainer(_cfg(tiny_sd_path, tmp_path / "cut"))
+    interrupted = Trainer(_cfg(tiny_sd_path, tmp_path / "cut", *cosine))
     for stage in range(2):          # the process dies after stage 1's checkpoint
         interrupted.run_stage(stage)
     (tmp_path / "cut" / "metrics.jsonl").open("a").write('{"stage": 2, "partial": true}\n')
-    resumed = Trainer(_cfg(tiny_sd_path, tmp_path / "cut"), resume=str(tmp_path / "cut"))
+    resumed = Trainer(_cfg(tiny_sd_path, tmp_path / "cut", *cosine), resume=str(tmp_path / "cut"))
     assert resumed.start_stage == 2
     resumed.run()
     a, b = _lora(full), _lora(resumed)
@@ -61,8 +63,10 @@ def test_resume_after_interruption_gives_identical_weights(tiny_sd_path, tmp_pat
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)  # training moved the weights
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    stages = [json.loads(line)["stage"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
-    assert stages == [0, 1, 2]
+    records = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records] == [0, 1, 2]
+    assert [r["lr"] for r in records] == pytest.approx([1e-2, 1e-2 * 0.75, 1e-2 * 0.25])  # (1 + cos(pi s / 3)) / 2
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.25)
     samples = [json.loads(line) for line in (tmp_path / "cut" / "samples.jsonl").read_text().splitlines()]
     full_samples = (tmp_path / "full" / "samples.jsonl").read_text().splitlines()
     assert [s["stage"] for s in samples] == [0] * 12 + [1] * 12 + [2] * 12

@@ -177,6 +177,16 @@ BUILTIN_SCHEDULES: dict[str, IntervalSchedule] = {
 }
 
 
+def stage_lr(lr: float, kind: str, stage: int, num_stages: int) -> float:
+    """The learning rate of ``stage``: ``lr`` ('constant'), or cosine-annealed from ``lr`` at stage 0
+    towards 0 ('cosine'). A function of the stage alone, so a resumed run continues it exactly."""
+    if kind == "constant":
+        return lr
+    if kind == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * stage / num_stages))
+    raise ValueError(f"train.lr_schedule: got {kind!r}, expected 'constant' or 'cosine'")
+
+
 def resolve_schedule(name: str) -> IntervalSchedule:
     """A built-in schedule name, or ``module:function`` with the signature of ``linear_plateaus``."""
     if name in BUILTIN_SCHEDULES:

@@ -32,7 +32,7 @@ from b2fast.core.policy import Policy, hide_loading_progress
 from b2fast.prompts import load_prompts, prompt_pool
 from b2fast.rewards import build_reward
 from b2fast.core.sampling import TrajectoryBatch, sample_branches
-from b2fast.core.schedule import resolve_schedule
+from b2fast.core.schedule import resolve_schedule, stage_lr
 from b2fast.run.scoring import StageScorer
 from b2fast.core.selection import (Selection, load_tracker_state, make_tracker, normalize_and_select,
                                    pair_stats)
@@ -190,6 +190,9 @@ class Trainer:
         z, selection = normalize_and_select(self.history, self.cfg.selection, table.prompts, table.rewards,
                                             table.group_ids, stage_generator(self.cfg.seed, stage, "null"))
         train_cfg = self._train_config(batch)
+        lr = stage_lr(self.cfg.train.lr, self.cfg.train.lr_schedule, stage, self.cfg.schedule.num_stages)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         trained = int(trained_positions(self.policy, batch, train_cfg).sum())  # interval steps trained
         with tqdm(total=None, desc=f"stage {stage} training", leave=False, disable=not self.progress) as bar:
             stats = policy_update(self.policy, self.optimizer, batch, selection, train_cfg,
@@ -201,7 +204,7 @@ class Trainer:
         record = {"stage": stage, "interval_len": interval_len, "trained_steps": trained,
                   "reward_mean": float(finite.mean()) if finite.numel() else None,
                   "reward_std": float(finite.std()) if finite.numel() > 1 else 0.0,
-                  "n_images": len(table), "n_nonfinite": int(rewards.numel() - finite.numel()),
+                  "lr": lr, "n_images": len(table), "n_nonfinite": int(rewards.numel() - finite.numel()),
                   "n_selected": len(selection), "n_positive": selection.n_positive,
                   "n_negative": selection.n_negative, **pair_stats(selection, table.rewards), **stats,
                   "ranks": self.world.size,
