@@ -4,13 +4,13 @@ Every method starts from the same pretrained toy model, sees the same prompts (b
 three templates), the same number of reward queries per stage (128 images) and runs the same
 number of stages:
 
-- **B2-DiffuRL** (preset ``default``, ``train.objective: ppo``), the reference: trunk + 4
+- **B2-DiffuRL** (preset ``toy_ddim``, ``train.objective: ppo``), the reference: trunk + 4
   branches per prompt, backward progressive interval 14 → 20 of 20 steps, best/worst-branch
   selection with thresholds ±0.5, PPO-clip on the kept branches.
 - **DDPO** (preset ``toy_ddpo``): 128 independent samples per stage (K = 1), the whole 20-step
   chain trained from the first stage, every sample kept, DDPO's per-prompt stat tracking
   (``selection.kind: ddpo``), PPO clip range 1e-4, one inner epoch.
-- **D3PO**, **DRO**, **DRO-unpaired**, **Diffusion-DPO**: preset ``default`` with
+- **D3PO**, **DRO**, **DRO-unpaired**, **Diffusion-DPO**: preset ``toy_ddim`` with
   ``train.objective`` ``d3po`` / ``dro`` / ``dro_unpaired`` / ``diffusion_dpo``
   (docs/algorithm.md, "Objectives"). They sample and select exactly as B2-DiffuRL does and train
   on the same B²-selected branches, only the loss differs: D3PO, DRO and Diffusion-DPO on each
@@ -83,15 +83,15 @@ LCM_POLICY = ["--model.path", "b2fast:toy-lcm", "--sampling.scheduler", "lcm", "
 POLICIES = {"ddim": [], "lcm": LCM_POLICY}
 # method -> (preset, its own overrides). The first is the reference of the paired differences.
 METHODS = {
-    "B2-DiffuRL": ("default.yaml", []),
+    "B2-DiffuRL": ("toy_ddim.yaml", []),
     "DDPO": ("toy_ddpo.yaml", []),
-    "D3PO": ("default.yaml", ["--train.objective", "d3po"]),
-    "DRO": ("default.yaml", ["--train.objective", "dro"]),
-    "DRO-unpaired": ("default.yaml", ["--train.objective", "dro_unpaired"]),
-    "Diffusion-DPO": ("default.yaml", ["--train.objective", "diffusion_dpo"]),
-    "B2-DiffuRL-LCM": ("default.yaml", LCM_POLICY),
+    "D3PO": ("toy_ddim.yaml", ["--train.objective", "d3po"]),
+    "DRO": ("toy_ddim.yaml", ["--train.objective", "dro"]),
+    "DRO-unpaired": ("toy_ddim.yaml", ["--train.objective", "dro_unpaired"]),
+    "Diffusion-DPO": ("toy_ddim.yaml", ["--train.objective", "diffusion_dpo"]),
+    "B2-DiffuRL-LCM": ("toy_ddim.yaml", LCM_POLICY),
     # B2-DiffuRL's null control: advantages shuffled within each stage (same update sizes, no signal)
-    "B2-DiffuRL-null": ("default.yaml", ["--selection.null_control", "shuffle"]),
+    "B2-DiffuRL-null": ("toy_ddim.yaml", ["--selection.null_control", "shuffle"]),
 }
 REFERENCE = next(iter(METHODS))
 # A method's own lr when --lrs is not given, where it differs from its preset's (chosen on training

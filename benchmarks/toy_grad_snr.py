@@ -99,7 +99,7 @@ def consistency(grads: torch.Tensor) -> dict:
 
 def measure(overrides: list[str], stages: int, out: Path, interval: int | None = None) -> dict:
     """Sample ``stages`` stages at the starting weights; each stage's signal and null gradients."""
-    cfg = load_yaml(preset_path("default.yaml"))
+    cfg = load_yaml(preset_path("toy_ddim.yaml"))
     apply_overrides(cfg, ["--out", str(out), "--schedule.num_stages", str(max(stages, 1)), "--eval.enabled", "false",
                           "--log.progress", "false", "--log.grid_every", "0", "--log.samples", "false", *overrides])
     shutil.rmtree(out, ignore_errors=True)

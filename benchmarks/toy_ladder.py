@@ -1,11 +1,12 @@
 """How fast does the toy policy climb each rung of the reward ladder (b2fast/toy/ladder.py)?
 
 For every rung (reward + prompt set) and seed it runs a toy preset of ``python -m b2fast.train``
-(``--preset``: ``default`` = B²-DiffuRL, ``toy_ddpo`` = DDPO) with that reward and prompts, evaluation off, and records the stage reward against the
-cumulative number of **reward queries** (images scored), the x-axis every method shares. Any
-config field can be varied for all runs (``--train.lr 3e-3 --model.lora_targets ...``), so one
-invocation is one point of a sweep; ``--name`` labels it. Writes ``ladder.json`` (appended per
-name, so several invocations build one table), a Markdown table and ``ladder.png``::
+(``--preset``: ``toy_ddim`` = B²-DiffuRL on the 20-step DDIM policy, ``toy_ddpo`` = DDPO) with
+that reward and prompts, evaluation off, and records the stage reward against the number of
+**reward queries** (images scored), the x-axis every method shares. Any config field can be
+varied for all runs (``--train.lr 3e-3 --model.lora_targets ...``), so one invocation is one
+point of a sweep; ``--name`` labels it. Writes ``ladder.json`` (appended per name, so several
+invocations build one table), a Markdown table and ``ladder.png``::
 
     python benchmarks/toy_ladder.py --rungs brightness colour_fill --stages 8 --seeds 0 1 \\
         --name lr1e-2 --out runs/ladder --train.lr 1e-2
@@ -30,7 +31,7 @@ from b2fast.utils import atomic_write_text
 
 
 def run_rung(rung: str, seed: int, stages: int, out: Path, overrides: list[str],
-             preset: str = "default") -> list[dict]:
+             preset: str = "toy_ddim") -> list[dict]:
     reward, source = RUNGS[rung]
     cfg = load_yaml(preset_path(f"{preset}.yaml"))
     apply_overrides(cfg, ["--reward.name", reward, "--prompts.source", source, "--seed", str(seed),
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--stages", type=int, default=8)
     p.add_argument("--name", default="default", help="label of this variant in the table")
-    p.add_argument("--preset", default="default", help="shipped preset the runs start from, e.g. toy_ddpo")
+    p.add_argument("--preset", default="toy_ddim", help="shipped preset the runs start from, e.g. toy_ddpo")
     p.add_argument("--out", default="runs/ladder")
     args, overrides = p.parse_known_args(argv)
     out = Path(args.out)

@@ -54,7 +54,7 @@ VARIANTS = {  # name → overrides of the default preset
 
 def one_stage(seed: int, overrides: list[str], prompt_file: Path, reward: str, batches: int,
               images: int, out: Path, stages: int = 1) -> dict:
-    cfg = load_yaml(preset_path("default.yaml"))
+    cfg = load_yaml(preset_path("toy_ddim.yaml"))
     apply_overrides(cfg, ["--out", str(out), "--seed", str(seed), "--prompts.source", str(prompt_file),
                           "--reward.name", reward, "--sampling.batches_per_stage", str(batches),
                           "--schedule.num_stages", str(stages), "--eval.enabled", "false", "--log.progress", "false",

@@ -2,9 +2,9 @@
 toy alignment, and FK on a B²-trained LoRA either alone? Paired by seed.
 
 Per seed: the held-out prompts (each toy template's test split, ``--max-prompts`` per template,
-spread evenly), each at ``--images-per-prompt`` image seeds (prompt-seeds), the default preset's
-toy model and sampling (20 DDIM steps, CFG 5, eta 1; overrides as ``--section.field VALUE``), the
-exact ``toy_align``. Methods:
+spread evenly), each at ``--images-per-prompt`` image seeds (prompt-seeds), the toy model and sampling
+of ``--preset`` (``toy_ddim``: 20 DDIM steps, CFG 5, eta 1; ``default``: the 4-step toy LCM; overrides
+as ``--section.field VALUE``), the exact ``toy_align``. Methods:
 
 - ``plain``: one sample per prompt-seed, the first of 4 independent samples; ``toy_align_mean4``
   is the mean over the 4 (the expected single-sample score, with less noise);
@@ -25,7 +25,8 @@ t-interval over seeds, then paired differences by seed (fk − best-of-4, fk −
 mean of 4, lora-fk − fk, …)::
 
     python benchmarks/toy_steer.py --seeds 0 1 2 3 4 --out runs/toy_steer
-    python benchmarks/toy_steer.py --seeds 0 1 2 3 4 --lora runs/default --out runs/toy_steer_lora
+    python benchmarks/toy_steer.py --seeds 0 1 2 3 4 --lora runs/toy_ddim --out runs/toy_steer_lora
+    python benchmarks/toy_steer.py --preset default --lora runs/default --out runs/toy_steer_lcm
     python benchmarks/toy_steer.py --table-only --out runs/toy_steer
 """
 from __future__ import annotations
@@ -58,11 +59,10 @@ def noise_seed(seed: int, unit: int, j: int) -> int:
     return (seed * 1_000_003 + unit) * 8 + j
 
 
-def make_config(overrides: list[str]):
+def make_config(overrides: list[str], preset: str = "toy_ddim"):
     from b2fast.config import apply_overrides, load_yaml, validate
-    from b2fast.train import DEFAULT_PRESET, preset_path
 
-    cfg = apply_overrides(load_yaml(preset_path(DEFAULT_PRESET)), overrides)
+    cfg = apply_overrides(load_yaml(preset), overrides)
     cfg.reward.name, cfg.reward.options, cfg.steer.kind, cfg.steer.particles = "toy_align", {}, "fk", N
     return validate(cfg, training=False)
 
@@ -198,12 +198,15 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="any other --section.field VALUE overrides the default preset")
+                                     epilog="any other --section.field VALUE overrides the preset")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--max-prompts", type=int, default=12, help="held-out prompts per template, spread "
                                                                     "evenly (default: %(default)s)")
     parser.add_argument("--images-per-prompt", type=int, default=2, help="prompt-seeds per prompt and seed "
                                                                          "(default: %(default)s)")
+    parser.add_argument("--preset", default="toy_ddim", help="shipped preset (or YAML file) whose model and "
+                        "sampling the methods use: toy_ddim (20 DDIM steps) or default (the 4-step toy LCM) "
+                        "(default: %(default)s)")
     parser.add_argument("--lora", metavar="RUN", help="also the methods on this run's LoRA (lora-plain, …)")
     parser.add_argument("--batch", type=int, default=64, help="images per sampling call (default: %(default)s)")
     parser.add_argument("--out", default="runs/toy_steer")
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         if min(args.max_prompts, args.images_per_prompt, args.batch) < 1:
             parser.error("--max-prompts, --images-per-prompt and --batch must be >= 1")
         try:
-            cfg = make_config(overrides)
+            cfg = make_config(overrides, args.preset)
             models = load_models(cfg, args.lora)
         except ValueError as exc:  # config, model or LoRA: one line
             parser.error(str(exc))

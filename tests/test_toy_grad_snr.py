@@ -46,7 +46,7 @@ def test_identical_gradients_are_all_signal_and_opposite_ones_none():
 
 
 def test_stage_gradient_is_the_step_policy_update_takes_and_moves_nothing(tmp_path):
-    cfg = load_yaml(preset_path("default.yaml"))
+    cfg = load_yaml(preset_path("toy_ddim.yaml"))
     apply_overrides(cfg, ["--out", str(tmp_path / "run"), "--eval.enabled", "false", "--log.progress", "false",
                           "--train.weight_decay", "0", "--reward.name", "toy_colour_fill", *TINY])
     trainer = Trainer(cfg)

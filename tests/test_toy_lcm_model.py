@@ -57,7 +57,7 @@ def _last_stage_rewards(tmp_path, *extra: str) -> float:
     from b2fast.run.trainer import Trainer
     from b2fast.train import preset_path
 
-    cfg = load_yaml(preset_path("default.yaml"))
+    cfg = load_yaml(preset_path("toy_ddim.yaml"))
     apply_overrides(cfg, ["--out", str(tmp_path), "--device", "cpu", "--model.path", "b2fast:toy-lcm",
                           "--sampling.scheduler", "lcm", "--sampling.num_steps", "4", "--schedule.min_interval", "2",
                           "--schedule.max_interval", "4", "--train.lr", "3e-3", "--eval.enabled", "false",

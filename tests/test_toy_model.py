@@ -41,7 +41,7 @@ def test_base_alignment_matches_the_model_card(card):
 
 
 def test_short_b2diffurl_run_raises_train_reward(tmp_path, capsys):
-    cfg = load_yaml(preset_path("default.yaml"))
+    cfg = load_yaml(preset_path("toy_ddim.yaml"))
     apply_overrides(cfg, ["--out", str(tmp_path), "--device", "cpu", "--prompts.source", "toy_attribute",
                           "--schedule.num_stages", "4", "--sampling.batches_per_stage", "2",
                           "--eval.prompt_sets", "[toy_attribute]", "--eval.splits", "[train]",

@@ -62,14 +62,14 @@ def test_a_difference_whose_interval_holds_zero_is_within_noise():
 
 
 def zero_lora(folder: Path) -> Path:
-    """The default preset's freshly initialised LoRA (B = 0): the base model's outputs exactly."""
+    """The toy_ddim preset's freshly initialised LoRA (B = 0): the base model's outputs exactly."""
     import torch
 
     from b2fast.config import load_yaml
     from b2fast.core.policy import Policy
     from b2fast.train import preset_path
 
-    cfg = load_yaml(preset_path("default.yaml"))
+    cfg = load_yaml(preset_path("toy_ddim.yaml"))
     Policy(cfg.model, torch.device("cpu"), 4, 1.0).save_lora(folder)
     return folder
 

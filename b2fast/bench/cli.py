@@ -199,8 +199,8 @@ Reported per policy: sampling s (sampling, decoding, reward), training s (select
 total s, kept trajectories, UNet rows per image in sampling and in training (a hook on the UNet),
 peak GiB (cuda), and the LCM's speed-up per part.
 
-Models (--model): toy (default) = b2fast:toy and b2fast:toy-lcm on toy_align with the built-in
-default config; sd = SD 1.x with random weights in model.dtype and the same weights plus a random
+Models (--model): toy (default) = b2fast:toy and b2fast:toy-lcm on toy_align with the toy_ddim
+preset; sd = SD 1.x with random weights in model.dtype and the same weights plus a random
 guidance embedding (LCMScheduler), clipscore ViT-H-14 with random weights. --quick: one batch per
 stage (toy), the tiny test model, tiny CLIP and tiny settings (sd). Config overrides: --section.field
 VALUE, to both policies (model.path and reward.* not allowed). Time: --warmup untimed stages, then
@@ -419,7 +419,7 @@ def suite_config(quick: bool, overrides: list[str], preset: str | None = None, t
                                 "models (SD 1.x, clipscore ViT-H-14)")
     if toy:
         from b2fast.train import preset_path
-        preset = preset or str(preset_path("default.yaml"))
+        preset = preset or str(preset_path("toy_ddim.yaml"))
     cfg = load_yaml(preset) if preset else Config()
     if quick:
         apply_overrides(cfg, ["--sampling.batches_per_stage", "1"] if toy else QUICK_CONFIG)

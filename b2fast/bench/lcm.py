@@ -10,8 +10,8 @@ with the same images per stage (``sampling.batches_per_stage`` × ``prompts_per_
   (w is the guidance embedding), every stage at interval K (the deterministic last step is never
   trained, so K − 1 trained steps).
 
-Models: ``toy`` (default): ``b2fast:toy`` and ``b2fast:toy-lcm`` on ``toy_align``, the built-in
-default config of ``python -m b2fast.train``. ``sd``: SD 1.x with random weights in ``model.dtype``
+Models: ``toy`` (default): ``b2fast:toy`` and ``b2fast:toy-lcm`` on ``toy_align``, from the
+``toy_ddim`` preset (the 20-step DDIM toy run). ``sd``: SD 1.x with random weights in ``model.dtype``
 and the same weights with a random guidance embedding and an ``LCMScheduler``, scored by clipscore
 on ViT-H-14 with random weights (shapes and speed, not images). ``--quick``: one batch per stage
 (toy), the tiny test model and tiny CLIP (sd).
@@ -143,7 +143,7 @@ def measure(args: argparse.Namespace) -> dict:
     _add_speedup(records)
     s = args.cfg.sampling
     model = "toy (b2fast:toy, b2fast:toy-lcm)" if args.model == "toy" else bench_sd.MODELS[args.quick]
-    preset = args.config or ("b2fast/configs/default.yaml" if args.model == "toy" else None)
+    preset = args.config or ("b2fast/configs/toy_ddim.yaml" if args.model == "toy" else None)
     return {**bench_sd.header("lcm", args, device), "model": model, "preset": preset,
             "settings": {"models": args.model, "lcm_steps": args.lcm_steps,
                          "images": s.batches_per_stage * s.prompts_per_batch * s.branches},
