@@ -345,3 +345,18 @@ def test_end_to_end_objective_on_the_same_branches(tmp_path):
     assert "objective: d3po" in config
     md = (tmp_path / "curves.md").read_text()
     assert "Paired difference B2-DiffuRL − D3PO" in md and "| 1 | 16 | 1 |" in md
+
+
+def test_the_default_run_is_the_measured_lcm_setting(tmp_path):
+    """README's five-seed measurement of the no-argument run comes from toy_compare.py (B2-DiffuRL,
+    --policy lcm and the overrides below): every field that shapes training must equal default.yaml's."""
+    from b2fast.config import iter_fields, load_yaml
+
+    measured = tc.make_config("B2-DiffuRL", 0, tmp_path, [
+        "--schedule.num_stages", "40", "--sampling.batches_per_stage", "16", "--selection.history_stages", "0",
+        "--train.lr_schedule", "cosine", "--eval.splits", "[train,test]", "--eval.prompts_per_set", "24",
+        "--eval.images_per_prompt", "8"], lr=1e-3, policy="lcm")
+    shipped = {name: value for name, value, _ in iter_fields(load_yaml("default"))}
+    differ = [name for name, value, _ in iter_fields(measured)
+              if value != shipped[name] and not name.startswith(("log.", "out", "checkpoint_every", "keep_checkpoints"))]
+    assert differ == []
