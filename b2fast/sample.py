@@ -9,8 +9,8 @@ plain or FK-steered.
 
 Image k of each prompt has seed ``seed + k`` and its own generator, so it is the same image
 whatever else shares its batch. Settings come from ``--config``, else the ``--lora`` run's
-config.yaml (model, LoRA shape, sampling, reward), else the trainer's default preset (the toy
-world); any config field can be overridden as ``--section.field value``. Bad arguments stop
+config.yaml (model, LoRA shape, sampling, reward), else the ``toy_ddim`` preset (the toy
+world's DDIM model); any config field can be overridden as ``--section.field value``. Bad arguments stop
 before any model loads, with one line naming the argument (exit code 2).
 """
 from __future__ import annotations
@@ -27,6 +27,9 @@ from b2fast.prompts import SPLITS
 from b2fast.utils import check_writable, finite_json, first_line, one_line_warnings
 
 DEFAULT_OUT = "samples"
+# Defaults without --config or --lora: the toy world's DDIM preset (DDIM samples any diffusers
+# model; the trainer's default LCM policy would refuse a model that was not distilled for it).
+SAMPLER_PRESET = "toy_ddim.yaml"
 KEEP = ("best", "all")
 # config fields the sampler reads (the rest of a run's config is carried along unused)
 SAMPLER_FIELDS = ("seed", "device", "backend", "model.", "sampling.num_steps", "sampling.guidance_scale",
@@ -60,9 +63,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from b2fast.train import DEFAULT_PRESET, preset_path
+    from b2fast.train import preset_path
 
-    preset = load_yaml(preset_path(DEFAULT_PRESET))
+    preset = load_yaml(preset_path(SAMPLER_PRESET))
     fields = "\n".join(f"  --{name} (default: {default!r})\n      {help}" for name, default, help in iter_fields(preset)
                        if name.startswith(SAMPLER_FIELDS))
     _, examples, settings = __doc__.split("\n\n")[:3]
@@ -70,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
                 allow_abbrev=False, description="Sample images of prompts with fixed seeds (base weights or a "
                                                  "trained LoRA), plain or FK-steered by a reward.",
                 epilog=f"examples:\n{examples}\n\n{settings}\n\n{FILES}\n\nconfig fields the sampler reads "
-                       f"(override any as --section.field VALUE; defaults shown: the trainer's {DEFAULT_PRESET}, "
+                       f"(override any as --section.field VALUE; defaults shown: the {SAMPLER_PRESET} preset's, "
                        f"used without --config or --lora):\n{fields}")
     add = p.add_argument
     add("--prompt", action="append", default=[], metavar="TEXT", help="a prompt; repeat for several")
@@ -82,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--images-per-prompt", type=int, default=4, metavar="K", help="seeds seed .. seed+K-1 (default: %(default)s)")
     add("--lora", metavar="RUN", help="run folder of b2fast.train (its config.yaml and lora/), checkpoint or LoRA folder")
     add("--config", metavar="FILE", help="YAML config or shipped preset name (default: the --lora run's "
-                                         "config.yaml, else the trainer's default preset)")
+                                         "config.yaml, else the toy_ddim preset)")
     add("--model", metavar="PATH", help="same as --model.path: hub id, diffusers folder, b2fast:toy, b2fast:tiny-sd")
     add("--reward", metavar="NAME", help="same as --reward.name: the reward FK steers by (and records)")
     add("--steer", metavar="KIND", help="same as --steer.kind: 'none' or 'fk'")
@@ -104,13 +107,13 @@ def build_config(args: argparse.Namespace, overrides: list[str], lora: Path | No
     """--config, else the LoRA's run config, else the default preset; then the shorthands, then
     ``--section.field`` overrides; validated for sampling (steering allowed)."""
     from b2fast.eval.cli import run_config
-    from b2fast.train import DEFAULT_PRESET, preset_path
+    from b2fast.train import preset_path
 
     run = run_config(lora) if lora is not None and not args.config else {}
     if args.config:
         cfg = load_yaml(args.config)
     else:  # the run's own settings (its config.yaml is a whole config), else the toy-world preset
-        cfg = apply_dict(Config(), run) if run else load_yaml(preset_path(DEFAULT_PRESET))
+        cfg = apply_dict(Config(), run) if run else load_yaml(preset_path(SAMPLER_PRESET))
     if args.reward and args.reward != cfg.reward.name:
         cfg.reward.options = {}  # another reward's options would not fit
     shorthand = [item for flag, name in SHORTHANDS if getattr(args, flag) is not None

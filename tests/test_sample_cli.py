@@ -85,7 +85,8 @@ def test_plain_sampling_writes_images_grids_and_records(tmp_path):
         ("p000_s5.png", 0, 5), ("p000_s6.png", 0, 6), ("p001_s5.png", 1, 5), ("p001_s6.png", 1, 6)]
     assert records[0]["prompt"] == "a red circle"
     settings = json.loads((out / "sample.json").read_text())
-    assert settings["model"] == "b2fast:toy" and settings["sampling"]["num_steps"] == 4 and settings["steer"]["kind"] == "none"
+    assert settings["model"] == "b2fast:toy" and settings["sampling"]["num_steps"] == 4  # toy_ddim's model
+    assert settings["sampling"]["scheduler"] == "ddim" and settings["steer"]["kind"] == "none"
 
 
 def test_an_images_seed_fixes_it_whatever_shares_its_batch(tmp_path):
@@ -116,10 +117,10 @@ def test_fk_keeps_every_particle_or_the_best_one(tmp_path):
 def test_lora_run_folder_gives_its_settings_and_weights(tmp_path):
     from b2fast.config import ModelConfig, dump_yaml, load_yaml
     from b2fast.core.policy import Policy
-    from b2fast.train import DEFAULT_PRESET, preset_path
+    from b2fast.train import preset_path
 
     run = tmp_path / "run"
-    cfg = load_yaml(preset_path(DEFAULT_PRESET))
+    cfg = load_yaml(preset_path("toy_ddim.yaml"))
     cfg.sampling.num_steps, cfg.model.lora_rank = 3, 2
     run.mkdir()
     (run / "config.yaml").write_text(dump_yaml(cfg))
