@@ -128,7 +128,7 @@ def test_resume_round_trips_the_ddpo_tracker(tmp_path):
 def test_b2_history_state_loads_as_before():
     history = RewardHistory(2)
     history.add_stage(["a"], torch.tensor([1.0]))
-    cfg = load_yaml("default").selection
+    cfg = load_yaml("toy_ddim").selection
     fresh = make_tracker(cfg)
     assert load_tracker_state(fresh, history.state_dict(), cfg) is not None  # H 2 -> 8: a note
     assert fresh.rewards("a") == [1.0]
