@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from b2fast.config import LR_SCHEDULES
 from b2fast.ops.reference.ddim import (DIR_COEF, LOG_SIGMA, SIGMA, SQRT_1M_AB, SQRT_AB,
                                        SQRT_AB_PREV, TABLE_COLUMNS)
 from b2fast.utils import load_callable
@@ -184,7 +185,7 @@ def stage_lr(lr: float, kind: str, stage: int, num_stages: int) -> float:
         return lr
     if kind == "cosine":
         return lr * 0.5 * (1.0 + math.cos(math.pi * stage / num_stages))
-    raise ValueError(f"train.lr_schedule: got {kind!r}, expected 'constant' or 'cosine'")
+    raise ValueError(f"train.lr_schedule: got {kind!r}, expected one of {LR_SCHEDULES}")
 
 
 def resolve_schedule(name: str) -> IntervalSchedule:
