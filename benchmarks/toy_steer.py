@@ -13,7 +13,8 @@ as ``--section.field VALUE``), the exact ``toy_align``. Methods:
   SMC weights), its best particle; ``fk-adaptive``: the same with ``steer.resample adaptive`` (same
   noise and resampling generators: common random numbers).
 
-``--lora RUN`` adds the same methods on the run's LoRA (``lora-plain``, …; same seeds). Per seed and
+``--lora RUN`` adds the same methods on the run's LoRA (``lora-plain``, …; same seeds); ``--lora RUN0
+RUN1 …`` one run per seed, so that the seeds are independent training runs too. Per seed and
 method a row's ``toy_align`` is the mean over the three templates of each template's mean over its
 prompt-seeds (as the evaluator reports), ``success`` likewise for toy_align >= 1. ``unet_evals``: rows
 through the denoising network per prompt-seed, counted by a hook (CFG's two halves count 2):
@@ -27,6 +28,7 @@ mean of 4, lora-fk − fk, …)::
     python benchmarks/toy_steer.py --seeds 0 1 2 3 4 --out runs/toy_steer
     python benchmarks/toy_steer.py --seeds 0 1 2 3 4 --lora runs/toy_ddim --out runs/toy_steer_lora
     python benchmarks/toy_steer.py --preset default --lora runs/default --out runs/toy_steer_lcm
+    python benchmarks/toy_steer.py --preset default --seeds 0 1 --lora runs/s0 runs/s1 --out runs/toy_steer_runs
     python benchmarks/toy_steer.py --table-only --out runs/toy_steer
 """
 from __future__ import annotations
@@ -207,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="toy_ddim", help="shipped preset (or YAML file) whose model and "
                         "sampling the methods use: toy_ddim (20 DDIM steps) or default (the 4-step toy LCM) "
                         "(default: %(default)s)")
-    parser.add_argument("--lora", metavar="RUN", help="also the methods on this run's LoRA (lora-plain, …)")
+    parser.add_argument("--lora", metavar="RUN", nargs="+", help="also the methods on this run's LoRA "
+                        "(lora-plain, …); several runs: one per seed, in --seeds order (independent training runs)")
     parser.add_argument("--batch", type=int, default=64, help="images per sampling call (default: %(default)s)")
     parser.add_argument("--out", default="runs/toy_steer")
     parser.add_argument("--table-only", action="store_true", help="print the table of OUT/toy_steer.jsonl")
@@ -220,18 +223,22 @@ def main(argv: list[str] | None = None) -> None:
 
         if min(args.max_prompts, args.images_per_prompt, args.batch) < 1:
             parser.error("--max-prompts, --images-per-prompt and --batch must be >= 1")
+        loras = args.lora or [None]
+        if len(loras) not in (1, len(args.seeds)):
+            parser.error(f"--lora: give one run, or one per seed ({len(args.seeds)}), not {len(loras)}")
+        loras = loras * len(args.seeds) if len(loras) == 1 else loras
         try:
             cfg = make_config(overrides, args.preset)
-            models = load_models(cfg, args.lora)
+            models = {lora: load_models(cfg, lora) for lora in dict.fromkeys(loras)}  # checked before any run
         except ValueError as exc:  # config, model or LoRA: one line
             parser.error(str(exc))
         units = [(t, p) for t in TEMPLATES for p in pick_prompts(load_prompts(t, "test"), args.max_prompts)
                  for _ in range(args.images_per_prompt)]
         out.mkdir(parents=True, exist_ok=True)
-        for seed in args.seeds:
-            for prefix, policy, scored in models:
+        for seed, lora in zip(args.seeds, loras):
+            for prefix, policy, scored in models[lora]:
                 for row in run_seed(policy, scored, cfg, units, seed, args.batch):
-                    row = {"seed": seed, **row, "method": prefix + row["method"], "lora": args.lora if prefix else None,
+                    row = {"seed": seed, **row, "method": prefix + row["method"], "lora": lora if prefix else None,
                            "num_steps": cfg.sampling.num_steps, "steer": dataclasses.asdict(cfg.steer)}
                     with log.open("a") as f:
                         f.write(json.dumps(row) + "\n")

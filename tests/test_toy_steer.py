@@ -111,3 +111,13 @@ def test_tiny_end_to_end_run(tmp_path):
     redraw = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "toy_steer.py"), "--table-only", "--out",
                              str(out)], check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
     assert redraw.returncode == 0 and redraw.stdout == done.stdout
+
+
+def test_one_lora_per_seed_or_one_for_all(tmp_path):
+    """--lora takes one run for every seed, or one per seed (independent training runs); any other
+    count is refused in one line before a model is loaded."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "toy_steer.py"), "--seeds", "0", "1", "2",
+                           "--lora", "runA", "runB", "--out", str(tmp_path / "steer")],
+                          check=False, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 2 and "one per seed (3), not 2" in done.stderr
+    assert not (tmp_path / "steer").exists()
