@@ -2,7 +2,8 @@
 toy alignment, and FK on a B²-trained LoRA either alone? Paired by seed.
 
 Per seed: the held-out prompts (each toy template's test split, ``--max-prompts`` per template,
-spread evenly), each at ``--images-per-prompt`` image seeds (prompt-seeds), the toy model and sampling
+spread evenly; ``--split train``: training prompts, to choose ``steer.lam`` and ``steer.potential``
+without looking at held-out ones), each at ``--images-per-prompt`` image seeds (prompt-seeds), the toy model and sampling
 of ``--preset`` (``toy_ddim``: 20 DDIM steps, CFG 5, eta 1; ``default``: the 4-step toy LCM; overrides
 as ``--section.field VALUE``), the exact ``toy_align``. Methods:
 
@@ -204,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--max-prompts", type=int, default=12, help="held-out prompts per template, spread "
                                                                     "evenly (default: %(default)s)")
+    parser.add_argument("--split", choices=("test", "train"), default="test",
+                        help="prompt split: test (held-out, the measurement) or train (tuning) (default: %(default)s)")
     parser.add_argument("--images-per-prompt", type=int, default=2, help="prompt-seeds per prompt and seed "
                                                                          "(default: %(default)s)")
     parser.add_argument("--preset", default="toy_ddim", help="shipped preset (or YAML file) whose model and "
@@ -232,14 +235,14 @@ def main(argv: list[str] | None = None) -> None:
             models = {lora: load_models(cfg, lora) for lora in dict.fromkeys(loras)}  # checked before any run
         except ValueError as exc:  # config, model or LoRA: one line
             parser.error(str(exc))
-        units = [(t, p) for t in TEMPLATES for p in pick_prompts(load_prompts(t, "test"), args.max_prompts)
+        units = [(t, p) for t in TEMPLATES for p in pick_prompts(load_prompts(t, args.split), args.max_prompts)
                  for _ in range(args.images_per_prompt)]
         out.mkdir(parents=True, exist_ok=True)
         for seed, lora in zip(args.seeds, loras):
             for prefix, policy, scored in models[lora]:
                 for row in run_seed(policy, scored, cfg, units, seed, args.batch):
                     row = {"seed": seed, **row, "method": prefix + row["method"], "lora": lora if prefix else None,
-                           "num_steps": cfg.sampling.num_steps, "steer": dataclasses.asdict(cfg.steer)}
+                           "split": args.split, "num_steps": cfg.sampling.num_steps, "steer": dataclasses.asdict(cfg.steer)}
                     with log.open("a") as f:
                         f.write(json.dumps(row) + "\n")
                     print(f"seed {seed} {row['method']}: toy_align {row['toy_align']:.4f} ({row['seconds']:.1f} s)",

@@ -104,6 +104,7 @@ def test_tiny_end_to_end_run(tmp_path):
     assert [by[m]["reward_calls"] for m in ("plain", "best-of-4", "fk", "fk-adaptive")] == [0, 4, 4 * steps, 4 * steps]
     for r in rows:
         assert r["prompt_seeds"] == 3 and set(r["per_template"]) == set(steer.TEMPLATES) and r["num_steps"] == 4
+        assert r["split"] == "test"
         assert 0 <= r["toy_align"] <= 1 and r["toy_align"] == pytest.approx(statistics.mean(r["per_template"].values()))
     assert by["best-of-4"]["toy_align"] >= max(by["plain"]["toy_align"], by["plain"]["toy_align_mean4"])
     assert by["fk"]["toy_align"] >= by["fk"]["particle_mean"]
@@ -121,3 +122,17 @@ def test_one_lora_per_seed_or_one_for_all(tmp_path):
                           check=False, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert done.returncode == 2 and "one per seed (3), not 2" in done.stderr
     assert not (tmp_path / "steer").exists()
+
+
+def test_train_split_for_tuning(tmp_path, monkeypatch):
+    """--split train draws the prompts from the training split (for choosing lam and the potential)."""
+    from b2fast.prompts import load_prompts
+
+    seen = []
+    monkeypatch.setattr(steer, "run_seed", lambda policy, scored, cfg, units, seed, batch: seen.extend(units) or [])
+    with pytest.raises(SystemExit):  # no rows were written, so there is no table to print
+        steer.main(["--seeds", "0", "--max-prompts", "2", "--images-per-prompt", "1", "--split", "train",
+                    "--sampling.num_steps", "2", "--out", str(tmp_path / "steer")])
+    assert [t for t, _ in seen] == [t for t in steer.TEMPLATES for _ in range(2)]
+    for template, prompt in seen:
+        assert prompt in load_prompts(template, "train") and prompt not in load_prompts(template, "test")
