@@ -3,8 +3,8 @@ toy alignment, and FK on a B²-trained LoRA either alone? Paired by seed.
 
 Per seed: the held-out prompts (each toy template's test split, ``--max-prompts`` per template,
 spread evenly; ``--split train``: training prompts, to choose ``steer.lam`` and ``steer.potential``
-without looking at held-out ones), each at ``--images-per-prompt`` image seeds (prompt-seeds), the toy model and sampling
-of ``--preset`` (``toy_ddim``: 20 DDIM steps, CFG 5, eta 1; ``default``: the 4-step toy LCM; overrides
+without looking at held-out ones), each at ``--images-per-prompt`` image seeds (prompt-seeds), the toy
+model and sampling of ``--preset`` (``toy_ddim``: 20 DDIM steps, CFG 5, eta 1; ``default``: the 4-step toy LCM; overrides
 as ``--section.field VALUE``), the exact ``toy_align``. Methods:
 
 - ``plain``: one sample per prompt-seed, the first of 4 independent samples; ``toy_align_mean4``
@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
             for prefix, policy, scored in models[lora]:
                 for row in run_seed(policy, scored, cfg, units, seed, args.batch):
                     row = {"seed": seed, **row, "method": prefix + row["method"], "lora": lora if prefix else None,
-                           "split": args.split, "num_steps": cfg.sampling.num_steps, "steer": dataclasses.asdict(cfg.steer)}
+                           "split": args.split, "num_steps": cfg.sampling.num_steps,
+                           "steer": dataclasses.asdict(cfg.steer)}
                     with log.open("a") as f:
                         f.write(json.dumps(row) + "\n")
                     print(f"seed {seed} {row['method']}: toy_align {row['toy_align']:.4f} ({row['seconds']:.1f} s)",
