@@ -4,8 +4,8 @@ toy alignment, and FK on a B²-trained LoRA either alone? Paired by seed.
 Per seed: the held-out prompts (each toy template's test split, ``--max-prompts`` per template,
 spread evenly; ``--split train``: training prompts, to choose ``steer.lam`` and ``steer.potential``
 without looking at held-out ones), each at ``--images-per-prompt`` image seeds (prompt-seeds), the toy
-model and sampling of ``--preset`` (``toy_ddim``: 20 DDIM steps, CFG 5, eta 1; ``default``: the 4-step toy LCM; overrides
-as ``--section.field VALUE``), the exact ``toy_align``. Methods:
+model and sampling of ``--preset`` (``toy_ddim``: 20 DDIM steps, CFG 5, eta 1; ``default``: the 4-step
+toy LCM; overrides as ``--section.field VALUE``), the exact ``toy_align``. Methods:
 
 - ``plain``: one sample per prompt-seed, the first of 4 independent samples; ``toy_align_mean4``
   is the mean over the 4 (the expected single-sample score, with less noise);
