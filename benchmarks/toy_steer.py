@@ -70,23 +70,26 @@ def make_config(overrides: list[str], preset: str = "toy_ddim"):
     return validate(cfg, training=False)
 
 
-def load_models(cfg, lora_path: str | None) -> list[tuple[str, object, object]]:
-    """[(method prefix, policy, scored reward)]: the base model, then the LoRA's (its run's model section)."""
+def load_models(cfg, lora_paths: list[str | None]) -> dict:
+    """{LoRA path: [(method prefix, policy, scored reward)]}: the base model (loaded once, shared by
+    every entry), then that run's LoRA (its run's model section); None: the base model alone."""
     from b2fast.config import Config, apply_dict
     from b2fast.eval.cli import resolve_lora, run_config
     from b2fast.sample import load
 
     policy, scored = load(cfg, None)
-    models = [("", policy, scored)]
-    if lora_path:
-        lora = resolve_lora(lora_path)
-        run = run_config(lora)
-        lora_cfg = copy.deepcopy(cfg)
-        if run:
-            lora_cfg.model = apply_dict(Config(), run).model
-        if lora_cfg.model.path != cfg.model.path:
-            raise ValueError(f"--lora: the run trained {lora_cfg.model.path!r}, not {cfg.model.path!r}")
-        models.append(("lora-", load(lora_cfg, lora)[0], scored))
+    models = {}
+    for lora_path in dict.fromkeys(lora_paths):
+        models[lora_path] = [("", policy, scored)]
+        if lora_path:
+            lora = resolve_lora(lora_path)
+            run = run_config(lora)
+            lora_cfg = copy.deepcopy(cfg)
+            if run:
+                lora_cfg.model = apply_dict(Config(), run).model
+            if lora_cfg.model.path != cfg.model.path:
+                raise ValueError(f"--lora: the run trained {lora_cfg.model.path!r}, not {cfg.model.path!r}")
+            models[lora_path].append(("lora-", load(lora_cfg, lora)[0], scored))
     return models
 
 
@@ -232,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         loras = loras * len(args.seeds) if len(loras) == 1 else loras
         try:
             cfg = make_config(overrides, args.preset)
-            models = {lora: load_models(cfg, lora) for lora in dict.fromkeys(loras)}  # checked before any run
+            models = load_models(cfg, loras)  # every LoRA checked before any run
         except ValueError as exc:  # config, model or LoRA: one line
             parser.error(str(exc))
         units = [(t, p) for t in TEMPLATES for p in pick_prompts(load_prompts(t, args.split), args.max_prompts)
