@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from toy_compare import mean_ci  # noqa: E402  (benchmarks/ is not a package)
-from toy_steer import N, TEMPLATES, balanced, load_models, make_config, noise_seed  # noqa: E402
+from toy_steer import N, add_run_arguments, balanced, noise_seed, prepare  # noqa: E402
 
 KEYS = ("pick", "random", "oracle", "captured", "corr")
 
@@ -108,38 +108,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="any other --section.field VALUE overrides the preset")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--max-prompts", type=int, default=12, help="prompts per template (default: %(default)s)")
-    parser.add_argument("--split", choices=("test", "train"), default="test", help="prompt split (default: %(default)s)")
-    parser.add_argument("--images-per-prompt", type=int, default=2, help="prompt-seeds per prompt and seed "
-                                                                         "(default: %(default)s)")
-    parser.add_argument("--preset", default="default", help="shipped preset (or YAML file): default (the 4-step "
-                        "toy LCM) or toy_ddim (20 DDIM steps) (default: %(default)s)")
-    parser.add_argument("--lora", metavar="RUN", nargs="+", help="also the rows of this run's LoRA; several runs: "
-                        "one per seed, in --seeds order")
-    parser.add_argument("--batch", type=int, default=64, help="images per sampling call (default: %(default)s)")
+    add_run_arguments(parser, preset="default")
     parser.add_argument("--out", default="runs/toy_lookahead")
     parser.add_argument("--table-only", action="store_true", help="print the table of OUT/toy_lookahead.jsonl")
     args, overrides = parser.parse_known_args(argv)
     out = Path(args.out)
     log = out / "toy_lookahead.jsonl"
     if not args.table_only:
-        from b2fast.eval.evaluator import pick_prompts
-        from b2fast.prompts import load_prompts
-
-        if min(args.max_prompts, args.images_per_prompt, args.batch) < 1:
-            parser.error("--max-prompts, --images-per-prompt and --batch must be >= 1")
-        loras = args.lora or [None]
-        if len(loras) not in (1, len(args.seeds)):
-            parser.error(f"--lora: give one run, or one per seed ({len(args.seeds)}), not {len(loras)}")
-        loras = loras * len(args.seeds) if len(loras) == 1 else loras
-        try:
-            cfg = make_config(overrides, args.preset)
-            models = load_models(cfg, loras)
-        except ValueError as exc:  # config, model or LoRA: one line
-            parser.error(str(exc))
-        units = [(t, p) for t in TEMPLATES for p in pick_prompts(load_prompts(t, args.split), args.max_prompts)
-                 for _ in range(args.images_per_prompt)]
+        cfg, models, loras, units = prepare(parser, args, overrides)
         out.mkdir(parents=True, exist_ok=True)
         for seed, lora in zip(args.seeds, loras):
             for prefix, policy, scored in models[lora]:

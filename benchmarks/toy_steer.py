@@ -201,45 +201,57 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="any other --section.field VALUE overrides the preset")
+def add_run_arguments(parser: argparse.ArgumentParser, preset: str) -> None:
+    """The options shared with toy_lookahead.py: seeds, prompts, preset, LoRA runs, batch."""
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--max-prompts", type=int, default=12, help="held-out prompts per template, spread "
+    parser.add_argument("--max-prompts", type=int, default=12, help="prompts per template, spread "
                                                                     "evenly (default: %(default)s)")
     parser.add_argument("--split", choices=("test", "train"), default="test",
                         help="prompt split: test (held-out, the measurement) or train (tuning) (default: %(default)s)")
     parser.add_argument("--images-per-prompt", type=int, default=2, help="prompt-seeds per prompt and seed "
                                                                          "(default: %(default)s)")
-    parser.add_argument("--preset", default="toy_ddim", help="shipped preset (or YAML file) whose model and "
+    parser.add_argument("--preset", default=preset, help="shipped preset (or YAML file) whose model and "
                         "sampling the methods use: toy_ddim (20 DDIM steps) or default (the 4-step toy LCM) "
                         "(default: %(default)s)")
     parser.add_argument("--lora", metavar="RUN", nargs="+", help="also the methods on this run's LoRA "
-                        "(lora-plain, …); several runs: one per seed, in --seeds order (independent training runs)")
+                        "(prefix lora-); several runs: one per seed, in --seeds order (independent training runs)")
     parser.add_argument("--batch", type=int, default=64, help="images per sampling call (default: %(default)s)")
+
+
+def prepare(parser: argparse.ArgumentParser, args, overrides: list[str]) -> tuple:
+    """(config, models by LoRA, LoRA run per seed, prompt-seeds as (template, prompt)); a bad option,
+    config, model or LoRA ends the program with one line before any sampling."""
+    from b2fast.eval.evaluator import pick_prompts
+    from b2fast.prompts import load_prompts
+
+    if min(args.max_prompts, args.images_per_prompt, args.batch) < 1:
+        parser.error("--max-prompts, --images-per-prompt and --batch must be >= 1")
+    loras = args.lora or [None]
+    if len(loras) not in (1, len(args.seeds)):
+        parser.error(f"--lora: give one run, or one per seed ({len(args.seeds)}), not {len(loras)}")
+    loras = loras * len(args.seeds) if len(loras) == 1 else loras
+    try:
+        cfg = make_config(overrides, args.preset)
+        models = load_models(cfg, loras)  # every LoRA checked before any run
+    except ValueError as exc:  # config, model or LoRA: one line
+        parser.error(str(exc))
+    units = [(t, p) for t in TEMPLATES for p in pick_prompts(load_prompts(t, args.split), args.max_prompts)
+             for _ in range(args.images_per_prompt)]
+    return cfg, models, loras, units
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="any other --section.field VALUE overrides the preset")
+    add_run_arguments(parser, preset="toy_ddim")
     parser.add_argument("--out", default="runs/toy_steer")
     parser.add_argument("--table-only", action="store_true", help="print the table of OUT/toy_steer.jsonl")
     args, overrides = parser.parse_known_args(argv)
     out = Path(args.out)
     log = out / "toy_steer.jsonl"
     if not args.table_only:
-        from b2fast.eval.evaluator import pick_prompts
-        from b2fast.prompts import load_prompts
-
-        if min(args.max_prompts, args.images_per_prompt, args.batch) < 1:
-            parser.error("--max-prompts, --images-per-prompt and --batch must be >= 1")
-        loras = args.lora or [None]
-        if len(loras) not in (1, len(args.seeds)):
-            parser.error(f"--lora: give one run, or one per seed ({len(args.seeds)}), not {len(loras)}")
-        loras = loras * len(args.seeds) if len(loras) == 1 else loras
-        try:
-            cfg = make_config(overrides, args.preset)
-            models = load_models(cfg, loras)  # every LoRA checked before any run
-        except ValueError as exc:  # config, model or LoRA: one line
-            parser.error(str(exc))
-        units = [(t, p) for t in TEMPLATES for p in pick_prompts(load_prompts(t, args.split), args.max_prompts)
-                 for _ in range(args.images_per_prompt)]
+        cfg, models, loras, units = prepare(parser, args, overrides)
         out.mkdir(parents=True, exist_ok=True)
         for seed, lora in zip(args.seeds, loras):
             for prefix, policy, scored in models[lora]:
