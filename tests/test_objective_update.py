@@ -162,3 +162,34 @@ def test_update_runs_each_objective_and_reports_its_statistics(tiny_policy, batc
     for name in get_objective(objective).stats:
         assert stats[name] is not None and stats[name] == stats[name], name   # reported, not NaN
     assert any(not torch.equal(b, p) for b, p in zip(before, tiny_policy.lora_parameters()))
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_d3po_reference_costs_one_no_grad_forward_per_kept_window_step_per_stage(tiny_policy, batch, epochs):
+    """The cost bound of the goal, counted rather than timed: beyond PPO's update, D3PO runs the
+    UNet without gradients on exactly (kept pair members × window steps) trajectories' rows (CFG's
+    two halves each), once per stage whatever the number of epochs; PPO runs none."""
+    batch, scfg = batch
+    selection = _pairs_selection([[0, 1], [3, 2]])
+    rows = {}
+
+    def count(module, args):
+        key = "grad" if torch.is_grad_enabled() else "no_grad"
+        rows[key] = rows.get(key, 0) + args[0].shape[0]
+
+    handle = tiny_policy.unet.register_forward_pre_hook(count)
+    try:
+        seen = {}
+        for objective in ("ppo", "d3po"):
+            rows.clear()
+            tcfg = TrainConfig(objective=objective, micro_batch=4, trajectories_per_step=2, epochs=epochs, lr=1e-3)
+            policy_update(tiny_policy, make_optimizer(tiny_policy.lora_parameters(), tcfg), batch, selection,
+                          tcfg, scfg, torch.Generator().manual_seed(0))
+            seen[objective] = dict(rows)
+    finally:
+        handle.remove()
+    cfg_rows = 2 if scfg.guidance_scale != 1.0 else 1
+    kept_members, window = 4, batch.interval_len
+    assert seen["ppo"].get("no_grad", 0) == 0
+    assert seen["d3po"]["no_grad"] == kept_members * window * cfg_rows
+    assert seen["d3po"]["grad"] == seen["ppo"]["grad"] == epochs * kept_members * window * cfg_rows
