@@ -25,7 +25,6 @@ template's mean over prompt-seeds:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from toy_compare import mean_ci  # noqa: E402  (benchmarks/ is not a package)
-from toy_steer import N, add_run_arguments, balanced, noise_seed, prepare  # noqa: E402
+from toy_steer import N, balanced, noise_seed, parse_args, prepare, write_table  # noqa: E402
 
 KEYS = ("pick", "random", "oracle", "captured", "corr")
 
@@ -105,18 +104,10 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="any other --section.field VALUE overrides the preset")
-    add_run_arguments(parser, preset="default")
-    parser.add_argument("--out", default="runs/toy_lookahead")
-    parser.add_argument("--table-only", action="store_true", help="print the table of OUT/toy_lookahead.jsonl")
-    args, overrides = parser.parse_known_args(argv)
-    out = Path(args.out)
-    log = out / "toy_lookahead.jsonl"
+    parser, args, overrides, log = parse_args(__doc__, "toy_lookahead", "default", argv)
     if not args.table_only:
         cfg, models, loras, units = prepare(parser, args, overrides)
-        out.mkdir(parents=True, exist_ok=True)
+        log.parent.mkdir(parents=True, exist_ok=True)
         for seed, lora in zip(args.seeds, loras):
             for prefix, policy, scored in models[lora]:
                 for row in run_seed(policy, scored, cfg, units, seed, args.batch):
@@ -125,11 +116,7 @@ def main(argv: list[str] | None = None) -> None:
                     with log.open("a") as f:
                         f.write(json.dumps(row) + "\n")
                 print(f"seed {seed} {prefix.rstrip('-') or 'base'}: done", file=sys.stderr, flush=True)
-    if not log.is_file():
-        parser.error(f"no {log}; run without --table-only first")
-    text = table([json.loads(line) for line in log.read_text().splitlines() if line.strip()])
-    (out / "toy_lookahead.md").write_text(text + "\n")
-    print(text)
+    write_table(parser, log, table)
 
 
 if __name__ == "__main__":

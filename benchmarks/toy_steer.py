@@ -240,19 +240,32 @@ def prepare(parser: argparse.ArgumentParser, args, overrides: list[str]) -> tupl
     return cfg, models, loras, units
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def parse_args(doc: str, name: str, preset: str, argv: list[str] | None) -> tuple:
+    """(parser, args, overrides, OUT/NAME.jsonl) of a script with the shared options, --out and --table-only."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="any other --section.field VALUE overrides the preset")
-    add_run_arguments(parser, preset="toy_ddim")
-    parser.add_argument("--out", default="runs/toy_steer")
-    parser.add_argument("--table-only", action="store_true", help="print the table of OUT/toy_steer.jsonl")
+    add_run_arguments(parser, preset=preset)
+    parser.add_argument("--out", default=f"runs/{name}")
+    parser.add_argument("--table-only", action="store_true", help=f"print the table of OUT/{name}.jsonl")
     args, overrides = parser.parse_known_args(argv)
-    out = Path(args.out)
-    log = out / "toy_steer.jsonl"
+    return parser, args, overrides, Path(args.out) / f"{name}.jsonl"
+
+
+def write_table(parser: argparse.ArgumentParser, log: Path, make_table) -> None:
+    """Print ``make_table`` of the log's rows and write it beside the log as NAME.md."""
+    if not log.is_file():
+        parser.error(f"no {log}; run without --table-only first")
+    text = make_table([json.loads(line) for line in log.read_text().splitlines() if line.strip()])
+    log.with_suffix(".md").write_text(text + "\n")
+    print(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser, args, overrides, log = parse_args(__doc__, "toy_steer", "toy_ddim", argv)
     if not args.table_only:
         cfg, models, loras, units = prepare(parser, args, overrides)
-        out.mkdir(parents=True, exist_ok=True)
+        log.parent.mkdir(parents=True, exist_ok=True)
         for seed, lora in zip(args.seeds, loras):
             for prefix, policy, scored in models[lora]:
                 for row in run_seed(policy, scored, cfg, units, seed, args.batch):
@@ -263,11 +276,7 @@ def main(argv: list[str] | None = None) -> None:
                         f.write(json.dumps(row) + "\n")
                     print(f"seed {seed} {row['method']}: toy_align {row['toy_align']:.4f} ({row['seconds']:.1f} s)",
                           file=sys.stderr, flush=True)
-    if not log.is_file():
-        parser.error(f"no {log}; run without --table-only first")
-    text = table([json.loads(line) for line in log.read_text().splitlines() if line.strip()])
-    (out / "toy_steer.md").write_text(text + "\n")
-    print(text)
+    write_table(parser, log, table)
 
 
 if __name__ == "__main__":
