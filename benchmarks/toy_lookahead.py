@@ -110,12 +110,12 @@ def main(argv: list[str] | None = None) -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
         for seed, lora in zip(args.seeds, loras):
             for prefix, policy, scored in models[lora]:
-                for row in run_seed(policy, scored, cfg, units, seed, args.batch):
-                    row = {"seed": seed, "model": prefix.rstrip("-") or "base", "lora": lora if prefix else None,
-                           "split": args.split, **row}
-                    with log.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
-                print(f"seed {seed} {prefix.rstrip('-') or 'base'}: done", file=sys.stderr, flush=True)
+                model = prefix.rstrip("-") or "base"
+                rows = [{"seed": seed, "model": model, "lora": lora if prefix else None, "split": args.split, **row}
+                        for row in run_seed(policy, scored, cfg, units, seed, args.batch)]
+                with log.open("a") as f:  # a seed's steps together: one write per seed and model
+                    f.writelines(json.dumps(row) + "\n" for row in rows)
+                print(f"seed {seed} {model}: done", file=sys.stderr, flush=True)
     write_table(parser, log, table)
 
 
