@@ -89,3 +89,27 @@ def test_a_deterministic_sampler_is_refused_in_one_line():
     code, out, err = run_main(["steer", "--quick", "--device", "cpu", "--sampling.eta", "0"])
     assert code == 2 and out == ""
     assert err.startswith("error: sampling.eta") and err.count("\n") == 1, err
+
+
+def test_the_toy_world_model_steers_by_toy_align(tmp_path):
+    """``--model toy``: b2fast:toy with the toy_ddim preset, scored by the exact toy_align; the same
+    UNet calls for plain and FK (CFG: one batch per step), every potential step scored."""
+    _, _, doc = run_quick(tmp_path, "steer", "--model", "toy", "--repeats", "1", "--sampling.num_steps", "4",
+                          "--schedule.min_interval", "2", "--schedule.max_interval", "4",
+                          "--sampling.prompts_per_batch", "2")
+    assert doc["model"] == "b2fast:toy" and doc["preset"].endswith("toy_ddim.yaml")
+    s = doc["settings"]
+    assert (s["reward"], s["reward_model"], s["prompts"]) == ("toy_align", "exact detector", 2)
+    [r] = doc["records"]
+    assert set(r) == MEASURED, r
+    st = s["steer"]
+    steps = resampling_steps(st["start"], st["every"], st["end"], 4)
+    assert r["potential_step_indices"] == steps and r["reward_images"] == len(steps) * 8
+    assert r["unet_calls_plain"] == r["unet_calls_fk"] == 4
+    report = bench_steer.format_report(doc)
+    assert "model: b2fast:toy" in report and "reward toy_align, exact detector" in report
+
+
+def test_steer_refuses_an_unknown_model_in_one_line():
+    code, out, err = run_main(["steer", "--device", "cpu", "--model", "sdxl"])
+    assert code == 2 and out == "" and "--model" in err

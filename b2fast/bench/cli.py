@@ -183,7 +183,8 @@ is not read) against plain sampling (b2fast.core.sampling.generate) of the same 
 batch: P = sampling.prompts_per_batch prompts, N = steer.particles; the same UNet calls. Reported:
 plain s, FK s, the overhead (FK - plain) and its share, its decode and reward seconds at the
 potential steps (timed by wrappers during the same calls), the number of potential steps, and the
-overhead per potential step per particle. Reward: clipscore on ViT-H-14 with random weights.
+overhead per potential step per particle. Reward: clipscore on ViT-H-14 with random weights
+(--model toy: toy_align on b2fast:toy).
 
 Model: SD 1.x with random weights saved in model.dtype (no downloads); --quick: the tiny test model,
 the tiny CLIP and tiny settings (CPU, seconds). Config overrides: --section.field VALUE, e.g.
@@ -326,6 +327,10 @@ def _add_sd_arguments(p: argparse.ArgumentParser, suite: str) -> None:
         add("--groups", type=_positive, metavar="G",
             help="branch groups of the synthetic stage, 2 kept trajectories each (default: "
                  "sampling.prompts_per_batch, one sampling batch)")
+    if suite == "steer":
+        add("--model", choices=LCM_MODELS, default="sd",
+            help="sd: SD 1.x shapes, random weights, clipscore ViT-H-14; toy: the toy world, b2fast:toy "
+                 "(toy_ddim preset: 20 DDIM steps, CFG) scored by toy_align, no decoder (default: %(default)s)")
     if suite == "lcm":
         add("--model", choices=LCM_MODELS, default="toy",
             help="toy: b2fast:toy vs b2fast:toy-lcm; sd: SD 1.x shapes, random weights (default: %(default)s)")

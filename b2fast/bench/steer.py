@@ -16,7 +16,10 @@ drift hits both), timed by ``time.perf_counter`` with the device synchronised be
 During the timed fk calls, wrappers around the policy's ``decode`` and the reward callable time
 each potential step's decode and scoring (also synchronised). Reward: ``clipscore`` on OpenCLIP
 ViT-H-14 with random weights (the stage suite's); model: SD 1.x with random weights in
-``model.dtype``; ``--quick``: the tiny test model and the tiny CLIP on a CPU, seconds.
+``model.dtype``; ``--quick``: the tiny test model and the tiny CLIP on a CPU, seconds. ``--model toy``:
+the toy world instead, ``b2fast:toy`` with the ``toy_ddim`` preset's sampling and prompts, scored by
+the exact ``toy_align`` (pixel space: decoding is a clamp), what ``benchmarks/toy_steer.py`` measures
+alignment with.
 
 Record fields: ``prompts``, ``particles``, ``images`` (P·N), ``num_steps``, ``potential_steps``
 (``len(resampling_steps(...))``, the last step included) and ``potential_step_indices``,
@@ -49,6 +52,7 @@ from b2fast.bench.common import summarize
 from b2fast.bench.sd import cell, progress
 
 REWARD = "clipscore"
+TOY_REWARD, TOY_MODEL = "toy_align", "b2fast:toy"
 
 
 def _sync(device: torch.device) -> None:
@@ -56,15 +60,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build_reward(quick: bool, device: torch.device):
-    """(reward(images, prompts) → float32 CPU scores, model name): clipscore, random weights."""
+def build_reward(quick: bool, device: torch.device, toy: bool = False):
+    """(reward(images, prompts) → float32 CPU scores, reward name, model name): clipscore with random
+    weights, or (``toy``) the toy world's exact toy_align."""
     from b2fast.rewards import build_reward as build
     from b2fast.rewards import score_images
     from b2fast.testing.tiny_clip import register_tiny_clip
 
+    if toy:
+        return partial(score_images, build(TOY_REWARD, {}, device), name=TOY_REWARD), TOY_REWARD, "exact detector"
     model = register_tiny_clip() if quick else "ViT-H-14"
     reward = build(REWARD, {"model_name": model, "pretrained": None}, device)
-    return partial(score_images, reward, name=REWARD), model
+    return partial(score_images, reward, name=REWARD), REWARD, f"{model} (random weights)"
 
 
 class Spans:
@@ -154,8 +161,10 @@ def measure(args: argparse.Namespace) -> dict:
     if cfg.sampling.eta <= 0:
         raise ValueError(f"sampling.eta: got {cfg.sampling.eta}, FK steering needs a stochastic sampler (eta > 0)")
     device = bench_sd.start(args)
-    policy = bench_sd.load_policy(cfg, bench_sd.model_folder(cfg, args.quick), device, baseline=False)
-    reward, model = build_reward(args.quick, device)
+    toy = args.model == "toy"
+    folder = TOY_MODEL if toy else bench_sd.model_folder(cfg, args.quick)
+    policy = bench_sd.load_policy(cfg, folder, device, baseline=False)
+    reward, reward_name, model = build_reward(args.quick, device, toy)
     prompts = bench_sd.prompts_of(cfg, cfg.sampling.prompts_per_batch)
     with bench_sd.backend_context(cfg):
         record = bench_sd.guarded("steer", partial(measure_steering, policy, prompts, cfg, reward, device, args),
@@ -164,8 +173,9 @@ def measure(args: argparse.Namespace) -> dict:
         progress(f"steer: plain {cell(record['plain_s'])} s, fk {cell(record['fk_s'])} s, overhead "
                  f"{cell(record['overhead_s'])} s")
     return {**bench_sd.header("steer", args, device), "timer": "time.perf_counter, device synchronised",
-            "settings": {"prompts": len(prompts), "particles": cfg.steer.particles, "reward": REWARD,
-                         "reward_model": f"{model} (random weights)", "steer": dataclasses.asdict(cfg.steer)},
+            **({"model": TOY_MODEL, "preset": args.config or "b2fast/configs/toy_ddim.yaml"} if toy else {}),
+            "settings": {"prompts": len(prompts), "particles": cfg.steer.particles, "reward": reward_name,
+                         "reward_model": model, "steer": dataclasses.asdict(cfg.steer)},
             "records": [record]}
 
 
