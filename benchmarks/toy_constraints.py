@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from toy_compare import mean_ci  # noqa: E402  (benchmarks/ is not a package)
-from toy_steer import TEMPLATES, noise_seed, parse_args, prepare, write_table  # noqa: E402
+from toy_steer import TEMPLATES, each_model, noise_seed, parse_args, prepare, write_table  # noqa: E402
 
 MEASURES = ("A present", "A shape", "B present", "B shape", "both shapes", "relation", "relation if both",
             "other relations if both", "relation gain", "success")
@@ -119,14 +119,12 @@ def main(argv: list[str] | None = None) -> None:
     if not args.table_only:
         cfg, models, loras, units = prepare(parser, args, overrides)
         log.parent.mkdir(parents=True, exist_ok=True)
-        for seed, lora in zip(args.seeds, loras):
-            for prefix, policy, _ in models[lora]:
-                model = prefix.rstrip("-") or "base"
-                row = {"seed": seed, "model": model, "lora": lora if prefix else None, "split": args.split,
-                       "prompt_seeds": len(units), "measures": run_seed(policy, cfg, units, seed, args.batch)}
-                with log.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(f"seed {seed} {model}: done", file=sys.stderr, flush=True)
+        for seed, model, lora, policy, _ in each_model(args, models, loras):
+            row = {"seed": seed, "model": model, "lora": lora, "split": args.split,
+                   "prompt_seeds": len(units), "measures": run_seed(policy, cfg, units, seed, args.batch)}
+            with log.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"seed {seed} {model}: done", file=sys.stderr, flush=True)
     write_table(parser, log, table)
 
 

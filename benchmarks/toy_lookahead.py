@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from toy_compare import mean_ci  # noqa: E402  (benchmarks/ is not a package)
-from toy_steer import N, balanced, noise_seed, parse_args, prepare, write_table  # noqa: E402
+from toy_steer import N, balanced, each_model, noise_seed, parse_args, prepare, write_table  # noqa: E402
 
 KEYS = ("pick", "random", "oracle", "captured", "corr")
 
@@ -108,14 +108,12 @@ def main(argv: list[str] | None = None) -> None:
     if not args.table_only:
         cfg, models, loras, units = prepare(parser, args, overrides)
         log.parent.mkdir(parents=True, exist_ok=True)
-        for seed, lora in zip(args.seeds, loras):
-            for prefix, policy, scored in models[lora]:
-                model = prefix.rstrip("-") or "base"
-                rows = [{"seed": seed, "model": model, "lora": lora if prefix else None, "split": args.split, **row}
-                        for row in run_seed(policy, scored, cfg, units, seed, args.batch)]
-                with log.open("a") as f:  # a seed's steps together: one write per seed and model
-                    f.writelines(json.dumps(row) + "\n" for row in rows)
-                print(f"seed {seed} {model}: done", file=sys.stderr, flush=True)
+        for seed, model, lora, policy, scored in each_model(args, models, loras):
+            rows = [{"seed": seed, "model": model, "lora": lora, "split": args.split, **row}
+                    for row in run_seed(policy, scored, cfg, units, seed, args.batch)]
+            with log.open("a") as f:  # a seed's steps together: one write per seed and model
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+            print(f"seed {seed} {model}: done", file=sys.stderr, flush=True)
     write_table(parser, log, table)
 
 

@@ -240,6 +240,14 @@ def prepare(parser: argparse.ArgumentParser, args, overrides: list[str]) -> tupl
     return cfg, models, loras, units
 
 
+def each_model(args, models: dict, loras: list):
+    """(seed, model name "base" or "lora", its LoRA run or None, policy, scored reward) for every seed
+    and model of ``prepare``'s result, in order."""
+    for seed, lora in zip(args.seeds, loras):
+        for prefix, policy, scored in models[lora]:
+            yield seed, prefix.rstrip("-") or "base", lora if prefix else None, policy, scored
+
+
 def parse_args(doc: str, name: str, preset: str, argv: list[str] | None) -> tuple:
     """(parser, args, overrides, OUT/NAME.jsonl) of a script with the shared options, --out and --table-only."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
@@ -266,16 +274,15 @@ def main(argv: list[str] | None = None) -> None:
     if not args.table_only:
         cfg, models, loras, units = prepare(parser, args, overrides)
         log.parent.mkdir(parents=True, exist_ok=True)
-        for seed, lora in zip(args.seeds, loras):
-            for prefix, policy, scored in models[lora]:
-                for row in run_seed(policy, scored, cfg, units, seed, args.batch):
-                    row = {"seed": seed, **row, "method": prefix + row["method"], "lora": lora if prefix else None,
-                           "split": args.split, "num_steps": cfg.sampling.num_steps,
-                           "steer": dataclasses.asdict(cfg.steer)}
-                    with log.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    print(f"seed {seed} {row['method']}: toy_align {row['toy_align']:.4f} ({row['seconds']:.1f} s)",
-                          file=sys.stderr, flush=True)
+        for seed, model, lora, policy, scored in each_model(args, models, loras):
+            prefix = "" if model == "base" else "lora-"
+            for row in run_seed(policy, scored, cfg, units, seed, args.batch):
+                row = {"seed": seed, **row, "method": prefix + row["method"], "lora": lora, "split": args.split,
+                       "num_steps": cfg.sampling.num_steps, "steer": dataclasses.asdict(cfg.steer)}
+                with log.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(f"seed {seed} {row['method']}: toy_align {row['toy_align']:.4f} ({row['seconds']:.1f} s)",
+                      file=sys.stderr, flush=True)
     write_table(parser, log, table)
 
 
