@@ -116,3 +116,35 @@ def test_pretraining_shares_the_folder_writer_and_refuses_bad_options(tmp_path, 
     assert json.loads((out / "alignment.json").read_text())["training"]["steps"] == 2
     assert pretrain.main(["--cfg-dropout", "1", "--out", str(tmp_path / "y")]) == 2
     assert "--cfg-dropout" in capsys.readouterr().err and not (tmp_path / "y").exists()
+
+
+def test_pretraining_continues_from_init_weights_and_weights_templates(tmp_path, capsys):
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    from b2fast.toy import pretrain
+    from b2fast.toy.grammar import parse
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--batch-size", "2", "--eval-images", "0", "--device", "cpu"]
+    assert pretrain.main(["--steps", "3", "--out", str(first), *common]) == 0
+    # a step at a vanishing learning rate, EMA = live weights: the continued model is its init
+    assert pretrain.main(["--steps", "1", "--lr", "1e-12", "--ema", "0", "--init", str(first), "--out", str(second),
+                          "--template-weights", "0", "0", "1", *common]) == 0
+    before, after = (load_file(f / "unet" / "diffusion_pytorch_model.safetensors") for f in (first, second))
+    assert before.keys() == after.keys()
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+    assert f"initial weights | {first}" in (second / "README.md").read_text()
+    _, prompts = pretrain._training_batch(np.random.default_rng(0), 32, 0.0, (0.0, 0.0, 1.0))
+    assert {parse(p).template for p in prompts} == {"spatial"}
+    _, prompts = pretrain._training_batch(np.random.default_rng(0), 64, 0.0, (1.0, 0.0, 1.0))
+    assert {parse(p).template for p in prompts} == {"attribute", "spatial"}
+    capsys.readouterr()
+    for bad, flag in ((["--init", str(tmp_path / "missing")], "--init"),
+                      (["--template-weights", "0", "0", "0"], "--template-weights"),
+                      (["--template-weights", "-1", "1", "1"], "--template-weights")):
+        assert pretrain.main([*bad, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and err.count("\n") == 1 and not (tmp_path / "bad").exists()
+

@@ -61,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     add_run_arguments(p, out="runs/toy-model", steps=3000, batch_size=64, lr=2e-3, ema=0.999)
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     p.add_argument("--cfg-dropout", type=float, default=0.1, help="probability of training on the empty prompt")
+    p.add_argument("--init", default=None, metavar="MODEL",
+                   help="continue from this toy model's weights (a folder or b2fast:toy) instead of a random init")
+    p.add_argument("--template-weights", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("ATTR", "TWO", "SPATIAL"),
+                   help="relative frequency of the attribute, two-object and spatial templates (default: 1 1 1)")
     return p
 
 
@@ -68,13 +72,24 @@ def _validate(args: argparse.Namespace) -> None:
     validate_run_arguments(args)
     if not 0 <= args.cfg_dropout < 1:
         raise ValueError(f"--cfg-dropout: got {args.cfg_dropout}, expected a number in [0, 1)")
+    weights = args.template_weights
+    if min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"--template-weights: got {list(weights)}, expected three numbers >= 0, not all 0")
+    if args.init:
+        init_folder(args.init)
 
 
-def _training_batch(rng: np.random.Generator, n: int, dropout: float) -> tuple[torch.Tensor, list[str]]:
-    """n renders of random training prompts (templates equally likely) and their captions, a
-    fraction ``dropout`` of which is "" so the model also learns the unconditional ε for CFG."""
+def _training_batch(rng: np.random.Generator, n: int, dropout: float,
+                    template_weights: tuple[float, ...] | None = None) -> tuple[torch.Tensor, list[str]]:
+    """n renders of random training prompts (templates equally likely, or in proportion to
+    ``template_weights``) and their captions, a fraction ``dropout`` of which is "" so the model
+    also learns the unconditional ε for CFG."""
     pools = [grammar_prompts(t, "train") for t in TEMPLATES]
-    picks = [pools[rng.integers(len(pools))] for _ in range(n)]
+    if template_weights is None:
+        picks = [pools[rng.integers(len(pools))] for _ in range(n)]
+    else:
+        p = np.asarray(template_weights, np.float64) / sum(template_weights)
+        picks = [pools[i] for i in rng.choice(len(pools), size=n, p=p)]
     prompts = [pool[rng.integers(len(pool))] for pool in picks]
     images = torch.from_numpy(sample_images(prompts, rng))
     return images, ["" if rng.random() < dropout else p for p in prompts]
@@ -131,8 +146,12 @@ class ToyTrainer:
 
 
 def train(args: argparse.Namespace, device: torch.device, folder: Path) -> dict:
-    """Build a random model in ``folder``, train it, overwrite its weights with the EMA."""
-    build_toy_model(folder, seed=args.seed)
+    """Build a random model in ``folder`` (or copy ``--init``'s), train it, overwrite its weights
+    with the EMA."""
+    if args.init:
+        copy_toy_model(args.init, folder)
+    else:
+        build_toy_model(folder, seed=args.seed)
     torch.manual_seed(args.seed)
     trainer = ToyTrainer(folder, args, device)
     rng = np.random.default_rng(args.seed)
@@ -140,7 +159,7 @@ def train(args: argparse.Namespace, device: torch.device, folder: Path) -> dict:
     losses, started = [], time.perf_counter()
     bar = tqdm(range(args.steps), desc="pretraining")
     for step in bar:
-        images, prompts = _training_batch(rng, args.batch_size, args.cfg_dropout)
+        images, prompts = _training_batch(rng, args.batch_size, args.cfg_dropout, args.template_weights)
         losses.append(trainer.step(images, prompts, generator))
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
@@ -183,6 +202,7 @@ fine-tuning with b2fast has to fix. Load it as `model.path: "b2fast:toy"`.
 |---|---|
 | command | `python -m b2fast.toy.pretrain {' '.join(argv)}` |
 | seed | {args.seed} |
+| initial weights | {args.init or 'random'} |
 | steps × batch | {args.steps} × {args.batch_size} |
 | final loss (mean of last 100 steps) | {stats['final_loss']:.4f} |
 | training time | {stats['seconds'] / 60:.1f} min on {name} (torch {torch.__version__}) |
@@ -198,6 +218,25 @@ fraction of constraints met; diversity = mean pairwise distance of 8×8-pooled i
 |---|---|---|---|---|---|
 {table}
 """
+
+
+def init_folder(source: str) -> Path:
+    """The folder of the toy model ``source`` (a folder, or ``b2fast:toy``), checked."""
+    from b2fast.toy.model import pretrained_path
+
+    src = pretrained_path() if source == "b2fast:toy" else Path(source)
+    if not all((src / part).is_dir() for part in ("unet", "text_encoder", "tokenizer", "scheduler")):
+        raise ValueError(f"--init: {source} is not a toy model folder (it needs unet/, text_encoder/, tokenizer/ "
+                         "and scheduler/); give a folder written by `python -m b2fast.toy.pretrain` or b2fast:toy")
+    return src
+
+
+def copy_toy_model(source: str, folder: Path) -> None:
+    """Copy the toy model ``source`` into ``folder`` to continue training it."""
+    src = init_folder(source)
+    for part in ("unet", "text_encoder", "tokenizer", "scheduler"):
+        shutil.copytree(src / part, folder / part, dirs_exist_ok=True)
+    shutil.copy(src / "model_index.json", folder / "model_index.json")
 
 
 def resolve_device(name: str) -> torch.device:
