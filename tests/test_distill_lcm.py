@@ -20,15 +20,19 @@ def test_boundary_scalings_make_f_the_identity_at_t_0_and_the_prediction_at_the_
     assert c_skip[1].item() < 1e-7 and c_out[1].item() == pytest.approx(1.0, abs=1e-6)
 
 
-def test_solved_trajectories_are_the_teachers_ddim_steps_and_their_interpolations():
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_solved_trajectories_are_the_teachers_ddim_steps_and_their_interpolations(tmp_path, prediction_type):
+    import shutil
     from argparse import Namespace
-    from pathlib import Path
 
     from diffusers import DDIMScheduler
 
     from b2fast.core.policy import resolve_model_path
+    from b2fast.toy.pretrain import set_prediction_type
 
-    teacher = Path(resolve_model_path("b2fast:toy"))
+    teacher = tmp_path / "teacher"   # the same weights read as a v-prediction model: the same math must follow
+    shutil.copytree(resolve_model_path("b2fast:toy"), teacher)
+    set_prediction_type(teacher, prediction_type)
     args = Namespace(seed=0, lr=1e-4, ema=0.9, batch_size=2)
     distiller = distill_lcm.Distiller(teacher, args, torch.device("cpu"))
     prompts, w = ["a red circle", "a blue square left of a green triangle"], torch.tensor([2.0, 5.0])
@@ -45,8 +49,10 @@ def test_solved_trajectories_are_the_teachers_ddim_steps_and_their_interpolation
         with torch.no_grad():  # one batch of both halves, as pipelines run CFG (at t = 999 x̂0 amplifies ε̂ 20,000×)
             eps_u, eps_c = distiller.teacher(torch.cat([x, x]), t, encoder_hidden_states=torch.cat(
                 [distiller.uncond.expand(2, -1, -1), cond])).sample.chunk(2)
-        eps = eps_c + w.view(-1, 1, 1, 1) * (eps_c - eps_u)
-        out = ddim.step(eps, t, x, eta=0.0)
+        guided = eps_c + w.view(-1, 1, 1, 1) * (eps_c - eps_u)
+        a_t, b_t = ddim.alphas_cumprod[t].sqrt(), (1 - ddim.alphas_cumprod[t]).sqrt()
+        eps = a_t * guided + b_t * x if prediction_type == "v_prediction" else guided
+        out = ddim.step(guided, t, x, eta=0.0)
         x = out.prev_sample
         torch.testing.assert_close(data.points[:, index - 2].float(), x, atol=2e-2, rtol=0)  # fp16 storage
         ab = ddim.alphas_cumprod[t - 20]                                 # the point between: same x̂0, ε̂
@@ -148,3 +154,41 @@ def test_pretraining_continues_from_init_weights_and_weights_templates(tmp_path,
         err = capsys.readouterr().err
         assert flag in err and err.count("\n") == 1 and not (tmp_path / "bad").exists()
 
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_pretraining_regresses_the_target_of_its_prediction_type(tmp_path, prediction_type):
+    import argparse
+
+    import torch
+
+    from b2fast.toy import pretrain
+    from b2fast.toy.model import build_toy_model
+
+    folder = build_toy_model(tmp_path / "m", seed=0)
+    pretrain.set_prediction_type(folder, prediction_type)
+    trainer = pretrain.ToyTrainer(folder, argparse.Namespace(lr=1e-3, steps=10, warmup=1, ema=0.9),
+                                  torch.device("cpu"))
+    images = torch.rand(4, 3, 32, 32)
+    x0 = images * 2 - 1
+
+    class Oracle(torch.nn.Module):
+        """Predicts the exact ε (or v) of x_t for the known x0: the regression target."""
+
+        def __init__(self, kind):
+            super().__init__()
+            self.kind, self.bias = kind, torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x_t, t, encoder_hidden_states):
+            ab = trainer.alphas[t].view(-1, 1, 1, 1)
+            eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+            out = ab.sqrt() * eps - (1 - ab).sqrt() * x0 if self.kind == "v_prediction" else eps
+            return argparse.Namespace(sample=out + self.bias)
+
+    losses = {}
+    for kind in ("epsilon", "v_prediction"):
+        trainer.unet = Oracle(kind)
+        trainer.optimizer = torch.optim.SGD(trainer.unet.parameters(), lr=0.0)
+        losses[kind] = trainer.step(images, ["a red circle"] * 4, torch.Generator().manual_seed(0))
+    other = "epsilon" if prediction_type == "v_prediction" else "v_prediction"
+    assert losses[prediction_type] < 1e-6 < losses[other]

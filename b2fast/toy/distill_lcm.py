@@ -106,7 +106,9 @@ class Distiller:
         self.tokenizer = CLIPTokenizer.from_pretrained(teacher / "tokenizer")
         self.text = CLIPTextModel.from_pretrained(teacher / "text_encoder").to(device).eval().requires_grad_(False)
         self.teacher = UNet2DConditionModel.from_pretrained(teacher / "unet").to(device).eval().requires_grad_(False)
-        self.alphas = DDIMScheduler.from_pretrained(teacher / "scheduler").alphas_cumprod.to(device)
+        scheduler = DDIMScheduler.from_pretrained(teacher / "scheduler")
+        self.alphas = scheduler.alphas_cumprod.to(device)
+        self.teacher_predicts_v = scheduler.config.prediction_type == "v_prediction"
         torch.manual_seed(args.seed)
         config = {k: v for k, v in self.teacher.config.items() if not k.startswith("_")}  # not the teacher's path
         self.student = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": GUIDANCE_DIM})
@@ -142,11 +144,14 @@ class Distiller:
         for t in range(1000 - 1, 0, -2 * stride):
             index = (t + 1) // stride - 1
             points[:, index] = x.cpu().half()
-            eps_u, eps_c = self.teacher(torch.cat([x, x]), torch.full((2 * n,), t, device=self.device),
+            out_u, out_c = self.teacher(torch.cat([x, x]), torch.full((2 * n,), t, device=self.device),
                                         encoder_hidden_states=text).sample.chunk(2)
-            eps = eps_c + scale * (eps_c - eps_u)                                       # CFG scale 1 + w
+            out = out_c + scale * (out_c - out_u)                                       # CFG scale 1 + w
             a, b = self._sqrt_ab(t)
-            x0 = ((x - b * eps) / a).clamp(-1, 1)
+            if self.teacher_predicts_v:                                                 # v = a·ε − b·x0
+                eps, x0 = a * out + b * x, (a * x - b * out).clamp(-1, 1)
+            else:
+                eps, x0 = out, ((x - b * out) / a).clamp(-1, 1)
             a, b = self._sqrt_ab(t - stride)
             points[:, index - 1] = (a * x0 + b * eps).cpu().half()
             a, b = self._sqrt_ab(t - 2 * stride)

@@ -1,11 +1,16 @@
-"""``python -m b2fast.toy.pretrain``: train the toy text-to-image model from scratch.
+"""``python -m b2fast.toy.pretrain``: train the toy text-to-image model from scratch (or go on
+training one, ``--init``).
 
-Standard ε-prediction diffusion training on clean renders of random *training* prompts (all
-three templates, equally often), UNet and text encoder together, with classifier-free-guidance
-dropout (the prompt replaced by "" 10% of the time) and an EMA of the weights, which is what
-gets saved. Short runs deliberately stop while attribute binding and relations are imperfect:
-that is what the RL fine-tuning then has to fix. At the end it measures alignment and writes a
-model card (README.md) next to the weights.
+Standard diffusion training (ε- or v-prediction) on clean renders of random *training* prompts
+(the three templates equally often, or as ``--template-weights`` says), UNet and text encoder
+together, with classifier-free-guidance dropout (the prompt replaced by "" 10% of the time) and
+an EMA of the weights, which is what gets saved. Short runs deliberately stop while attribute
+binding and relations are imperfect: that is what the RL fine-tuning then has to fix. At the end
+it measures alignment and writes a model card (README.md) next to the weights.
+
+Why v-prediction can matter here: the layout (where each object goes, so the spatial relation)
+is decided at the noisiest steps, where the ε loss barely depends on x₀ (its weight on x₀ errors
+is the signal-to-noise ratio ᾱ/(1−ᾱ), 0.006 at t = 951); the v loss weighs them like x₀ errors.
 """
 from __future__ import annotations
 
@@ -63,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-dropout", type=float, default=0.1, help="probability of training on the empty prompt")
     p.add_argument("--init", default=None, metavar="MODEL",
                    help="continue from this toy model's weights (a folder or b2fast:toy) instead of a random init")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon",
+                   help="what the UNet predicts: ε, or v = √ᾱ·ε − √(1−ᾱ)·x₀, whose loss weighs the high-noise steps "
+                        "that decide the layout (default: %(default)s)")
     p.add_argument("--template-weights", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("ATTR", "TWO", "SPATIAL"),
                    help="relative frequency of the attribute, two-object and spatial templates (default: 1 1 1)")
     return p
@@ -106,7 +114,9 @@ class ToyTrainer:
         self.tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
         self.unet = UNet2DConditionModel.from_pretrained(folder / "unet").to(device).train()
         self.text = CLIPTextModel.from_pretrained(folder / "text_encoder").to(device).train()
-        self.alphas = DDIMScheduler.from_pretrained(folder / "scheduler").alphas_cumprod.to(device)
+        scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+        self.alphas = scheduler.alphas_cumprod.to(device)
+        self.v_prediction = scheduler.config.prediction_type == "v_prediction"
         self.ema = [copy.deepcopy(self.unet).eval().requires_grad_(False),
                     copy.deepcopy(self.text).eval().requires_grad_(False)]
         params = list(self.unet.parameters()) + list(self.text.parameters())
@@ -125,7 +135,8 @@ class ToyTrainer:
         ab = self.alphas[t].view(-1, 1, 1, 1)
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
         pred = self.unet(x_t, t, encoder_hidden_states=self.text(ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
+        target = ab.sqrt() * noise - (1 - ab).sqrt() * x0 if self.v_prediction else noise
+        loss = F.mse_loss(pred, target)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(self.unet.parameters()) + list(self.text.parameters()), 1.0)
         self.optimizer.step()
@@ -152,6 +163,7 @@ def train(args: argparse.Namespace, device: torch.device, folder: Path) -> dict:
         copy_toy_model(args.init, folder)
     else:
         build_toy_model(folder, seed=args.seed)
+    set_prediction_type(folder, args.prediction_type)
     torch.manual_seed(args.seed)
     trainer = ToyTrainer(folder, args, device)
     rng = np.random.default_rng(args.seed)
@@ -203,6 +215,7 @@ fine-tuning with b2fast has to fix. Load it as `model.path: "b2fast:toy"`.
 | command | `python -m b2fast.toy.pretrain {' '.join(argv)}` |
 | seed | {args.seed} |
 | initial weights | {args.init or 'random'} |
+| prediction | {args.prediction_type} |
 | steps × batch | {args.steps} × {args.batch_size} |
 | final loss (mean of last 100 steps) | {stats['final_loss']:.4f} |
 | training time | {stats['seconds'] / 60:.1f} min on {name} (torch {torch.__version__}) |
@@ -237,6 +250,14 @@ def copy_toy_model(source: str, folder: Path) -> None:
     for part in ("unet", "text_encoder", "tokenizer", "scheduler"):
         shutil.copytree(src / part, folder / part, dirs_exist_ok=True)
     shutil.copy(src / "model_index.json", folder / "model_index.json")
+
+
+def set_prediction_type(folder: Path, prediction_type: str) -> None:
+    """Write ``prediction_type`` into the folder's scheduler config (samplers read it from there)."""
+    path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    config["prediction_type"] = prediction_type
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def resolve_device(name: str) -> torch.device:
