@@ -69,9 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-dropout", type=float, default=0.1, help="probability of training on the empty prompt")
     p.add_argument("--init", default=None, metavar="MODEL",
                    help="continue from this toy model's weights (a folder or b2fast:toy) instead of a random init")
-    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon",
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
                    help="what the UNet predicts: ε, or v = √ᾱ·ε − √(1−ᾱ)·x₀, whose loss weighs the high-noise steps "
-                        "that decide the layout (default: %(default)s)")
+                        "that decide the layout (default: the --init model's, else epsilon)")
     p.add_argument("--template-weights", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("ATTR", "TWO", "SPATIAL"),
                    help="relative frequency of the attribute, two-object and spatial templates (default: 1 1 1)")
     return p
@@ -94,7 +94,7 @@ def _training_batch(rng: np.random.Generator, n: int, dropout: float,
     ``template_weights``) and their captions, a fraction ``dropout`` of which is "" so the model
     also learns the unconditional ε for CFG."""
     pools = [grammar_prompts(t, "train") for t in TEMPLATES]
-    if template_weights is None:
+    if template_weights is None or len(set(template_weights)) == 1:  # the shipped model's data stream
         picks = [pools[rng.integers(len(pools))] for _ in range(n)]
     else:
         p = np.asarray(template_weights, np.float64) / sum(template_weights)
@@ -164,7 +164,8 @@ def train(args: argparse.Namespace, device: torch.device, folder: Path) -> dict:
         copy_toy_model(args.init, folder)
     else:
         build_toy_model(folder, seed=args.seed)
-    set_prediction_type(folder, args.prediction_type)
+    if args.prediction_type:
+        set_prediction_type(folder, args.prediction_type)
     torch.manual_seed(args.seed)
     trainer = ToyTrainer(folder, args, device)
     rng = np.random.default_rng(args.seed)
@@ -216,7 +217,7 @@ fine-tuning with b2fast has to fix. Load it as `model.path: "b2fast:toy"`.
 | command | `python -m b2fast.toy.pretrain {' '.join(argv)}` |
 | seed | {args.seed} |
 | initial weights | {args.init or 'random'} |
-| prediction | {args.prediction_type} |
+| prediction | {args.prediction_type or ('as --init' if args.init else 'epsilon')} |
 | steps × batch | {args.steps} × {args.batch_size} |
 | final loss (mean of last 100 steps) | {stats['final_loss']:.4f} |
 | training time | {stats['seconds'] / 60:.1f} min on {name} (torch {torch.__version__}) |
