@@ -199,6 +199,7 @@ def test_pretraining_regresses_the_target_of_its_prediction_type(tmp_path, predi
     for kind in ("epsilon", "v_prediction"):
         trainer.unet = Oracle(kind)
         trainer.optimizer = torch.optim.SGD(trainer.unet.parameters(), lr=0.0)
+        trainer.schedule = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda step: 1.0)
         losses[kind] = trainer.step(images, ["a red circle"] * 4, torch.Generator().manual_seed(0))
     other = "epsilon" if prediction_type == "v_prediction" else "v_prediction"
     assert losses[prediction_type] < 1e-6 < losses[other]
