@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -58,34 +57,25 @@ def data_x0(pair, relation: str, n: int, seed: int) -> torch.Tensor:
 
 
 class GuidedX0:
-    """x̂₀ of a diffusers-layout toy model at timestep t under classifier-free guidance (ε or v models)."""
+    """x̂₀ of a model under classifier-free guidance at a timestep of its ``num_steps``-step DDIM grid,
+    through the trainer's ``Policy`` (its text cache, CFG batch and ε/v handling)."""
 
-    def __init__(self, path: str):
-        from diffusers import DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+    def __init__(self, path: str, num_steps: int = 20):
+        from b2fast.config import ModelConfig
+        from b2fast.core.policy import Policy
 
-        from b2fast.core.policy import resolve_model_path
-
-        folder = Path(resolve_model_path(path))
-        self.unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
-        self.text = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
-        self.tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-        scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
-        self.alphas, self.v_prediction = scheduler.alphas_cumprod, scheduler.config.prediction_type == "v_prediction"
+        self.policy = Policy(ModelConfig(path=path, dtype="float32"), torch.device("cpu"), num_steps, 1.0)
+        self.grid = [int(t) for t in self.policy.steps.timesteps]
 
     @torch.no_grad()
     def __call__(self, prompt: str, noise: torch.Tensor, t: int, guidance_scale: float) -> torch.Tensor:
         n = noise.shape[0]
-        ids = self.tokenizer([prompt, ""], padding="max_length", max_length=self.text.config.max_position_embeddings,
-                             truncation=True, return_tensors="pt").input_ids
-        cond, uncond = self.text(ids)[0].chunk(2)
-        out = self.unet(torch.cat([noise, noise]), torch.full((2 * n,), t),
-                        encoder_hidden_states=torch.cat([cond.expand(n, -1, -1), uncond.expand(n, -1, -1)])).sample
-        out_c, out_u = out.chunk(2)
-        out = out_u + guidance_scale * (out_c - out_u)
-        a, b = self.alphas[t].sqrt(), (1 - self.alphas[t]).sqrt()
-        x0 = a * noise - b * out if self.v_prediction else (noise - b * out) / a
-        return x0.clamp(-1, 1)
+        index = torch.full((n,), self.grid.index(t), dtype=torch.long)
+        eps_u, eps_c = self.policy.predict_eps(noise, index, self.policy.embed([prompt]).expand(n, -1, -1),
+                                               guidance_scale)
+        eps = eps_c if eps_u is None else eps_u + guidance_scale * (eps_c - eps_u)
+        ab = self.policy.scheduler.alphas_cumprod[t]
+        return ((noise - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1, 1)
 
 
 def probe(model, timesteps: list[int], noises: int, guidance_scale: float, seed: int) -> list[dict]:
@@ -117,18 +107,21 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="b2fast:toy", help="toy model: b2fast:toy or a diffusers folder (default: %(default)s)")
-    p.add_argument("--timesteps", type=int, nargs="+", default=[951, 801, 601], help="noisy timesteps to probe")
+    p.add_argument("--timesteps", type=int, nargs="+", default=[951, 801, 601],
+                   help="noisy timesteps to probe, on the 20-step DDIM grid (951, 901, …, 1)")
     p.add_argument("--noises", type=int, default=64, help="noise samples per timestep (default: %(default)s)")
     p.add_argument("--guidance-scale", type=float, default=2.0, help="CFG scale of x̂₀ (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.noises < 1 or any(not 0 <= t < 1000 for t in args.timesteps):
-        p.error("--noises must be >= 1 and --timesteps in [0, 999]")
+    if args.noises < 1:
+        p.error("--noises must be >= 1")
     try:
         model = GuidedX0(args.model)
     except (OSError, ValueError) as exc:
         print(f"error: --model {args.model}: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
+    if any(t not in model.grid for t in args.timesteps):
+        p.error(f"--timesteps must be on the 20-step DDIM grid: {model.grid}")
     print(table(probe(model, args.timesteps, args.noises, args.guidance_scale, args.seed)))
     return 0
 

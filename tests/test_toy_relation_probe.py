@@ -1,6 +1,6 @@
 """benchmarks/toy_relation_probe.py: on clean renders (a model that knows the relation) every offset
 points the asked way; a model that ignores the relation word gives zero mean "along"; the CLI runs on
-the shipped toy model and refuses a wrong path in one line."""
+the shipped toy model and refuses a wrong path in one line and an off-grid timestep."""
 from __future__ import annotations
 
 import pytest
@@ -50,6 +50,9 @@ def test_cli_on_the_shipped_model_and_a_wrong_path(capsys, tmp_path):
     assert probe.main(["--timesteps", "901", "--noises", "2"]) == 0
     out = capsys.readouterr().out
     assert "| clean renders (data) |" in out and "| model, t = 901 |" in out
+    with pytest.raises(SystemExit) as stop:                       # off the 20-step grid
+        probe.main(["--timesteps", "950", "--noises", "2"])
+    assert stop.value.code == 2 and "--timesteps" in capsys.readouterr().err
     assert probe.main(["--model", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert "--model" in err and err.count("\n") == 1
