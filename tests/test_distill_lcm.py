@@ -165,7 +165,6 @@ def test_pretraining_continues_from_init_weights_and_weights_templates(tmp_path,
         assert flag in err and err.count("\n") == 1 and not (tmp_path / "bad").exists()
 
 
-
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_pretraining_regresses_the_target_of_its_prediction_type(tmp_path, prediction_type):
     import argparse
