@@ -7,6 +7,12 @@ B − A projected on the relation's direction ("left of": B is to the right, +x)
 that knows the relation makes positive. The same numbers on the clean renders the model was
 trained on give the scale (about +15 px); a model that ignores the relation word gives the same
 (dx, dy) for all four relations, so their "along" values cancel in pairs (left/right, above/below).
+That mean over colour pairs can also cancel a model that moves the objects by the relation word
+the right way for one pair and the wrong way for another, so the CLI also prints, per pair and in
+both word orders ("a A left of a B" and "a B left of a A"), how far "left of" and "right of" (and
+"above" and "below") pull the objects apart: about +30 px on clean renders, 0 where the word is
+ignored, negative where it is mirrored; a model that places objects by word order is positive in
+both orders.
 
     python benchmarks/toy_relation_probe.py --model b2fast:toy --guidance-scale 2
     python benchmarks/toy_relation_probe.py --model runs/toy-model --timesteps 951 801 601
@@ -93,6 +99,39 @@ def probe(model, timesteps: list[int], noises: int, guidance_scale: float, seed:
     return rows
 
 
+def swapped(pair: tuple[str, str, str, str]) -> tuple[str, str, str, str]:
+    """The same two objects named in the other order ("a B left of a A")."""
+    return pair[2], pair[3], pair[0], pair[1]
+
+
+def separations(model, timesteps: list[int], noises: int, guidance_scale: float, seed: int,
+                pairs=PAIRS) -> list[dict]:
+    """Per pair and word order: rows {pair, t, lr, ab}. ``lr`` = dx("left of") − dx("right of") of B − A,
+    ``ab`` = dy("above") − dy("below"): about +30 px on clean renders, 0 for a model that ignores the word,
+    negative for one that mirrors it. The mean over pairs in ``probe`` can hide moves of opposite sign in
+    different pairs; a model that binds objects by word order is positive in both orders of a pair."""
+    rows = []
+    for t in timesteps:
+        noise = torch.randn((noises, 3, 32, 32), generator=torch.Generator().manual_seed(seed + t))
+        for pair in [q for p in pairs for q in (p, swapped(p))]:
+            d = {r: offsets(model(f"a {pair[0]} {pair[1]} {r} a {pair[2]} {pair[3]}", noise, t, guidance_scale),
+                            pair, r) for r in RELATIONS}
+            rows.append(dict(pair=" ".join(pair), t=t, lr=d["left of"][0] - d["right of"][0],
+                             ab=d["above"][1] - d["below"][1]))
+    return rows
+
+
+def separation_table(rows: list[dict]) -> str:
+    timesteps = sorted({r["t"] for r in rows}, reverse=True)
+    lines = ["| A … B (x̂₀ at t) | " + " | ".join(f"t = {t}: left − right dx, above − below dy" for t in timesteps) + " |",
+             "|---|" + "---|" * len(timesteps)]
+    for pair in dict.fromkeys(r["pair"] for r in rows):
+        cells = {r["t"]: r for r in rows if r["pair"] == pair}
+        lines.append(f"| {pair} | " + " | ".join(f"{cells[t]['lr']:+.2f}, {cells[t]['ab']:+.2f}" for t in timesteps)
+                     + " |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| x̂₀ of | " + " | ".join(f"{r}: dx, dy (along)" for r in RELATIONS) + " | mean along |",
              "|---|" + "---|" * (len(RELATIONS) + 1)]
@@ -123,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(t not in model.grid for t in args.timesteps):
         p.error(f"--timesteps must be on the 20-step DDIM grid: {model.grid}")
     print(table(probe(model, args.timesteps, args.noises, args.guidance_scale, args.seed)))
+    print("\nper pair, in both word orders (clean renders: about +30, +30; the word ignored: 0, 0):")
+    print(separation_table(separations(model, args.timesteps, args.noises, args.guidance_scale, args.seed)))
     return 0
 
 

@@ -1,6 +1,7 @@
 """benchmarks/toy_relation_probe.py: on clean renders (a model that knows the relation) every offset
 points the asked way; a model that ignores the relation word gives zero mean "along"; the CLI runs on
-the shipped toy model and refuses a wrong path in one line and an off-grid timestep."""
+the shipped toy model and refuses a wrong path in one line and an off-grid timestep; per pair and
+word order, a mirrored pair shows where the mean over pairs would cancel it."""
 from __future__ import annotations
 
 import pytest
@@ -50,9 +51,35 @@ def test_cli_on_the_shipped_model_and_a_wrong_path(capsys, tmp_path):
     assert probe.main(["--timesteps", "901", "--noises", "2"]) == 0
     out = capsys.readouterr().out
     assert "| clean renders (data) |" in out and "| model, t = 901 |" in out
+    assert "per pair, in both word orders" in out and "| blue square red circle |" in out
     with pytest.raises(SystemExit) as stop:                       # off the 20-step grid
         probe.main(["--timesteps", "950", "--noises", "2"])
     assert stop.value.code == 2 and "--timesteps" in capsys.readouterr().err
     assert probe.main(["--model", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert "--model" in err and err.count("\n") == 1
+
+
+class MirrorsOnePair(Oracle):
+    """Knows the relations of every pair but draws the first listed pair's left/right mirrored."""
+
+    def __call__(self, prompt, noise, t, guidance_scale):
+        first = f"a {probe.PAIRS[0][0]} {probe.PAIRS[0][1]} "
+        if prompt.startswith(first) and ("left of" in prompt or "right of" in prompt):
+            flip = "right of" if "left of" in prompt else "left of"
+            prompt = prompt.replace("left of", "#").replace("right of", flip).replace("#", flip)
+        return super().__call__(prompt, noise, t, guidance_scale)
+
+
+def test_separations_per_pair_and_word_order():
+    knows = probe.separations(Oracle(ignore_relation=False), [900], 8, 2.0, 0)
+    assert len(knows) == 2 * len(probe.PAIRS)                       # each pair in both word orders
+    assert {r["pair"] for r in knows} >= {"red circle blue square", "blue square red circle"}
+    assert all(r["lr"] > 20 and r["ab"] > 20 for r in knows)
+    ignores = probe.separations(Oracle(ignore_relation=True), [900], 8, 2.0, 0)
+    assert all(r["lr"] == pytest.approx(0.0, abs=1e-6) for r in ignores)
+    mirrored = {r["pair"]: r["lr"] for r in probe.separations(MirrorsOnePair(False), [900], 8, 2.0, 0)}
+    first = " ".join(probe.PAIRS[0])
+    assert mirrored[first] < -20 and mirrored[" ".join(probe.swapped(probe.PAIRS[0]))] > 20
+    table = probe.separation_table(knows)
+    assert f"| {first} |" in table and "t = 900" in table
