@@ -122,9 +122,10 @@ def separations(model, timesteps: list[int], noises: int, guidance_scale: float,
 
 
 def separation_table(rows: list[dict]) -> str:
+    """Markdown: a row per pair and word order, a (left − right dx, above − below dy) cell per timestep."""
     timesteps = sorted({r["t"] for r in rows}, reverse=True)
-    lines = ["| A … B (x̂₀ at t) | " + " | ".join(f"t = {t}: left − right dx, above − below dy" for t in timesteps) + " |",
-             "|---|" + "---|" * len(timesteps)]
+    header = " | ".join(f"t = {t}: left − right dx, above − below dy" for t in timesteps)
+    lines = [f"| A … B (x̂₀ at t) | {header} |", "|---|" + "---|" * len(timesteps)]
     for pair in dict.fromkeys(r["pair"] for r in rows):
         cells = {r["t"]: r for r in rows if r["pair"] == pair}
         lines.append(f"| {pair} | " + " | ".join(f"{cells[t]['lr']:+.2f}, {cells[t]['ab']:+.2f}" for t in timesteps)
