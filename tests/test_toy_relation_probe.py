@@ -64,10 +64,11 @@ class MirrorsOnePair(Oracle):
     """Knows the relations of every pair but draws the first listed pair's left/right mirrored."""
 
     def __call__(self, prompt, noise, t, guidance_scale):
-        first = f"a {probe.PAIRS[0][0]} {probe.PAIRS[0][1]} "
-        if prompt.startswith(first) and ("left of" in prompt or "right of" in prompt):
-            flip = "right of" if "left of" in prompt else "left of"
-            prompt = prompt.replace("left of", "#").replace("right of", flip).replace("#", flip)
+        if prompt.startswith(f"a {probe.PAIRS[0][0]} {probe.PAIRS[0][1]} "):
+            if "left of" in prompt:
+                prompt = prompt.replace("left of", "right of")
+            elif "right of" in prompt:
+                prompt = prompt.replace("right of", "left of")
         return super().__call__(prompt, noise, t, guidance_scale)
 
 
