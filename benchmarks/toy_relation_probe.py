@@ -54,12 +54,21 @@ def offsets(images: torch.Tensor, pair: tuple[str, str, str, str], relation: str
     return float(d[0]), float(d[1]), float(d[0] * ux + d[1] * uy)
 
 
+def prompt_of(pair: tuple[str, str, str, str], relation: str) -> str:
+    """"a A relation a B" for the pair (colour A, shape A, colour B, shape B)."""
+    return f"a {pair[0]} {pair[1]} {relation} a {pair[2]} {pair[3]}"
+
+
+def swapped(pair: tuple[str, str, str, str]) -> tuple[str, str, str, str]:
+    """The same two objects named in the other order ("a B left of a A")."""
+    return pair[2], pair[3], pair[0], pair[1]
+
+
 def data_x0(pair, relation: str, n: int, seed: int) -> torch.Tensor:
     """Clean renders of the prompt in [−1, 1]: what a perfect model's x̂₀ averages over."""
     from b2fast.toy.world import sample_images
 
-    prompt = f"a {pair[0]} {pair[1]} {relation} a {pair[2]} {pair[3]}"
-    return torch.from_numpy(sample_images([prompt] * n, np.random.default_rng(seed))) * 2 - 1
+    return torch.from_numpy(sample_images([prompt_of(pair, relation)] * n, np.random.default_rng(seed))) * 2 - 1
 
 
 class GuidedX0:
@@ -84,41 +93,52 @@ class GuidedX0:
         return ((noise - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1, 1)
 
 
-def probe(model, timesteps: list[int], noises: int, guidance_scale: float, seed: int) -> list[dict]:
-    """Rows {source, t, relation, dx, dy, along} averaged over ``PAIRS``; source "data" is the clean renders."""
+def model_offsets(model, timesteps: list[int], noises: int, guidance_scale: float, seed: int,
+                  pairs) -> dict:
+    """{(pair, relation, t): (dx, dy, along)} of the model's x̂₀, the same noise for every prompt at a t."""
+    out = {}
+    for t in timesteps:
+        noise = torch.randn((noises, 3, 32, 32), generator=torch.Generator().manual_seed(seed + t))
+        for pair in pairs:
+            for relation in RELATIONS:
+                out[(pair, relation, t)] = offsets(model(prompt_of(pair, relation), noise, t, guidance_scale),
+                                                   pair, relation)
+    return out
+
+
+def both_orders(pairs) -> list[tuple[str, str, str, str]]:
+    """Each pair as listed, then swapped."""
+    return [q for p in pairs for q in (p, swapped(p))]
+
+
+def probe(model, timesteps: list[int], noises: int, guidance_scale: float, seed: int,
+          offs: dict | None = None) -> list[dict]:
+    """Rows {source, t, relation, dx, dy, along} averaged over ``PAIRS``; source "data" is the clean renders.
+    ``offs``: ``model_offsets`` already computed for (at least) ``PAIRS``."""
+    offs = offs or model_offsets(model, timesteps, noises, guidance_scale, seed, PAIRS)
     rows = []
     for relation in RELATIONS:
         values = np.mean([offsets(data_x0(p, relation, noises, seed), p, relation) for p in PAIRS], axis=0)
         rows.append(dict(source="data", t=0, relation=relation, **dict(zip(("dx", "dy", "along"), values))))
     for t in timesteps:
-        noise = torch.randn((noises, 3, 32, 32), generator=torch.Generator().manual_seed(seed + t))
         for relation in RELATIONS:
-            values = np.mean([offsets(model(f"a {p[0]} {p[1]} {relation} a {p[2]} {p[3]}", noise, t, guidance_scale),
-                                      p, relation) for p in PAIRS], axis=0)
+            values = np.mean([offs[(p, relation, t)] for p in PAIRS], axis=0)
             rows.append(dict(source="model", t=t, relation=relation, **dict(zip(("dx", "dy", "along"), values))))
     return rows
 
 
-def swapped(pair: tuple[str, str, str, str]) -> tuple[str, str, str, str]:
-    """The same two objects named in the other order ("a B left of a A")."""
-    return pair[2], pair[3], pair[0], pair[1]
-
-
 def separations(model, timesteps: list[int], noises: int, guidance_scale: float, seed: int,
-                pairs=PAIRS) -> list[dict]:
-    """Per pair and word order: rows {pair, t, lr, ab}. ``lr`` = dx("left of") − dx("right of") of B − A,
-    ``ab`` = dy("above") − dy("below"): about +30 px on clean renders, 0 for a model that ignores the word,
-    negative for one that mirrors it. The mean over pairs in ``probe`` can hide moves of opposite sign in
-    different pairs; a model that binds objects by word order is positive in both orders of a pair."""
-    rows = []
-    for t in timesteps:
-        noise = torch.randn((noises, 3, 32, 32), generator=torch.Generator().manual_seed(seed + t))
-        for pair in [q for p in pairs for q in (p, swapped(p))]:
-            d = {r: offsets(model(f"a {pair[0]} {pair[1]} {r} a {pair[2]} {pair[3]}", noise, t, guidance_scale),
-                            pair, r) for r in RELATIONS}
-            rows.append(dict(pair=" ".join(pair), t=t, lr=d["left of"][0] - d["right of"][0],
-                             ab=d["above"][1] - d["below"][1]))
-    return rows
+                offs: dict | None = None) -> list[dict]:
+    """Per pair of ``PAIRS`` and word order: rows {pair, t, lr, ab}. ``lr`` = dx("left of") − dx("right of")
+    of B − A, ``ab`` = dy("above") − dy("below"): about +30 px on clean renders, 0 for a model that ignores
+    the word, negative for one that mirrors it. The mean over pairs in ``probe`` can hide moves of opposite
+    sign in different pairs; a model that binds objects by word order is positive in both orders of a pair.
+    ``offs``: ``model_offsets`` already computed for both orders."""
+    pairs = both_orders(PAIRS)
+    offs = offs or model_offsets(model, timesteps, noises, guidance_scale, seed, pairs)
+    return [dict(pair=" ".join(pair), t=t, lr=offs[(pair, "left of", t)][0] - offs[(pair, "right of", t)][0],
+                 ab=offs[(pair, "above", t)][1] - offs[(pair, "below", t)][1])
+            for t in timesteps for pair in pairs]
 
 
 def separation_table(rows: list[dict]) -> str:
@@ -162,9 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if any(t not in model.grid for t in args.timesteps):
         p.error(f"--timesteps must be on the 20-step DDIM grid: {model.grid}")
-    print(table(probe(model, args.timesteps, args.noises, args.guidance_scale, args.seed)))
+    settings = (args.timesteps, args.noises, args.guidance_scale, args.seed)
+    offs = model_offsets(model, *settings, both_orders(PAIRS))      # one x̂₀ per prompt serves both tables
+    print(table(probe(model, *settings, offs=offs)))
     print("\nper pair, in both word orders (clean renders: about +30, +30; the word ignored: 0, 0):")
-    print(separation_table(separations(model, args.timesteps, args.noises, args.guidance_scale, args.seed)))
+    print(separation_table(separations(model, *settings, offs=offs)))
     return 0
 
 
