@@ -11,7 +11,7 @@ it measures alignment and writes a model card (README.md) next to the weights.
 ``--prediction-type v_prediction`` exists for the layout: where each object goes (so the spatial
 relation) is decided at the noisiest steps, where the ε loss barely depends on x₀ (its weight on
 x₀ errors is the signal-to-noise ratio ᾱ/(1−ᾱ), 0.006 at t = 951); the v loss weighs them like
-x₀ errors. README ("What limits train success") reports what it and the other options changed.
+x₀ errors. docs/toy-world-limits.md reports what it and the other options changed.
 """
 from __future__ import annotations
 
