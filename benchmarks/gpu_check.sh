@@ -6,12 +6,15 @@
 #   3. python -m b2fast.bench kernels --large (a batch of more than 1 GB of traffic),
 #   4. python -m b2fast.bench all (kernels, rewards, sample, train, stage; the stage composed from
 #      the parts measured just before),
-#   5. python -m b2fast.bench lcm --model sd (a B² stage of 128 images on an SD-shaped LCM vs DDIM).
+#   5. python -m b2fast.bench lcm --model sd (a B² stage of 128 images on an SD-shaped LCM vs DDIM),
+#   6. python -m b2fast.bench objectives (one stage's update per train.objective, SD 1.x shapes),
+#   7. python -m b2fast.bench steer (FK steering's cost beyond its particles' UNet calls, SD 1.x
+#      shapes, CLIPScore on ViT-H-14: the paper's schedule, then one late potential step).
 # Usage, from the repository root after `pip install -e .` with a CUDA torch:
-#   benchmarks/gpu_check.sh [OUT_DIR] [STEPS]     # STEPS: any of tests,sanitizer,kernels,all,lcm
+#   benchmarks/gpu_check.sh [OUT_DIR] [STEPS]     # STEPS: any of tests,sanitizer,kernels,all,lcm,objectives,steer
 set -uo pipefail
 out=${1:-gpu-check}
-steps=${2:-tests,sanitizer,kernels,all,lcm}
+steps=${2:-tests,sanitizer,kernels,all,lcm,objectives,steer}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python - <<'EOF' || exit 2
@@ -44,6 +47,14 @@ fi
 if want lcm; then
   python -m b2fast.bench lcm --model sd --sampling.batches_per_stage 4 --sampling.prompts_per_batch 8 \
     --sampling.branches 4 --json "$out/lcm.json" | tee "$out/lcm.md" || status=1
+fi
+if want objectives; then
+  python -m b2fast.bench objectives --json "$out/objectives.json" | tee "$out/objectives.md" || status=1
+fi
+if want steer; then
+  python -m b2fast.bench steer --json "$out/steer.json" | tee "$out/steer.md" || status=1
+  python -m b2fast.bench steer --steer.start 75 --steer.end 75 --json "$out/steer_late.json" \
+    | tee "$out/steer_late.md" || status=1
 fi
 echo "gpu_check: results in $out (exit $status)"
 exit $status
