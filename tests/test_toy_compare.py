@@ -355,7 +355,9 @@ def test_the_default_run_is_the_measured_lcm_setting(tmp_path):
     measured = tc.make_config("B2-DiffuRL", 0, tmp_path, [
         "--schedule.num_stages", "40", "--sampling.batches_per_stage", "16", "--selection.history_stages", "0",
         "--train.lr_schedule", "cosine", "--eval.splits", "[train,test]", "--eval.prompts_per_set", "24",
-        "--eval.images_per_prompt", "8"], lr=1e-3, policy="lcm")
+        "--eval.images_per_prompt", "8", "--train.clip_range", "1e-4", "--train.trajectories_per_step", "64",
+        "--train.epochs", "1", "--schedule.kind", "constant", "--schedule.min_interval", "4",
+        "--schedule.max_interval", "4"], lr=1e-2, policy="lcm")
     shipped = {name: value for name, value, _ in iter_fields(load_yaml("default"))}
     differ = [name for name, value, _ in iter_fields(measured)
               if value != shipped[name] and not name.startswith(("log.", "out", "checkpoint_every", "keep_checkpoints"))]
