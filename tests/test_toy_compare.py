@@ -348,16 +348,26 @@ def test_end_to_end_objective_on_the_same_branches(tmp_path):
 
 
 def test_the_default_run_is_the_measured_lcm_setting(tmp_path):
-    """README's five-seed measurement of the no-argument run comes from toy_compare.py (B2-DiffuRL,
-    --policy lcm and the overrides below): every field that shapes training must equal default.yaml's."""
+    """README's five-seed measurement of the no-argument run is a toy_compare.py command: every field that
+    shapes training in the config it builds must equal default.yaml's (so the README's numbers are the
+    preset's)."""
+    import argparse
+    import shlex
+
     from b2fast.config import iter_fields, load_yaml
 
-    measured = tc.make_config("B2-DiffuRL", 0, tmp_path, [
-        "--schedule.num_stages", "40", "--sampling.batches_per_stage", "16", "--selection.history_stages", "0",
-        "--train.lr_schedule", "cosine", "--eval.splits", "[train,test]", "--eval.prompts_per_set", "24",
-        "--eval.images_per_prompt", "8", "--train.clip_range", "1e-4", "--train.trajectories_per_step", "64",
-        "--train.epochs", "1", "--schedule.kind", "constant", "--schedule.min_interval", "4",
-        "--schedule.max_interval", "4"], lr=1e-2, policy="lcm")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### The default run"):]
+    start = section.index("run as `python benchmarks/toy_compare.py") + len("run as `")
+    command = shlex.split(section[start:section.index("`", start)])
+    parser = argparse.ArgumentParser()
+    for flag in ("--methods", "--lrs", "--seeds", "--eval-stages"):
+        parser.add_argument(flag, nargs="+")
+    parser.add_argument("--policy")
+    args, overrides = parser.parse_known_args(command[2:])
+    assert args.policy == "lcm" and "B2-DiffuRL" in args.methods and len(args.lrs) == 1
+    assert args.seeds == ["0", "1", "2", "3", "4"]
+    measured = tc.make_config("B2-DiffuRL", 0, tmp_path, overrides, lr=float(args.lrs[0]), policy="lcm")
     shipped = {name: value for name, value, _ in iter_fields(load_yaml("default"))}
     differ = [name for name, value, _ in iter_fields(measured)
               if value != shipped[name] and not name.startswith(("log.", "out", "checkpoint_every", "keep_checkpoints"))]
