@@ -421,7 +421,8 @@ def check_eval_stages(parser: argparse.ArgumentParser, args: argparse.Namespace,
                              f"({method}: schedule.num_stages = {n})")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also read by the test that checks README's default-run command)."""
     parser = argparse.ArgumentParser(
         prog="python benchmarks/toy_compare.py", description=__doc__.split("\n\n")[0],
         epilog="Any config field of python -m b2fast.train can follow as --section.field VALUE (applied to "
@@ -448,6 +449,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--table-only", action="store_true",
                         help="print the tables of OUT/results.json again and rewrite curves.md and curves.png, "
                              "without running anything")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     out = Path(args.out)
     if args.table_only:

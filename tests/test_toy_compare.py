@@ -351,7 +351,6 @@ def test_the_default_run_is_the_measured_lcm_setting(tmp_path):
     """README's five-seed measurement of the no-argument run is a toy_compare.py command: every field that
     shapes training in the config it builds must equal default.yaml's (so the README's numbers are the
     preset's)."""
-    import argparse
     import shlex
 
     from b2fast.config import iter_fields, load_yaml
@@ -360,14 +359,10 @@ def test_the_default_run_is_the_measured_lcm_setting(tmp_path):
     section = readme[readme.index("### The default run"):]
     start = section.index("run as `python benchmarks/toy_compare.py") + len("run as `")
     command = shlex.split(section[start:section.index("`", start)])
-    parser = argparse.ArgumentParser()
-    for flag in ("--methods", "--lrs", "--seeds", "--eval-stages"):
-        parser.add_argument(flag, nargs="+")
-    parser.add_argument("--policy")
-    args, overrides = parser.parse_known_args(command[2:])
+    args, overrides = tc.build_parser().parse_known_args(command[2:])
     assert args.policy == "lcm" and "B2-DiffuRL" in args.methods and len(args.lrs) == 1
-    assert args.seeds == ["0", "1", "2", "3", "4"]
-    measured = tc.make_config("B2-DiffuRL", 0, tmp_path, overrides, lr=float(args.lrs[0]), policy="lcm")
+    assert args.seeds == [0, 1, 2, 3, 4]
+    measured = tc.make_config("B2-DiffuRL", 0, tmp_path, overrides, lr=args.lrs[0], policy="lcm")
     shipped = {name: value for name, value, _ in iter_fields(load_yaml("default"))}
     differ = [name for name, value, _ in iter_fields(measured)
               if value != shipped[name] and not name.startswith(("log.", "out", "checkpoint_every", "keep_checkpoints"))]
