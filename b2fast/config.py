@@ -139,6 +139,7 @@ class TrainConfig:
     lr: float = _f(1e-4, "learning rate (nsgd: Euclidean length of each step in LoRA-weight space)")
     lr_schedule: str = _f("constant", f"one of {LR_SCHEDULES}: the stage's learning rate, lr throughout, or "
                                       "lr * (1 + cos(pi * stage / num_stages)) / 2 (late stages refine, not undo)")
+    lr_warmup_stages: int = _f(0, "stage s < this trains at (s+1)/(this+1) of the scheduled lr (0 = none)")
     momentum: float = _f(0.0, "nsgd: heavy-ball momentum over optimizer steps (0 = none)")
     max_step_gain: float = _f(0.0, "interval steps whose log-prob gradient gain |dmu/deps|/sigma_t exceeds this multiple "
                                    "of the median are not trained: the near-deterministic step to t=1 (gain 5-14x) "
@@ -430,8 +431,8 @@ _CHOICES = {"model.dtype": DTYPES, "model.attention": ATTENTION, "model.compile_
 _AT_LEAST = {"model.lora_rank": 1, "sampling.num_steps": 1, "sampling.branches": 1, "sampling.prompts_per_batch": 1,
              "sampling.batches_per_stage": 1, "sampling.unet_batch": 0, "schedule.num_stages": 1,
              "selection.history_stages": 0, "selection.buffer_size": 1, "train.trajectories_per_step": 1,
-             "train.epochs": 1, "eval.images_per_prompt": 1, "eval.prompts_per_set": 0, "log.grid_every": 0,
-             "log.grid_images": 1, "keep_checkpoints": 1, "checkpoint_every": 1}  # integer fields
+             "train.epochs": 1, "train.lr_warmup_stages": 0, "eval.images_per_prompt": 1, "eval.prompts_per_set": 0,
+             "log.grid_every": 0, "log.grid_images": 1, "keep_checkpoints": 1, "checkpoint_every": 1}  # integer fields
 
 
 def validate(cfg: Config, training: bool = True) -> Config:
@@ -470,21 +471,20 @@ def validate(cfg: Config, training: bool = True) -> Config:
            f"an integer in [1, selection.buffer_size={sel.buffer_size}]")
     for name in ("lr", "adam_eps", "clip_range", "adv_clip", "d3po_beta", "dpo_beta"):
         _check(getattr(t, name) > 0, f"train.{name}", getattr(t, name), "a number > 0")
-    _check(0 <= t.momentum < 1, "train.momentum", t.momentum, "a number in [0, 1)")
-    _check(t.max_step_gain == 0 or t.max_step_gain >= 1, "train.max_step_gain", t.max_step_gain,
-           "0 (train every step) or a number >= 1")
+    _check(t.max_step_gain == 0 or t.max_step_gain >= 1, "train.max_step_gain", t.max_step_gain, "0 or a number >= 1")
     for name in ("weight_decay", "max_grad_norm", "pos_weight", "neg_weight", "target_kl", "loser_guard"):
         _check(getattr(t, name) >= 0, f"train.{name}", getattr(t, name), "a number >= 0")
-    for name in ("adam_beta1", "adam_beta2"):
+    for name in ("adam_beta1", "adam_beta2", "momentum"):
         _check(0 <= getattr(t, name) < 1, f"train.{name}", getattr(t, name), "a number in [0, 1)")
     _check(t.objective == "ppo" or sel.kind == "b2", "train.objective", t.objective,
            "'ppo' with selection.kind 'ddpo' (the other objectives need B² branch groups)")
     _check(t.target_kl == 0 or t.objective == "ppo", "train.target_kl", t.target_kl, "0 (only ppo measures KL)")
     _check(0 < t.d3po_clip < 1, "train.d3po_clip", t.d3po_clip, "a number in (0, 1)")
+    _check(t.lr_warmup_stages < sc.num_stages, "train.lr_warmup_stages", t.lr_warmup_stages, "< schedule.num_stages")
     _check(t.micro_batch >= 0, "train.micro_batch", t.micro_batch, "an integer >= 1, or 0 for automatic")
     _check(bool(cfg.reward.name), "reward.name", cfg.reward.name, "a reward name or 'module:function'")
-    ev = cfg.eval
-    _check(all(sp in ("train", "test") for sp in ev.splits) and bool(ev.splits), "eval.splits", ev.splits,
+    splits = cfg.eval.splits
+    _check(all(sp in ("train", "test") for sp in splits) and bool(splits), "eval.splits", splits,
            "a non-empty list of 'train' / 'test'")
     _check(cfg.distributed.timeout_s > 0, "distributed.timeout_s", cfg.distributed.timeout_s, "a number > 0")
     _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),

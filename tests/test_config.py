@@ -48,6 +48,9 @@ def test_yaml_round_trip_and_overrides(tmp_path):
     (["--distributed.backend", "mpi"], "distributed.backend"),
     (["--distributed.timeout_s", "0"], "distributed.timeout_s"),
     (["--train.micro_batch", "-2"], "train.micro_batch"),
+    (["--train.lr_warmup_stages", "-1"], "train.lr_warmup_stages"),
+    (["--train.lr_warmup_stages", "100"], "train.lr_warmup_stages"),  # not below schedule.num_stages (100)
+    (["--train.momentum", "1"], "train.momentum"),
     (["--schedule.max_interval", "30"], "schedule.max_interval"),
     (["--selection.neg_threshold", "0.7"], "selection.neg_threshold"),
     (["--train.lr"], "train.lr"),

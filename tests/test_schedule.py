@@ -44,6 +44,16 @@ def test_stage_lr_constant_and_cosine():
         stage_lr(1e-3, "step", 0, 10)
 
 
+@pytest.mark.parametrize("kind", ["constant", "cosine"])
+def test_stage_lr_warmup_rises_linearly_then_follows_the_schedule(kind):
+    plain = [stage_lr(1e-2, kind, s, 40) for s in range(40)]
+    warm = [stage_lr(1e-2, kind, s, 40, warmup_stages=3) for s in range(40)]
+    assert warm[:3] == pytest.approx([plain[s] * (s + 1) / 4 for s in range(3)])
+    assert warm[3:] == plain[3:]  # the schedule itself is not shifted
+    assert all(a < b for a, b in zip(warm[:3], warm[1:4]))
+    assert [stage_lr(1e-2, kind, s, 40, warmup_stages=0) for s in range(40)] == plain
+
+
 @pytest.mark.parametrize("steps", [20, 50])
 def test_step_table_matches_diffusers(steps):
     from diffusers import DDIMScheduler

@@ -178,13 +178,15 @@ BUILTIN_SCHEDULES: dict[str, IntervalSchedule] = {
 }
 
 
-def stage_lr(lr: float, kind: str, stage: int, num_stages: int) -> float:
+def stage_lr(lr: float, kind: str, stage: int, num_stages: int, warmup_stages: int = 0) -> float:
     """The learning rate of ``stage``: ``lr`` ('constant'), or cosine-annealed from ``lr`` at stage 0
-    towards 0 ('cosine'). A function of the stage alone, so a resumed run continues it exactly."""
+    towards 0 ('cosine'), scaled by (stage + 1) / (warmup_stages + 1) during the first ``warmup_stages``
+    stages. A function of the stage alone, so a resumed run continues it exactly."""
+    warmup = min(1.0, (stage + 1) / (warmup_stages + 1))
     if kind == "constant":
-        return lr
+        return lr * warmup
     if kind == "cosine":
-        return lr * 0.5 * (1.0 + math.cos(math.pi * stage / num_stages))
+        return lr * warmup * 0.5 * (1.0 + math.cos(math.pi * stage / num_stages))
     raise ValueError(f"train.lr_schedule: got {kind!r}, expected one of {LR_SCHEDULES}")
 
 

@@ -190,7 +190,8 @@ class Trainer:
         z, selection = normalize_and_select(self.history, self.cfg.selection, table.prompts, table.rewards,
                                             table.group_ids, stage_generator(self.cfg.seed, stage, "null"))
         train_cfg = self._train_config(batch)
-        lr = stage_lr(self.cfg.train.lr, self.cfg.train.lr_schedule, stage, self.cfg.schedule.num_stages)
+        lr = stage_lr(self.cfg.train.lr, self.cfg.train.lr_schedule, stage, self.cfg.schedule.num_stages,
+                      self.cfg.train.lr_warmup_stages)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         trained = int(trained_positions(self.policy, batch, train_cfg).sum())  # interval steps trained
