@@ -47,8 +47,8 @@ def _lora(trainer):
 
 def test_resume_after_interruption_gives_identical_weights(tiny_sd_path, tmp_path):
     # the uninterrupted run also scores in the overlap worker: the results must not change; the
-    # cosine learning rate must continue where the interrupted run left it
-    cosine = ("--train.lr_schedule", "cosine")
+    # cosine learning rate (behind a one-stage warm-up) must continue where the interrupted run left it
+    cosine = ("--train.lr_schedule", "cosine", "--train.lr_warmup_stages", "1")
     full = Trainer(_cfg(tiny_sd_path, tmp_path / "full", "--sampling.overlap_reward", "on", *cosine))
     full.run()
     interrupted = Trainer(_cfg(tiny_sd_path, tmp_path / "cut", *cosine))
@@ -65,7 +65,7 @@ def test_resume_after_interruption_gives_identical_weights(tiny_sd_path, tmp_pat
         assert torch.equal(a[key], b[key]), key
     records = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in records] == [0, 1, 2]
-    assert [r["lr"] for r in records] == pytest.approx([1e-2, 1e-2 * 0.75, 1e-2 * 0.25])  # (1 + cos(pi s / 3)) / 2
+    assert [r["lr"] for r in records] == pytest.approx([1e-2 * 0.5, 1e-2 * 0.75, 1e-2 * 0.25])  # warm-up 1/2, cosine
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.25)
     samples = [json.loads(line) for line in (tmp_path / "cut" / "samples.jsonl").read_text().splitlines()]
     full_samples = (tmp_path / "full" / "samples.jsonl").read_text().splitlines()
