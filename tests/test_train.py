@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import shutil
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ def test_cli_runs_three_stages_and_writes_outputs(tiny_sd_path, tmp_path):
     assert (out / "reward_curve.png").stat().st_size > 0
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "checkpoints" / "latest").read_text().strip() == "stage-000002"
-    assert (out / "config.yaml").is_file()
+    assert (out / "config.yaml").is_file() and json.loads((out / "final.json").read_text()) == {"stages": 3}
     assert not list(out.rglob(".*.tmp")) and not list((out / "checkpoints").glob(".stage-*"))
 
 
@@ -169,7 +170,7 @@ def test_corrupt_checkpoint_gives_one_line_error(tiny_sd_path, tmp_path):
     assert result.returncode == 2 and "corrupt" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_checkpoint_folder_resume_new_run_over_old_and_lora_mismatch(tiny_sd_path, tmp_path):
+def test_checkpoint_folder_resume_new_run_over_old_and_lora_mismatch(tiny_sd_path, tmp_path, capsys):
     out = tmp_path / "run"
     assert main([*TINY, "--schedule.num_stages", "1", "--model.path", tiny_sd_path, "--out", str(out)]) == 0
     metrics = (out / "metrics.jsonl").read_text()
@@ -195,6 +196,15 @@ def test_checkpoint_folder_resume_new_run_over_old_and_lora_mismatch(tiny_sd_pat
     # a finished run resumed as it is: nothing to do, said so
     result = _run_cli("--resume", str(out))
     assert result.returncode == 0 and "nothing to do: the run has all 1 stages" in result.stdout
+    assert (out / "metrics.jsonl").read_text() == metrics
+    # ... but a stop during its final outputs (final.json comes last) gets them written, not "nothing to do"
+    shutil.rmtree(out / "lora")
+    (out / "final.json").unlink()
+    capsys.readouterr()
+    assert main(["--resume", str(out)]) == 0
+    assert "interrupted its final outputs: writing them now" in capsys.readouterr().out
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert json.loads((out / "final.json").read_text()) == {"stages": 1}
     assert (out / "metrics.jsonl").read_text() == metrics
 
     # other LoRA shape than the checkpoint's: says which setting, not "corrupt"
@@ -232,6 +242,18 @@ def test_diverged_weights_stop_the_run_before_their_checkpoint(tiny_sd_path, tmp
     with pytest.raises(ValueError, match="stage 0: the LoRA weights are no longer finite"):
         trainer.run_stage(0)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_resume_from_an_older_checkpoint_abandons_the_later_ones(tiny_sd_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*TINY, "--model.path", tiny_sd_path, "--out", str(out), "--keep_checkpoints", "3"]) == 0
+    capsys.readouterr()
+    Trainer(_cfg(tiny_sd_path, out, "--keep_checkpoints", "3"), resume=str(out / "checkpoints" / "stage-000000"))
+    assert "abandons: stage-000001, stage-000002" in capsys.readouterr().out
+    # a kill before the next checkpoint now resumes where the metrics end, not at the abandoned stage 2
+    assert (out / "checkpoints" / "latest").read_text().strip() == "stage-000000"
+    assert sorted(p.name for p in (out / "checkpoints").glob("stage-*")) == ["stage-000000"]
+    assert [json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0]
 
 
 def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):

@@ -75,6 +75,16 @@ def save_checkpoint(root: str | os.PathLike, policy, state: TrainerState, keep: 
     return final
 
 
+def adopt_checkpoint(ckpt: Path) -> list[str]:
+    """Make ``ckpt`` its run's newest checkpoint: ``latest`` names it and the later stages (a
+    continuation the resume abandons, as it drops their metrics) are removed; returns their names."""
+    later = sorted(p.name for p in ckpt.parent.glob("stage-*") if p.name > ckpt.name)
+    atomic_write_text(ckpt.parent / LATEST, ckpt.name + "\n")
+    for name in later:
+        shutil.rmtree(ckpt.parent / name, ignore_errors=True)
+    return later
+
+
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint folder, or a run folder whose ``checkpoints/latest`` names one (either may be
     the complete previous version of a folder whose replacement a kill interrupted)."""

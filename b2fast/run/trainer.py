@@ -20,8 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from b2fast import distributed
-from b2fast.run.checkpoint import (TrainerState, find_checkpoint, load_checkpoint, rng_state, save_checkpoint,
-                                   save_lora_folder, set_rng_state)
+from b2fast.run.checkpoint import (TrainerState, adopt_checkpoint, find_checkpoint, load_checkpoint, rng_state,
+                                   save_checkpoint, save_lora_folder, set_rng_state)
 from b2fast.config import Config, TrainConfig, differences, dump_yaml, to_dict, validate
 from b2fast.eval.evaluator import (EvalRow, default_eval_sets, evaluate_sets, format_comparison, format_rows,
                                    pick_prompts)
@@ -41,6 +41,7 @@ from b2fast.core.update import auto_micro_batch, make_optimizer, policy_update, 
 from b2fast.utils import atomic_write, atomic_write_text, check_writable, finite_json
 
 PURPOSES = {"prompts": 0, "noise": 1, "shuffle": 2, "null": 3}
+FINAL_NAME = "final.json"  # written last by _finish: the run's final outputs are complete
 # Fields that may change on resume without changing what the run computes.
 _RUN_ONLY = ("out:", "log.", "eval.", "checkpoint_every:", "keep_checkpoints:", "device:", "distributed.")
 # The settings the evaluation before training depends on: eval_before.json is reused only if equal.
@@ -137,6 +138,8 @@ class Trainer:
         if self.world.is_main:
             truncate_metrics(self.out, state.stage)
             print(f"resumed from {ckpt} at stage {self.start_stage}")
+            if ckpt.parent.parent.resolve() == self.out.resolve() and (dropped := adopt_checkpoint(ckpt)):
+                print(f"removed the later checkpoints of the continuation this resume abandons: {', '.join(dropped)}")
             changed = [c for c in differences(state.config, to_dict(self.cfg)) if not c.startswith(_RUN_ONLY)]
             if changed:
                 print(f"warning: resuming with settings that differ from the checkpoint's (the new values apply): "
@@ -315,13 +318,17 @@ class Trainer:
         while the other ranks wait (within ``distributed.timeout_s``)."""
         records = []
         main = self.world.is_main
-        if self.start_stage >= self.cfg.schedule.num_stages:
+        trained = self.start_stage >= self.cfg.schedule.num_stages
+        # rank 0's view of the output folder decides (the other ranks vote "finished")
+        if trained and distributed.min_int(self.world, int(self._finished() or not main), "final outputs check"):
             if main:
                 print(f"nothing to do: the run has all {self.cfg.schedule.num_stages} stages; raise "
                       "--schedule.num_stages to train further")
             return records
+        if trained and main:
+            print("the run has all its stages but a stop interrupted its final outputs: writing them now")
         before = self._evaluation_before() if self.cfg.eval.enabled and main else None
-        if before is not None:
+        if before is not None and not trained:
             print("alignment before training:\n" + format_rows({"before": before}) + "\n")
         distributed.barrier(self.world, "waiting for rank 0's evaluation before training")
         stages = range(self.start_stage, self.cfg.schedule.num_stages)
@@ -335,18 +342,26 @@ class Trainer:
         distributed.barrier(self.world, "waiting for rank 0's final outputs and evaluation")
         return records
 
+    def _finished(self) -> bool:
+        """Whether ``_finish`` wrote every final output of this stage count (final.json comes last)."""
+        try:
+            return json.loads((self.out / FINAL_NAME).read_text())["stages"] == self.cfg.schedule.num_stages
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
     def _finish(self, before: list[EvalRow] | None) -> None:
         """Reward curve, final LoRA folder and the after-training evaluation (rank 0)."""
         plot_reward_curve(self.out)
         save_lora_folder(self.policy, self.out / "lora")
         if before is not None:
             after = self.evaluate("after")
+            self._save_before_after()
             atomic_write_text(self.out / "eval.json", json.dumps(finite_json(
                 {"before": [r.as_dict() for r in before], "after": [r.as_dict() for r in after],
                  "differences": compare_rows(before, after)}), indent=1, allow_nan=False))
-            self._save_before_after()
             print("\nalignment before and after training (same seeds):\n"
                   + format_comparison({"before": before, "after": after}))
+        atomic_write_text(self.out / FINAL_NAME, json.dumps({"stages": self.cfg.schedule.num_stages}) + "\n")
         if self.tensorboard:
             self.tensorboard.close()
 
