@@ -16,6 +16,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from b2fast.utils import DEVICE_NAMES, is_device_name
 
 # Kernel backends of b2fast.ops (kept here too so the config stays torch-free).
 BACKENDS = ("auto", "cuda", "triton", "cpp", "torch")
@@ -36,7 +37,7 @@ DTYPES, ATTENTION = ("float32", "float16", "bfloat16"), ("auto", "sdpa", "xforme
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 OVERLAP, SCHEDULERS, REDUCTIONS = ("auto", "on", "off"), ("ddim", "lcm", "rlcm"), ("mean", "sum")
 # Objectives registered in b2fast.core.objectives (kept here too so the config stays torch-free;
-# tests/test_ppo.py checks the two lists agree).
+# tests/test_config.py checks the two lists agree).
 OBJECTIVES = ("ppo", "d3po", "dro", "dro_unpaired", "diffusion_dpo")
 PAIR_MODES, OPTIMIZERS, LR_SCHEDULES = ("thresholds", "always"), ("adamw", "nsgd"), ("constant", "cosine")
 
@@ -487,8 +488,7 @@ def validate(cfg: Config, training: bool = True) -> Config:
     _check(all(sp in ("train", "test") for sp in splits) and bool(splits), "eval.splits", splits,
            "a non-empty list of 'train' / 'test'")
     _check(cfg.distributed.timeout_s > 0, "distributed.timeout_s", cfg.distributed.timeout_s, "a number > 0")
-    _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
-           "device", cfg.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    _check(is_device_name(cfg.device), "device", cfg.device, DEVICE_NAMES)
     st = cfg.steer
     for name, low in (("particles", 1), ("lam", 0), ("start", 0), ("every", 1), ("end", st.start)):
         _check(getattr(st, name) >= low, f"steer.{name}", getattr(st, name), f"a number >= {low}")

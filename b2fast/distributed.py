@@ -71,9 +71,13 @@ def world_from_env() -> World:
 
 
 def resolve_device(name: str, world: World = World()) -> torch.device:
-    """``auto`` → this rank's GPU when CUDA is there, else the CPU; one GPU per rank."""
+    """``auto`` → this rank's GPU when CUDA is there, else the CPU; one GPU per rank. Every entry
+    point resolves its device here, so each refuses the same devices with the same one line."""
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device: {name!r} requested but CUDA is not available; use --device cpu")
+        raise ValueError(f"--device: got {name!r} but no CUDA device is visible; use --device cpu")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"--device: got {name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible "
+                         "(numbered from 0)")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and world.distributed:

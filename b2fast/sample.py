@@ -24,7 +24,8 @@ from pathlib import Path
 
 from b2fast.config import Config, ConfigError, apply_dict, apply_overrides, iter_fields, load_yaml, validate
 from b2fast.prompts import SPLITS
-from b2fast.utils import check_writable, finite_json, first_line, one_line_warnings
+from b2fast.utils import (ArgumentError, OneLineParser, atomic_write_text, check_writable, finite_json, first_line,
+                          one_line_warnings, require)
 
 DEFAULT_OUT = "samples"
 # Defaults without --config or --lora: the toy world's DDIM preset (DDIM samples any diffusers
@@ -53,15 +54,6 @@ are steps 5, 10, ..., 30 and 99 of 100, and steps 1, 2, ..., 6 and 19 of 20. --k
 writes each prompt and seed's highest-reward particle; --keep all writes every particle."""
 
 
-class ArgumentError(ValueError):
-    """A command-line argument is invalid; the message names it."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one 'error:' line from main, instead of usage + SystemExit
-        raise ArgumentError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
     from b2fast.train import preset_path
 
@@ -69,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     fields = "\n".join(f"  --{name} (default: {default!r})\n      {help}" for name, default, help in iter_fields(preset)
                        if name.startswith(SAMPLER_FIELDS))
     _, examples, settings = __doc__.split("\n\n")[:3]
-    p = _Parser(prog="python -m b2fast.sample", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = OneLineParser(prog="python -m b2fast.sample", formatter_class=argparse.RawDescriptionHelpFormatter,
                 allow_abbrev=False, description="Sample images of prompts with fixed seeds (base weights or a "
                                                  "trained LoRA), plain or FK-steered by a reward.",
                 epilog=f"examples:\n{examples}\n\n{settings}\n\n{FILES}\n\nconfig fields the sampler reads "
@@ -98,11 +90,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _require(ok: bool, name: str, value, allowed: str) -> None:
-    if not ok:
-        raise ArgumentError(f"{name}: got {value!r}, expected {allowed}")
-
-
 def build_config(args: argparse.Namespace, overrides: list[str], lora: Path | None) -> Config:
     """--config, else the LoRA's run config, else the default preset; then the shorthands, then
     ``--section.field`` overrides; validated for sampling (steering allowed)."""
@@ -128,12 +115,12 @@ def prepare(argv: list[str]):
     from b2fast.prompts import load_prompts
 
     args, overrides = _parser().parse_known_args(argv)
-    _require(args.images_per_prompt >= 1, "--images-per-prompt", args.images_per_prompt, "an integer >= 1")
-    _require(args.max_prompts >= 0, "--max-prompts", args.max_prompts, "an integer >= 0 (0 = all)")
-    _require(args.batch >= 1, "--batch", args.batch, "an integer >= 1")
-    _require(args.split in SPLITS, "--split", args.split, f"one of {SPLITS}")
-    _require(args.keep in KEEP, "--keep", args.keep, f"one of {KEEP}")
-    _require(all(p.strip() for p in args.prompt), "--prompt", args.prompt, "non-empty prompt texts")
+    require(args.images_per_prompt >= 1, "--images-per-prompt", args.images_per_prompt, "an integer >= 1")
+    require(args.max_prompts >= 0, "--max-prompts", args.max_prompts, "an integer >= 0 (0 = all)")
+    require(args.batch >= 1, "--batch", args.batch, "an integer >= 1")
+    require(args.split in SPLITS, "--split", args.split, f"one of {SPLITS}")
+    require(args.keep in KEEP, "--keep", args.keep, f"one of {KEEP}")
+    require(all(p.strip() for p in args.prompt), "--prompt", args.prompt, "non-empty prompt texts")
     check_writable(args.out, "--out", folder=True)
     lora = resolve_lora(args.lora) if args.lora else None
     cfg = build_config(args, overrides, lora)
@@ -223,7 +210,8 @@ def sample_all(policy, cfg: Config, prompts: list[str], args, scored) -> list[di
     from tqdm.auto import tqdm
 
     from b2fast.core.steering import fk_sample
-    from b2fast.run.outputs import labelled_grid
+    from b2fast.rewards.base import to_uint8
+    from b2fast.run.outputs import labelled_grid, save_png
 
     out, k_seeds, fk = Path(args.out), args.images_per_prompt, cfg.steer.kind == "fk"
     out.mkdir(parents=True, exist_ok=True)
@@ -244,8 +232,7 @@ def sample_all(policy, cfg: Config, prompts: list[str], args, scored) -> list[di
                 result, images = None, plain_sample(policy, texts, cfg.sampling, generators)
             for i, seed, particle, image, fields in _outputs(batch, images, result, args.keep):
                 name = f"p{i:0{width}d}_s{seed}" + ("" if particle is None else f"_k{particle}") + ".png"
-                pixels = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
-                Image.fromarray(np.ascontiguousarray(pixels.cpu().numpy())).save(out / name)
+                save_png(out / name, Image.fromarray(np.ascontiguousarray(to_uint8(image).permute(1, 2, 0).numpy())))
                 records.append({"file": name, "prompt_index": i, "prompt": prompts[i], "seed": seed, **fields})
                 pending.setdefault(i, []).append((seed, image.detach().cpu()))
                 done = pending[i]
@@ -256,7 +243,7 @@ def sample_all(policy, cfg: Config, prompts: list[str], args, scored) -> list[di
                                 for s in seeds]
                     else:
                         rows = [(prompts[i], [torch.stack([im for _, im in done])])]
-                    labelled_grid(rows).save(out / f"grid_p{i:0{width}d}.png")
+                    save_png(out / f"grid_p{i:0{width}d}.png", labelled_grid(rows))
                     del pending[i]
             bar.update(len(batch))
     return records
@@ -291,13 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     out = Path(args.out)
-    with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(finite_json(r)) + "\n" for r in records)  # a NaN reward: null
+    atomic_write_text(out / "samples.jsonl", "".join(json.dumps(finite_json(r)) + "\n" for r in records))  # NaN: null
     settings = {"model": cfg.model.path, "lora": str(lora) if lora else None, "seed": cfg.seed,
                 "images_per_prompt": args.images_per_prompt, "keep": args.keep, "prompts": prompts,
                 "sampling": dataclasses.asdict(s), "steer": dataclasses.asdict(st),
                 "reward": dataclasses.asdict(cfg.reward) if st.kind == "fk" else None}
-    (out / "sample.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(out / "sample.json", json.dumps(finite_json(settings), indent=2, allow_nan=False) + "\n")
     summary = ""
     if st.kind == "fk":
         rewards = [r["reward"] for r in records if r["reward"] == r["reward"]]

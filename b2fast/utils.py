@@ -1,6 +1,8 @@
-"""Small helpers shared by several layers: importing user callables, atomic file and folder writes."""
+"""Small helpers shared by several layers: importing user callables, one-line command-line errors,
+atomic file and folder writes. Standard library only, so every ``--help`` stays fast."""
 from __future__ import annotations
 
+import argparse
 import errno
 import importlib
 import json
@@ -14,6 +16,32 @@ from typing import Any, Callable
 
 # File name of LoRA weights, as diffusers' load_lora_weights expects it.
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+# Device names every entry point accepts.
+DEVICE_NAMES = "'auto', 'cpu', 'cuda' or 'cuda:N'"
+
+
+def is_device_name(name: str) -> bool:
+    return re.fullmatch(r"auto|cpu|cuda(:\d+)?", name) is not None
+
+
+class ArgumentError(ValueError):
+    """A command-line argument is invalid; the message names it."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors raise :class:`ArgumentError`: the CLI's ``main`` prints one
+    'error:' line (exit code 2) instead of the usage text."""
+
+    def error(self, message: str):
+        raise ArgumentError(message)
+
+
+def require(ok: bool, name: str, value, allowed: str) -> None:
+    """ArgumentError "NAME: got VALUE, expected ALLOWED" unless ``ok``."""
+    if not ok:
+        raise ArgumentError(f"{name}: got {value!r}, expected {allowed}")
 
 
 def load_callable(spec: str, field: str) -> Callable:

@@ -2,7 +2,7 @@
 Common random numbers.
 
 For each seed: one toy stage, or ``--stages`` of them (``--prompt``, the ``--reward`` ladder
-rung, the default preset with each variant's overrides) is sampled and trained by
+rung, the ``toy_ddim`` preset with each variant's overrides) is sampled and trained by
 ``Trainer.run_stage``; the reward of
 ``--images`` images of the prompt is measured before and after the update from the *same*
 starting noises, so the per-image differences are paired and their mean has a small standard
@@ -35,7 +35,7 @@ from b2fast.run.trainer import Trainer  # noqa: E402
 from b2fast.train import preset_path  # noqa: E402
 
 ONE_STEP = "--train.trajectories_per_step 4096 --train.epochs 1"
-VARIANTS = {  # name → overrides of the default preset
+VARIANTS = {  # name → overrides of the toy_ddim preset
     "adamw-default": "",
     "adamw-one-step": ONE_STEP,
     "nsgd": f"--train.optimizer nsgd --train.lr 3 {ONE_STEP}",

@@ -164,7 +164,7 @@ def test_unwritable_json_path_fails_before_measuring(suite, tmp_path, monkeypatc
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when no CUDA is visible")
 def test_cuda_without_a_gpu_is_a_one_line_error():
     code, _, err = run_main(["kernels", "--device", "cuda", "--quick"])
-    assert code == 2 and err.strip() == "error: --device: got 'cuda' but no CUDA device is visible"
+    assert code == 2 and err.strip() == "error: --device: got 'cuda' but no CUDA device is visible; use --device cpu"
 
 
 def test_shape_options_resolve_without_torch_work():

@@ -47,6 +47,8 @@ def test_yaml_round_trip_and_overrides(tmp_path):
      "sampling.cuda_graphs"),
     (["--distributed.backend", "mpi"], "distributed.backend"),
     (["--distributed.timeout_s", "0"], "distributed.timeout_s"),
+    (["--device", "cudaX"], "device"),
+    (["--device", "gpu"], "device"),
     (["--train.micro_batch", "-2"], "train.micro_batch"),
     (["--train.lr_warmup_stages", "-1"], "train.lr_warmup_stages"),
     (["--train.lr_warmup_stages", "100"], "train.lr_warmup_stages"),  # not below schedule.num_stages (100)

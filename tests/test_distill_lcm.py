@@ -150,11 +150,11 @@ def test_pretraining_continues_from_init_weights_and_weights_templates(tmp_path,
     for folder, kind in ((first, "epsilon"), (third, "v_prediction"), (tmp_path / "fourth", "v_prediction")):
         assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == kind
     # equal weights draw the same data stream as no weights (the shipped model's command reproduces)
-    same = [pretrain._training_batch(np.random.default_rng(1), 16, 0.1, w)[1] for w in (None, (2.0, 2.0, 2.0))]
+    same = [pretrain.training_batch(np.random.default_rng(1), 16, 0.1, w)[1] for w in (None, (2.0, 2.0, 2.0))]
     assert same[0] == same[1]
-    _, prompts = pretrain._training_batch(np.random.default_rng(0), 32, 0.0, (0.0, 0.0, 1.0))
+    _, prompts = pretrain.training_batch(np.random.default_rng(0), 32, 0.0, (0.0, 0.0, 1.0))
     assert {parse(p).template for p in prompts} == {"spatial"}
-    _, prompts = pretrain._training_batch(np.random.default_rng(0), 64, 0.0, (1.0, 0.0, 1.0))
+    _, prompts = pretrain.training_batch(np.random.default_rng(0), 64, 0.0, (1.0, 0.0, 1.0))
     assert {parse(p).template for p in prompts} == {"attribute", "spatial"}
     capsys.readouterr()
     for bad, flag in ((["--init", str(tmp_path / "missing")], "--init"),

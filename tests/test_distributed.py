@@ -169,6 +169,17 @@ def test_resolve_device_gives_each_rank_its_own_gpu_or_refuses():
             resolve_device("cuda:0", World(rank=1, size=2, local_rank=1))
 
 
+def test_resolve_device_refuses_a_gpu_that_is_not_there(monkeypatch):
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^--device: got 'cuda:0' but no CUDA device is visible; use --device cpu"):
+            resolve_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"got 'cuda:2' but only 2 CUDA device\(s\) are visible \(numbered from 0\)"):
+        resolve_device("cuda:2")
+
+
 def test_world_shards_batches_round_robin():
     assert World(rank=0, size=3).shard(7) == [0, 3, 6]
     assert World(rank=2, size=3).shard(7) == [2, 5]

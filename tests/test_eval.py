@@ -15,6 +15,7 @@ import b2fast.eval.evaluator
 import b2fast.rewards
 from b2fast.eval.cli import main, parse_reward_options, resolve_lora
 from b2fast.eval.evaluator import EvalRow, image_diversity, mean_pairwise_distance
+from b2fast.prompts import TOY_SETS
 from b2fast.utils import atomic_write_text, current_umask
 
 ROWS = ("score", "success", "diversity", "vendi")
@@ -190,6 +191,30 @@ def test_prompts_and_reward_default_to_the_runs(tiny_sd_path, loras, tmp_path, c
     assert main(common) == 2
     assert "quality: expected an integer in [1, 100], got 0" in _error_line(capsys)
     assert main([*common, "--reward", "jpeg_incompressibility"]) == 0
+
+
+@pytest.mark.parametrize("content", ["model: [unclosed\n", "- a list\n", ""])
+def test_unreadable_run_config_is_an_error_not_a_silent_default(tiny_sd_path, loras, tmp_path, capsys, content):
+    run = tmp_path / "run"
+    (run / "lora").mkdir(parents=True)
+    (run / "lora" / "pytorch_lora_weights.safetensors").write_bytes((loras / "untrained" /
+                                                                     "pytorch_lora_weights.safetensors").read_bytes())
+    (run / "config.yaml").write_text(content)
+    assert main(["--lora", str(run), "--device", "cpu"]) == 2
+    line = _error_line(capsys)
+    assert line.startswith(f"error: --lora: cannot read the run's settings from {run / 'config.yaml'} (")
+    assert "repair the file, or remove it and give --model and --reward" in line
+
+
+def test_default_eval_sets_follow_every_source_of_the_run(tmp_path):
+    from b2fast.eval.evaluator import default_eval_sets
+
+    assert default_eval_sets("toy") == default_eval_sets("toy_attribute,toy_spatial") == list(TOY_SETS)
+    assert default_eval_sets("animal_activity,color_fruit") == ["animal_activity", "color_fruit"]
+    mine = tmp_path / "toy_prompts.txt"  # a file whose name starts with "toy" is not the toy world
+    mine.write_text("a cat\n")
+    assert default_eval_sets(str(mine)) == [str(mine)]
+    assert default_eval_sets(f"toy_attribute,{mine}") == ["toy_attribute", str(mine)]
 
 
 @pytest.mark.parametrize("extra, fragment", [

@@ -34,7 +34,7 @@ import importlib
 import re
 import sys
 
-from b2fast.utils import one_line_warnings
+from b2fast.utils import DEVICE_NAMES, ArgumentError, OneLineParser, is_device_name, one_line_warnings, require
 
 # suite → (module with ``measure(args) -> JSON document`` and ``format_report(document) -> text``,
 # or ``run(args)`` for a suite of suites; one-line summary)
@@ -213,15 +213,6 @@ QUICK_CONFIG = [  # tiny settings of --quick (config overrides given on the comm
     "--schedule.max_interval", "6", "--train.micro_batch", "4", "--train.trajectories_per_step", "8"]
 
 
-class ArgumentError(ValueError):
-    """A command-line argument is invalid; the message names it."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one 'error:' line from main, instead of usage + SystemExit
-        raise ArgumentError(message)
-
-
 def _shape(text: str) -> tuple[int, ...]:
     """'40x4x64x64' → (40, 4, 64, 64): batch of one ε half, then the latent's C, H, W."""
     parts = re.split(r"[x×,]", text.strip().lower())
@@ -353,11 +344,11 @@ def _add_sd_arguments(p: argparse.ArgumentParser, suite: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m b2fast.bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = OneLineParser(prog="python -m b2fast.bench", formatter_class=argparse.RawDescriptionHelpFormatter,
                 description=__doc__.split("\n\n")[2],
                 epilog="examples:\n" + __doc__.split("\n\n")[1])
     sub = p.add_subparsers(dest="suite", metavar="SUITE", required=True,
-                           parser_class=_Parser)
+                           parser_class=OneLineParser)
     kernels = sub.add_parser("kernels", help=SUITES["kernels"][1], description=KERNELS_HELP,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_kernels_arguments(kernels)
@@ -385,8 +376,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_device(name: str) -> None:
-    if name not in ("auto", "cpu", "cuda") and re.fullmatch(r"cuda:\d+", name) is None:
-        raise ArgumentError(f"--device: got {name!r}, expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    require(is_device_name(name), "--device", name, DEVICE_NAMES)
 
 
 def validate_kernels(a: argparse.Namespace) -> argparse.Namespace:

@@ -48,19 +48,6 @@ def summarize(times: list[float]) -> dict:
     return {"ms": statistics.median(times), "ms_p20": q[0], "ms_p80": q[3]}
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device: got {name!r} but no CUDA device is visible")
-        if (device.index or 0) >= torch.cuda.device_count():
-            raise ValueError(f"--device: got {name!r}, only {torch.cuda.device_count()} "
-                             "CUDA device(s) visible")
-    return device
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

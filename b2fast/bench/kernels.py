@@ -57,7 +57,8 @@ import torch
 
 import b2fast
 from b2fast import ops
-from b2fast.bench.common import device_name, progress, resolve_device, sig, summarize, time_calls
+from b2fast.bench.common import device_name, progress, sig, summarize, time_calls
+from b2fast.distributed import resolve_device
 from b2fast.utils import one_line
 
 NUM_STEPS, ETA, GUIDANCE = 20, 1.0, 5.0  # SD sampling as in the default config

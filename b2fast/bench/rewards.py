@@ -59,8 +59,10 @@ from typing import Callable
 import torch
 
 import b2fast
-from b2fast.bench.common import (device_name, flop_count, matmul_ceiling, progress, resolve_device, sig,
+from b2fast.bench.common import (device_name, flop_count, matmul_ceiling, progress, sig,
                                  summarize, time_calls)
+from b2fast.distributed import resolve_device
+from b2fast.rewards.base import to_uint8
 from b2fast.utils import one_line
 
 STAGE_IMAGES = 1280                 # 32 batches × 8 prompts × 5 branches
@@ -99,8 +101,7 @@ def to_pil(images: torch.Tensor) -> list:
     """What the research scripts hand to the library: one uint8 PIL image per tensor, on the CPU."""
     from PIL import Image
 
-    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-    return [Image.fromarray(a) for a in pixels.permute(0, 2, 3, 1).cpu().numpy()]  # (N, H, W, 3)
+    return [Image.fromarray(a) for a in to_uint8(images).permute(0, 2, 3, 1).numpy()]  # (N, H, W, 3)
 
 
 def _with_preprocess(obj, preprocess: Callable):

@@ -29,7 +29,8 @@ from typing import Callable
 import torch
 
 import b2fast
-from b2fast.bench.common import device_name, progress, resolve_device, sig, summarize, time_calls
+from b2fast.bench.common import device_name, progress, sig, summarize, time_calls
+from b2fast.distributed import resolve_device
 from b2fast.bench.common import flop_counter_mode, matmul_ceiling
 from b2fast.config import Config, ModelConfig, to_dict
 from b2fast.utils import one_line

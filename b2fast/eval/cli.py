@@ -28,8 +28,8 @@ import yaml
 
 from b2fast.config import DTYPES, SCHEDULERS, Config, ModelConfig, SamplingConfig, apply_dict
 from b2fast.prompts import TOY_SETS
-from b2fast.utils import (LORA_WEIGHTS_NAME, check_writable, first_line, one_line_warnings,
-                          readable_folder)
+from b2fast.utils import (DEVICE_NAMES, LORA_WEIGHTS_NAME, ArgumentError, OneLineParser, check_writable, first_line,
+                          is_device_name, one_line_warnings, readable_folder, require)
 
 DEFAULT_MODEL = "b2fast:toy"
 DEFAULT_SETS = TOY_SETS
@@ -50,17 +50,8 @@ with a 95% percentile bootstrap interval over prompts (2,000 resamples, fixed se
 marks an interval that contains 0. More prompts narrow it: --prompts-per-set 0 takes all."""
 
 
-class ArgumentError(ValueError):
-    """A command-line argument is invalid; the message names it."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one 'error:' line from main, instead of usage + SystemExit
-        raise ArgumentError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m b2fast.eval", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = OneLineParser(prog="python -m b2fast.eval", formatter_class=argparse.RawDescriptionHelpFormatter,
                 description=DESCRIPTION,
                 epilog="examples:\n" + __doc__.split("\n\n")[1])  # the usage lines of the docstring
     add = p.add_argument
@@ -101,24 +92,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _require(ok: bool, name: str, value, allowed: str) -> None:
-    if not ok:
-        raise ArgumentError(f"{name}: got {value!r}, expected {allowed}")
-
-
 def validate_args(a: argparse.Namespace) -> argparse.Namespace:
     """Range checks of the plain arguments (paths, sets and rewards are checked when resolved)."""
-    _require(a.images_per_prompt >= 1, "--images-per-prompt", a.images_per_prompt, "an integer >= 1")
-    _require(a.prompts_per_set >= 0, "--prompts-per-set", a.prompts_per_set, "an integer >= 0 (0 = all)")
-    _require(a.num_steps >= 1, "--num-steps", a.num_steps, "an integer >= 1")
-    _require(a.guidance_scale >= 0, "--guidance-scale", a.guidance_scale, "a number >= 0")
-    _require(0 <= a.eta <= 1, "--eta", a.eta, "a number in [0, 1]")
-    _require(a.dtype in DTYPES, "--dtype", a.dtype, f"one of {DTYPES}")
-    _require(a.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", a.device) is not None,
-             "--device", a.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    require(a.images_per_prompt >= 1, "--images-per-prompt", a.images_per_prompt, "an integer >= 1")
+    require(a.prompts_per_set >= 0, "--prompts-per-set", a.prompts_per_set, "an integer >= 0 (0 = all)")
+    require(a.num_steps >= 1, "--num-steps", a.num_steps, "an integer >= 1")
+    require(a.guidance_scale >= 0, "--guidance-scale", a.guidance_scale, "a number >= 0")
+    require(0 <= a.eta <= 1, "--eta", a.eta, "a number in [0, 1]")
+    require(a.dtype in DTYPES, "--dtype", a.dtype, f"one of {DTYPES}")
+    require(is_device_name(a.device), "--device", a.device, DEVICE_NAMES)
     for split in a.splits:
-        _require(split in ("train", "test", "all"), "--splits", split, "'train', 'test' or 'all'")
-    _require(a.reward is None or len(set(a.reward)) == len(a.reward), "--reward", a.reward, "distinct reward names")
+        require(split in ("train", "test", "all"), "--splits", split, "'train', 'test' or 'all'")
+    require(a.reward is None or len(set(a.reward)) == len(a.reward), "--reward", a.reward, "distinct reward names")
     return a
 
 
@@ -132,13 +117,13 @@ def parse_reward_options(text: str, names: list[str]) -> dict[str, dict]:
     except yaml.YAMLError:
         options = None
     keyed = "a YAML/JSON mapping keyed by reward name, e.g. '{clipscore: {batch_size: 16}}'"
-    _require(isinstance(options, dict), "--reward-options", text,
+    require(isinstance(options, dict), "--reward-options", text,
              keyed + (", or the reward's own options, e.g. '{quality: 80}'" if len(names) == 1 else ""))
     if len(names) == 1 and set(options) != {names[0]}:
         return {names[0]: options}
     for key, value in options.items():
-        _require(key in names, "--reward-options", key, f"one of the --reward names {names} ({keyed})")
-        _require(isinstance(value, dict), f"--reward-options {key}", value, "a mapping of that reward's options")
+        require(key in names, "--reward-options", key, f"one of the --reward names {names} ({keyed})")
+        require(isinstance(value, dict), f"--reward-options {key}", value, "a mapping of that reward's options")
     return {name: options.get(name, {}) for name in names}
 
 
@@ -169,9 +154,13 @@ def run_config(lora: Path) -> dict:
         if config.is_file():
             try:
                 tree = yaml.safe_load(config.read_text(encoding="utf-8"))
-            except yaml.YAMLError:
-                return {}
-            return tree if isinstance(tree, dict) else {}
+                problem = None if isinstance(tree, dict) else "empty" if tree is None else "not a mapping"
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+                problem = first_line(exc)
+            if problem:  # the run's model, LoRA shape and reward come from it: never guess them
+                raise ArgumentError(f"--lora: cannot read the run's settings from {config} ({problem}); repair "
+                                    "the file, or remove it and give --model and --reward")
+            return tree
     return {}
 
 
@@ -216,7 +205,7 @@ def plan_sets(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
     plan = []
     for source in args.prompts:
         builtin = source in available_prompt_sets()
-        _require(builtin or Path(source).is_file(), "--prompts", source,
+        require(builtin or Path(source).is_file(), "--prompts", source,
                  f"a built-in prompt set {available_prompt_sets()} or an existing file")
         label = source if builtin else re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source).stem)
         for split in args.splits:
@@ -230,9 +219,8 @@ def evaluate_column(policy, plan, rewards: dict, cfg: SamplingConfig, args, colu
     """One EvalRow per (set, split), its images sampled once and scored by every reward; with
     ``out``, a grid per (set, split): one labelled row per prompt. ``keep`` gets each (set,
     split)'s images as uint8 on the CPU (4× smaller than float; the grids store 8 bits anyway)."""
-    import torch
-
     from b2fast.eval.evaluator import EvalRow, evaluate_prompts
+    from b2fast.rewards.base import to_uint8
     from b2fast.run.outputs import save_prompt_grid
 
     rows = []
@@ -242,7 +230,7 @@ def evaluate_column(policy, plan, rewards: dict, cfg: SamplingConfig, args, colu
         if out is not None:
             save_prompt_grid(out / f"grid_{label}_{split}_{column}.png", images, prompts, args.images_per_prompt)
         if keep is not None:
-            keep.append((images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu())
+            keep.append(to_uint8(images))
     return rows
 
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from b2fast.config import SamplingConfig
 from b2fast.core.policy import Policy
-from b2fast.prompts import TOY_SETS, load_prompts
+from b2fast.prompts import TOY_SETS, load_prompts, split_sources
 from b2fast.rewards import Reward, score_images
 from b2fast.core.sampling import generate
 from b2fast.eval.stats import compare_rows, format_differences
@@ -211,8 +211,10 @@ def evaluate_sets(policy: Policy, sets: list[str], splits: list[str], rewards: R
 
 
 def default_eval_sets(prompt_source: str) -> list[str]:
-    """What to evaluate when the config names no sets: the three toy templates for a toy run."""
-    return list(TOY_SETS) if prompt_source.startswith("toy") else [prompt_source]
+    """What to evaluate when the config names no sets: the three toy templates when every source is
+    a built-in toy set (a run on one template is still judged on all three), else each source."""
+    sources = split_sources(prompt_source)
+    return list(TOY_SETS) if all(s in ("toy", *TOY_SETS) for s in sources) else sources
 
 
 def format_rows(columns: dict[str, list[EvalRow]]) -> str:

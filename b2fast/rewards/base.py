@@ -23,6 +23,12 @@ RewardFactory = Callable[..., Reward]
 _REGISTRY: dict[str, RewardFactory] = {}
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] → uint8 on the CPU, the same shape: the pixels a PNG stores
+    (clamped, ×255, rounded half to even). Everything that saves or re-encodes images uses it."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
 def check_reward_inputs(images: torch.Tensor, prompts: Sequence[str]) -> None:
     """Images (N, 3, H, W) and one prompt per image, or a ValueError naming what is wrong."""
     if images.ndim != 4 or images.shape[1] != 3:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from b2fast.rewards.base import register_reward
+from b2fast.rewards.base import register_reward, to_uint8
 
 DEFAULT_QUALITY = 95  # DDPO's setting; PIL advises against quality above 95
 
@@ -32,8 +32,7 @@ def jpeg_sizes_kb(images: torch.Tensor, quality: int = DEFAULT_QUALITY) -> torch
     """
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images: expected shape (N, 3, H, W), got {tuple(images.shape)}")
-    pixels = (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
-    pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()  # (N, 3, H, W) -> (N, H, W, 3)
+    pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()  # (N, 3, H, W) -> (N, H, W, 3)
     sizes = []
     for array in pixels:
         buffer = io.BytesIO()

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from b2fast.rewards.base import to_uint8
 from b2fast.utils import append_jsonl, atomic_write, atomic_write_text
 
 SAMPLES = "samples.jsonl"
@@ -67,8 +68,7 @@ def _finite_or_none(x: float) -> float | None:
 
 def _uint8(images: torch.Tensor) -> np.ndarray:
     """(N, 3, H, W) in [0, 1] → (N, H, W, 3) uint8, as the PNG stores them."""
-    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+    return to_uint8(images).permute(0, 2, 3, 1).numpy()
 
 
 # Labelled grids (prompt text | images [| images ...]): a toy image is 32 px, so at 1× a row is
@@ -150,7 +150,8 @@ def labelled_grid(rows: list[tuple[str, list[torch.Tensor]]], headers: list[str]
     return picture
 
 
-def _save_png(path: str | Path, picture) -> None:
+def save_png(path: str | Path, picture) -> None:
+    """A PIL image as a PNG, written atomically (a kill leaves the old file or none)."""
     atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
@@ -172,7 +173,7 @@ def save_grid(path: str | Path, images: torch.Tensor, prompts: list[str] | None 
         rows = [("", [images[i:i + 8]]) for i in range(0, images.shape[0], 8)]
     else:
         rows = [(prompts[a], [images[a:b]]) for a, b in _runs(prompts)]
-    _save_png(path, labelled_grid(rows))
+    save_png(path, labelled_grid(rows))
 
 
 def _prompt_rows(columns: list[torch.Tensor], prompts: list[str], n_per_prompt: int) -> list:
@@ -183,14 +184,14 @@ def _prompt_rows(columns: list[torch.Tensor], prompts: list[str], n_per_prompt: 
 
 def save_prompt_grid(path: str | Path, images: torch.Tensor, prompts: list[str], n_per_prompt: int) -> None:
     """One row per prompt: the prompt written beside its ``n_per_prompt`` consecutive images."""
-    _save_png(path, labelled_grid(_prompt_rows([images], prompts, n_per_prompt)))
+    save_png(path, labelled_grid(_prompt_rows([images], prompts, n_per_prompt)))
 
 
 def save_comparison_grid(path: str | Path, columns: dict[str, torch.Tensor], prompts: list[str],
                          n_per_prompt: int) -> None:
     """One row per prompt: the prompt, then its images of each column (e.g. before | after,
     same seeds) side by side under the column names."""
-    _save_png(path, labelled_grid(_prompt_rows(list(columns.values()), prompts, n_per_prompt), list(columns)))
+    save_png(path, labelled_grid(_prompt_rows(list(columns.values()), prompts, n_per_prompt), list(columns)))
 
 
 def plot_reward_curve(out: str | Path, records: list[dict] | None = None) -> Path | None:

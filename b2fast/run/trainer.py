@@ -31,6 +31,7 @@ from b2fast.run.outputs import (TensorBoardLogger, log_metrics, log_samples, plo
 from b2fast.core.policy import Policy, hide_loading_progress
 from b2fast.prompts import load_prompts, prompt_pool
 from b2fast.rewards import build_reward
+from b2fast.rewards.base import to_uint8
 from b2fast.core.sampling import TrajectoryBatch, sample_branches
 from b2fast.core.schedule import resolve_schedule, stage_lr
 from b2fast.run.scoring import StageScorer
@@ -263,7 +264,7 @@ class Trainer:
                              ev.splits, {self.cfg.reward.name: self.reward}, self.cfg.sampling, ev.images_per_prompt,
                              ev.prompts_per_set, self.cfg.seed, images, progress=self.progress)
         grid = {f"{pick_prompts(load_prompts(name, split), ev.prompts_per_set)[0]}  ({name}, {split})":
-                (v[:ev.images_per_prompt].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+                to_uint8(v[:ev.images_per_prompt])
                 for (name, split), v in images.items()}
         save_prompt_grid(self.out / "images" / f"{label}.png", torch.cat(list(grid.values())).float() / 255,
                          list(grid), ev.images_per_prompt)

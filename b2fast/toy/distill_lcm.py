@@ -38,9 +38,9 @@ from tqdm.auto import tqdm
 
 from b2fast.core.policy import guidance_embedding
 from b2fast.toy.model import SCHEDULER, TEXT_LENGTH
-from b2fast.toy.pretrain import (_training_batch, add_run_arguments, measure_alignment, resolve_device,
-                                 validate_run_arguments, write_model_folder)
-from b2fast.utils import one_line_warnings
+from b2fast.distributed import resolve_device
+from b2fast.toy.pretrain import add_run_arguments, measure_alignment, training_batch, validate_run_arguments
+from b2fast.utils import atomic_write_folder, one_line_warnings
 
 GUIDANCE_DIM = 64       # the toy UNet's time-embedding width (4 × 16 channels)
 ORIGIN_STEPS = 50       # the LCM grid: t ∈ {19, 39, …, 999}, 20 apart
@@ -194,7 +194,7 @@ def distil(args: argparse.Namespace, device: torch.device, teacher: Path, folder
     started = time.perf_counter()
     parts = []
     for first in tqdm(range(0, args.trajectories, SOLVE_BATCH), desc="solving teacher trajectories"):
-        _, prompts = _training_batch(rng, min(SOLVE_BATCH, args.trajectories - first), 0.0)
+        _, prompts = training_batch(rng, min(SOLVE_BATCH, args.trajectories - first), 0.0)
         w = args.w_min + (args.w_max - args.w_min) * torch.rand(len(prompts), generator=generator)
         parts.append(distiller.solve(prompts, w, generator))
     data = Trajectories(*(torch.cat([getattr(p, k) for p in parts]) for k in ("points", "ends", "cond", "w")))
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         (folder / "alignment.json").write_text(json.dumps({"distillation": stats, "alignment": results}, indent=2))
         (folder / "README.md").write_text(model_card(args, argv, stats, device, results))
 
-    write_model_folder(Path(args.out), build)
+    atomic_write_folder(Path(args.out), build)  # a killed run leaves the old model or the new one
     print((Path(args.out) / "README.md").read_text())
     return 0
 

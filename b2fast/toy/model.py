@@ -14,6 +14,7 @@ from pathlib import Path
 from b2fast.testing.tiny_sd import build_clip_tokenizer, write_model_index
 from b2fast.toy.grammar import COLOURS, RELATIONS, SHAPES
 from b2fast.toy.world import CANVAS
+from b2fast.utils import readable_folder
 
 TEXT_LENGTH = 16  # the longest toy prompt, "a red circle left of a blue square", is 10 tokens
 SCHEDULER = dict(  # cosine betas suit 32×32 pixels; spacing and offset as in SD's scheduler
@@ -39,7 +40,7 @@ def pretrained_path(name: str = "pretrained") -> Path:
     (``b2fast:toy-lcm``, its latent consistency distillation)."""
     from importlib import resources
 
-    folder = Path(str(resources.files("b2fast.toy") / name))
+    folder = readable_folder(Path(str(resources.files("b2fast.toy") / name)))  # rebuilt in place by a killed run
     if not (folder / "unet").is_dir():
         raise ValueError(f"model.path: the toy model is not installed at {folder.name}/; build one with "
                          f"`python -m b2fast.toy.{BUILDERS[name]} --out DIR` and give DIR as the model path")

@@ -18,13 +18,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -34,7 +31,8 @@ from tqdm.auto import tqdm
 from b2fast.toy.grammar import TEMPLATES, prompts as grammar_prompts
 from b2fast.toy.model import TEXT_LENGTH, build_toy_model
 from b2fast.toy.world import sample_images
-from b2fast.utils import default_mode, one_line_warnings
+from b2fast.distributed import resolve_device
+from b2fast.utils import atomic_write_folder, one_line_warnings
 
 
 def add_run_arguments(p: argparse.ArgumentParser, out: str, steps: int, batch_size: int, lr: float,
@@ -88,7 +86,7 @@ def _validate(args: argparse.Namespace) -> None:
         init_folder(args.init)
 
 
-def _training_batch(rng: np.random.Generator, n: int, dropout: float,
+def training_batch(rng: np.random.Generator, n: int, dropout: float,
                     template_weights: tuple[float, ...] | None = None) -> tuple[torch.Tensor, list[str]]:
     """n renders of random training prompts (templates equally likely, or in proportion to
     ``template_weights``) and their captions, a fraction ``dropout`` of which is "" so the model
@@ -173,7 +171,7 @@ def train(args: argparse.Namespace, device: torch.device, folder: Path) -> dict:
     losses, started = [], time.perf_counter()
     bar = tqdm(range(args.steps), desc="pretraining")
     for step in bar:
-        images, prompts = _training_batch(rng, args.batch_size, args.cfg_dropout, args.template_weights)
+        images, prompts = training_batch(rng, args.batch_size, args.cfg_dropout, args.template_weights)
         losses.append(trainer.step(images, prompts, generator))
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
@@ -262,25 +260,6 @@ def set_prediction_type(folder: Path, prediction_type: str) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def resolve_device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
-
-
-def write_model_folder(out: Path, build: Callable[[Path], None]) -> None:
-    """``build`` fills a temporary sibling of ``out``, which then replaces ``out``: a killed run
-    leaves no half-written model behind."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        os.chmod(tmp, default_mode(folder=True))  # mkdtemp makes 0o700
-        build(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     one_line_warnings()
@@ -298,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         (folder / "alignment.json").write_text(json.dumps({"training": stats, "alignment": rows}, indent=2))
         (folder / "README.md").write_text(model_card(args, argv, stats, device, rows))
 
-    write_model_folder(Path(args.out), build)
+    atomic_write_folder(Path(args.out), build)  # a killed run leaves the old model or the new one
     print((Path(args.out) / "README.md").read_text())
     return 0
 
