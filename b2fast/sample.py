@@ -33,9 +33,9 @@ DEFAULT_OUT = "samples"
 SAMPLER_PRESET = "toy_ddim.yaml"
 KEEP = ("best", "all")
 # config fields the sampler reads (the rest of a run's config is carried along unused)
-SAMPLER_FIELDS = ("seed", "device", "backend", "model.", "sampling.num_steps", "sampling.guidance_scale",
-                  "sampling.eta", "sampling.cache_dtype", "sampling.unet_batch", "sampling.cuda_graphs",
-                  "reward.", "steer.")
+SAMPLER_FIELDS = ("seed", "device", "backend", "model.", "sampling.scheduler", "sampling.num_steps",
+                  "sampling.guidance_scale", "sampling.eta", "sampling.cache_dtype", "sampling.unet_batch",
+                  "sampling.cuda_graphs", "reward.", "steer.")
 SHORTHANDS = (("model", "model.path"), ("reward", "reward.name"), ("steer", "steer.kind"),
               ("fk_weights", "steer.weights"))
 FILES = """\

@@ -251,8 +251,9 @@ def finite_json(value: Any) -> Any:
     return value
 
 
-def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one JSON record as a single line (one write call, flushed)."""
+def append_jsonl(path: str | os.PathLike, records: dict | list[dict]) -> None:
+    """Append JSON records, one line each, in a single write call (flushed)."""
+    records = [records] if isinstance(records, dict) else records
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
         f.flush()

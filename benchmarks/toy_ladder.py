@@ -27,7 +27,7 @@ from b2fast.config import apply_overrides, load_yaml
 from b2fast.run.trainer import Trainer
 from b2fast.toy.ladder import RUNGS
 from b2fast.train import preset_path
-from b2fast.utils import atomic_write_text
+from b2fast.utils import atomic_write, atomic_write_text
 
 
 def run_rung(rung: str, seed: int, stages: int, out: Path, overrides: list[str],
@@ -88,7 +88,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_ylabel(RUNGS[rung][0])
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
 
 

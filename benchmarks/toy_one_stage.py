@@ -20,7 +20,6 @@ import argparse
 import json
 import shlex
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from b2fast.config import apply_overrides, load_yaml  # noqa: E402
 from b2fast.core.sampling import generate  # noqa: E402
 from b2fast.run.trainer import Trainer  # noqa: E402
 from b2fast.train import preset_path  # noqa: E402
+from b2fast.utils import atomic_write_text  # noqa: E402
 
 ONE_STEP = "--train.trajectories_per_step 4096 --train.epochs 1"
 VARIANTS = {  # name → overrides of the toy_ddim preset
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--stages must be >= 1, got {args.stages}")
     if not args.table_only:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "prompt.txt").write_text(args.prompt + "\n")
+        atomic_write_text(out / "prompt.txt", args.prompt + "\n")
         for seed in args.seeds:
             for name in args.variants:
                 for null in ([False, True] if args.null else [False]):

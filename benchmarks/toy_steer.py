@@ -49,6 +49,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from toy_compare import mean_ci  # noqa: E402  (benchmarks/ is not a package)
 
+from b2fast.utils import atomic_write_text  # noqa: E402
+
 N = 4  # best-of-N samples = FK particles
 TEMPLATES = ("toy_attribute", "toy_two_object", "toy_spatial")
 ORDER = ("plain", "best-of-4", "fk", "fk-adaptive")
@@ -265,7 +267,7 @@ def write_table(parser: argparse.ArgumentParser, log: Path, make_table) -> None:
     if not log.is_file():
         parser.error(f"no {log}; run without --table-only first")
     text = make_table([json.loads(line) for line in log.read_text().splitlines() if line.strip()])
-    log.with_suffix(".md").write_text(text + "\n")
+    atomic_write_text(log.with_suffix(".md"), text + "\n")
     print(text)
 
 

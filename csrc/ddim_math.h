@@ -13,7 +13,7 @@
 
 namespace b2fast {
 
-// Column layout of the (S, 6) per-step schedule table; must match b2fast/reference/ddim.py.
+// Column layout of the (S, 6) per-step schedule table; must match b2fast/kernels/table.py.
 enum TableColumn : int64_t {
   kSqrtAb = 0,      // √ᾱ_t
   kSqrt1mAb = 1,    // √(1−ᾱ_t)

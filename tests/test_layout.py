@@ -15,12 +15,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundations", ("b2fast.utils", "b2fast.config", "b2fast.distributed", "b2fast._C")),
-    ("ops, fixtures, prompt data", (
-        "b2fast", "b2fast.ops", "b2fast.kernels", "b2fast.testing", "b2fast.prompts",
-        "b2fast.toy", "b2fast.toy.grammar", "b2fast.toy.world", "b2fast.toy.detector",
-        "b2fast.toy.model")),
-    ("algorithm and rewards", ("b2fast.core", "b2fast.rewards", "b2fast.toy.reward", "b2fast.toy.ladder")),
+    ("kernels", ("b2fast._C", "b2fast.kernels")),
+    ("foundations", ("b2fast.utils", "b2fast.config", "b2fast.distributed")),
+    ("ops", ("b2fast", "b2fast.ops")),
+    ("data and fixtures", ("b2fast.testing", "b2fast.prompts", "b2fast.toy", "b2fast.toy.grammar", "b2fast.toy.world",
+                           "b2fast.toy.detector", "b2fast.toy.model")),
+    ("algorithm", ("b2fast.core",)),
+    ("rewards", ("b2fast.rewards", "b2fast.toy.reward", "b2fast.toy.ladder")),
     ("evaluation", ("b2fast.eval", "b2fast.eval.evaluator")),
     ("run machinery", ("b2fast.run",)),
     ("entry points", ("b2fast.train", "b2fast.sample", "b2fast.__main__", "b2fast.eval.cli", "b2fast.eval.__main__",

@@ -115,6 +115,18 @@ def test_untrained_steps_contribute_no_pairs_and_no_gradient(tiny_policy, branch
     assert sorted(seen) == [0, 0, 2, 2, 3, 3]
 
 
+def test_a_step_with_no_trained_position_is_not_taken(tiny_policy, branch_batch, monkeypatch):
+    """No unit to train: no optimizer step (under torchrun zero gradients would let AdamW's
+    momentum and weight decay move the weights, unlike one process)."""
+    import b2fast.core.update as update
+
+    scfg, batch = branch_batch
+    monkeypatch.setattr(update, "trained_positions", lambda policy, b, tcfg: torch.zeros(4, dtype=torch.bool))
+    stats, moved = _update(tiny_policy, TrainConfig(lr=1e-2, weight_decay=0.1, micro_batch=3,
+                                                    trajectories_per_step=2, epochs=1, max_step_gain=4.0), scfg, batch)
+    assert stats["optimizer_steps"] == 0 and moved == 0.0
+
+
 
 def test_target_kl_ends_the_update_before_a_step_past_it(tiny_policy, branch_batch):
     """The first step is on-policy (approx-KL 0) and always taken; once the weights moved, the next

@@ -42,6 +42,12 @@ def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, repe
     return [start.elapsed_time(end) for start, end in events]
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the GPU's queued work (a no-op on the CPU), before reading a wall clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def summarize(times: list[float]) -> dict:
     """median, p20, p80 of a list of times (ms)."""
     q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4

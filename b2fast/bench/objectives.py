@@ -52,16 +52,11 @@ from functools import partial
 import torch
 
 from b2fast.bench import sd as bench_sd, train as bench_train
-from b2fast.bench.common import summarize, time_calls
+from b2fast.bench.common import summarize, sync, time_calls
 from b2fast.bench.sd import cell, progress
 
 OBJECTIVES = ("ppo", "d3po", "dro", "dro_unpaired", "diffusion_dpo")
 REFERENCE_TERMS = frozenset({"ref_log_prob", "ref_error"})
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def synthetic_stage(policy, cfg, L: int, groups: int):
@@ -95,10 +90,10 @@ def time_update(policy, lora: dict, batch, selection, tcfg, scfg, device, warmup
     real, spent = update._reference_terms, []
 
     def timed_reference(*a, **kw):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         real(*a, **kw)
-        _sync(device)
+        sync(device)
         spent.append(time.perf_counter() - start)
 
     update_s, reference_s = [], []
@@ -107,10 +102,10 @@ def time_update(policy, lora: dict, batch, selection, tcfg, scfg, device, warmup
         for call in range(warmup + repeats):
             policy.load_lora_state_dict(lora)
             optimizer = update.make_optimizer(policy.lora_parameters(), tcfg)
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             update.policy_update(policy, optimizer, batch, selection, tcfg, scfg, torch.Generator().manual_seed(0))
-            _sync(device)
+            sync(device)
             if call >= warmup:
                 update_s.append(time.perf_counter() - start)
                 reference_s.append(spent[-1])

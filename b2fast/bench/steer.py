@@ -48,16 +48,11 @@ from functools import partial
 import torch
 
 from b2fast.bench import sd as bench_sd
-from b2fast.bench.common import summarize
+from b2fast.bench.common import summarize, sync
 from b2fast.bench.sd import cell, progress
 
 REWARD = "clipscore"
 TOY_REWARD, TOY_MODEL = "toy_align", "b2fast:toy"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build_reward(quick: bool, device: torch.device, toy: bool = False):
@@ -81,10 +76,10 @@ class Spans:
         self.fn, self.device, self.seconds = fn, device, []
 
     def __call__(self, *a, **kw):
-        _sync(self.device)
+        sync(self.device)
         start = time.perf_counter()
         out = self.fn(*a, **kw)
-        _sync(self.device)
+        sync(self.device)
         self.seconds.append(time.perf_counter() - start)
         return out
 
@@ -118,10 +113,10 @@ def measure_steering(policy, prompts: list[str], cfg, reward, device: torch.devi
                          torch.Generator().manual_seed(cfg.seed + 1))
 
     def timed(fn) -> float:
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         return time.perf_counter() - start
 
     plain_s, fk_s, decode_s, reward_s = [], [], [], []

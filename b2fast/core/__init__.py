@@ -7,5 +7,6 @@ branch per group) → ``objectives`` (the losses, by ``train.objective``) → ``
 stage's optimisation: accumulation, clipping, AdamW).
 
 Imports only downward: ``b2fast.ops`` (the fused elementwise ops), ``config``, ``utils``,
-``distributed``. Nothing here knows about runs, files or rewards.
+``distributed``, and the prompt data and test fixtures (``policy`` maps the ``b2fast:toy``-style
+model names to their folders). Nothing here knows about runs, files or rewards.
 """

@@ -16,10 +16,13 @@ z                      ``(r − mean_p) / (std_p + 1e-8)``
 branch group           the K branches forked from one trunk: same ``group_ids`` value
 =====================  ==============================================================
 
-The stage loop calls, once per stage and with *all* of that stage's rewards::
+The stage loop calls :func:`normalize_and_select` once per stage with *all* of that stage's
+rewards; for B²-DiffuRL's history tracker it does::
 
     z = normalize_stage(history, prompts, rewards)     # adds the stage, then normalises
     sel = select(z, group_ids, pos_threshold, neg_threshold)
+
+(DDPO's per-prompt tracker keeps every sample instead), then applies ``selection.null_control``.
 
 ``Selection.pairs`` holds each group's (best, worst) branch pair for the pair objectives
 (``train.objective`` d3po, dro, diffusion_dpo): by default a group gives a pair when both its

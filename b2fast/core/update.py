@@ -279,9 +279,12 @@ def policy_update(policy: Policy, optimizer: torch.optim.Optimizer, batch: Traje
             items = chunk.repeat(L)                                            # (T·L,)
             positions = step_order[chunk].T.reshape(-1)                        # (T·L,)
             mine = local[items] & trained[positions]                           # units this rank trains
+            n_units = int(trained[positions].sum())                            # the same on every rank
+            if n_units == 0:  # nothing to train: no step on any rank (AdamW would move weights on zeros)
+                continue
             device = batch.latents.device
             _optimizer_step(policy, optimizer, batch, units, items[mine].to(device), positions[mine].to(device),
-                            int(trained[positions].sum()), objective, needs, tcfg, scfg, stats, progress, world)
+                            n_units, objective, needs, tcfg, scfg, stats, progress, world)
             if stats.kl_stopped:
                 break
         if stats.kl_stopped:

@@ -24,7 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from b2fast.ops.reference.ddim import TABLE_COLUMNS
+from b2fast.kernels.table import DIR_COEF, LOG_SIGMA, SIGMA, SQRT_1M_AB, SQRT_AB, SQRT_AB_PREV, TABLE_COLUMNS
+
+# load_step_row reads the row's scalars at offsets 0 … 5 in this order
+assert (SQRT_AB, SQRT_1M_AB, SQRT_AB_PREV, DIR_COEF, SIGMA, LOG_SIGMA) == tuple(range(TABLE_COLUMNS))
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 HALF_LOG_2PI: tl.constexpr = tl.constexpr(0.5 * math.log(2.0 * math.pi))

@@ -13,10 +13,7 @@ import torch
 from torch import Tensor
 
 from b2fast.kernels import branch_fork, ddim_logprob, ddim_step, fork_index
-
-
-def _compute_dtype(eps_cond: Tensor) -> torch.dtype:
-    return torch.float64 if eps_cond.dtype == torch.float64 else torch.float32
+from b2fast.kernels._common import compute_dtype
 
 
 def _reduction(reduce_mean: bool) -> str:
@@ -37,7 +34,7 @@ def ddim_step_with_logprob(eps_uncond: Optional[Tensor], eps_cond: Tensor, guida
 def _(eps_uncond, eps_cond, guidance_scale, x_t, noise, table, step_index, out_dtype,
       clip_sample_range, reduce_mean):
     return (eps_cond.new_empty(eps_cond.shape, dtype=out_dtype),
-            eps_cond.new_empty(eps_cond.shape[:1], dtype=_compute_dtype(eps_cond)))
+            eps_cond.new_empty(eps_cond.shape[:1], dtype=compute_dtype(eps_cond)))
 
 
 @torch.library.custom_op("b2fast_triton::ddim_logprob", mutates_args=())
@@ -52,7 +49,7 @@ def ddim_logprob_op(eps_uncond: Optional[Tensor], eps_cond: Tensor, guidance_sca
 @ddim_logprob_op.register_fake
 def _(eps_uncond, eps_cond, guidance_scale, x_t, x_prev, table, step_index, clip_sample_range,
       reduce_mean):
-    return eps_cond.new_empty(eps_cond.shape[:1], dtype=_compute_dtype(eps_cond))
+    return eps_cond.new_empty(eps_cond.shape[:1], dtype=compute_dtype(eps_cond))
 
 
 @torch.library.custom_op("b2fast_triton::ddim_logprob_backward", mutates_args=())

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from b2fast.rewards.base import to_uint8
-from b2fast.utils import append_jsonl, atomic_write, atomic_write_text
+from b2fast.utils import append_jsonl, atomic_write, atomic_write_text, finite_json
 
 SAMPLES = "samples.jsonl"
 METRICS = "metrics.jsonl"
@@ -50,20 +50,13 @@ def log_metrics(out: str | Path, record: dict) -> None:
 def log_samples(out: str | Path, stage: int, prompts: list[str], rewards: torch.Tensor, z: torch.Tensor,
                 group_ids: torch.Tensor, kept: dict[int, str], captions: list[str] | None = None) -> None:
     """samples.jsonl: one line per image of the stage, in batch order (``kept``: index → role)."""
-    lines = []
+    items = []
     for i, (prompt, r, zi, g) in enumerate(zip(prompts, rewards.tolist(), z.tolist(), group_ids.tolist())):
-        item = {"stage": stage, "index": i, "prompt": prompt, "reward": _finite_or_none(r),
-                "z": _finite_or_none(zi), "group": g, "kept": kept.get(i)}
+        item = {"stage": stage, "index": i, "prompt": prompt, "reward": r, "z": zi, "group": g, "kept": kept.get(i)}
         if captions is not None:
             item["caption"] = captions[i]
-        lines.append(json.dumps(item, sort_keys=True) + "\n")
-    with open(Path(out) / SAMPLES, "a", encoding="utf-8") as f:
-        f.write("".join(lines))
-        f.flush()
-
-
-def _finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None
+        items.append(finite_json(item))  # a NaN reward or z: null
+    append_jsonl(Path(out) / SAMPLES, items)
 
 
 def _uint8(images: torch.Tensor) -> np.ndarray:

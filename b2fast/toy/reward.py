@@ -1,7 +1,7 @@
 """The ``toy_align`` reward: exact prompt alignment of toy-world images, from the detector.
 
 Registered with :func:`b2fast.rewards.base.register_reward` when this module is imported
-(``import b2fast.toy`` does so), and built with ``build_reward("toy_align", options)``.
+(``import b2fast.rewards`` does so), and built with ``build_reward("toy_align", options)``.
 """
 from __future__ import annotations
 

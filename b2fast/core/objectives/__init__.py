@@ -122,12 +122,8 @@ def _dro(terms: Terms, values: torch.Tensor, tcfg):
 
 def _dro_unpaired(terms: Terms, values: torch.Tensor, tcfg):
     error, stop = _guarded(terms, values < 0, tcfg)
-    loss, _ = dro_unpaired_loss(error, values)
-    nan = torch.full_like(error, float("nan")).detach()
-    stats = {"error_winner": torch.where(values > 0, error.detach(), nan),
-             "error_loser": torch.where(values < 0, error.detach(), nan),
-             "guarded": torch.where(values < 0, stop.float(), nan)}
-    return loss, stats
+    loss, stats = dro_unpaired_loss(error, values)
+    return loss, {**stats, "guarded": torch.where(values < 0, stop.float(), float("nan"))}
 
 
 def _dpo(terms: Terms, values: torch.Tensor, tcfg):

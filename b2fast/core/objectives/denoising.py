@@ -49,14 +49,13 @@ def dro_loss(error_w: torch.Tensor, error_l: torch.Tensor) -> tuple[torch.Tensor
 
 def dro_unpaired_loss(error: torch.Tensor, sign: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-sample L = s·M_θ(x) with s = +1 for kept positives, −1 for kept negatives, so a group
-    with only one side kept still counts."""
+    with only one side kept still counts. The stats are per sample, NaN off their side (a stage's
+    mean skips the NaNs, so a micro-batch with one side only weighs nothing on the other)."""
     _check_same_shape("dro_unpaired_loss", error, sign)
     sign = sign.detach().to(error.dtype)
     with torch.no_grad():
-        pos, neg = sign > 0, sign < 0
-        zero = error.new_zeros(())
-        stats = {"error_winner": error[pos].mean() if pos.any() else zero,
-                 "error_loser": error[neg].mean() if neg.any() else zero}
+        nan = torch.full_like(error, float("nan"))
+        stats = {"error_winner": torch.where(sign > 0, error, nan), "error_loser": torch.where(sign < 0, error, nan)}
     return sign * error, stats
 
 

@@ -25,9 +25,9 @@ import math
 
 import torch
 
-# Column layout of the per-step schedule table.
-SQRT_AB, SQRT_1M_AB, SQRT_AB_PREV, DIR_COEF, SIGMA, LOG_SIGMA = range(6)
-TABLE_COLUMNS = 6
+from b2fast.kernels.table import (DIR_COEF, LOG_SIGMA, SIGMA, SQRT_1M_AB, SQRT_AB,  # noqa: F401 (the layout)
+                                  SQRT_AB_PREV, TABLE_COLUMNS)
+
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
