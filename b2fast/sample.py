@@ -287,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = ""
     if st.kind == "fk":
         rewards = [r["reward"] for r in records if r["reward"] == r["reward"]]
-        summary = f"; mean {cfg.reward.name} of the written images {sum(rewards) / max(1, len(rewards)):.4f}"
+        summary = (f"; mean {cfg.reward.name} of the written images {sum(rewards) / len(rewards):.4f}" if rewards
+                   else f"; warning: no written image has a finite {cfg.reward.name} score")
     print(f"wrote {len(records)} images and {len(prompts)} grids to {out}{summary}")
     return 0
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from b2fast.config import ConfigError, apply_overrides, iter_fields, load_yaml, presets_dir, validate
@@ -25,6 +27,17 @@ DEFAULT_PRESET = "default.yaml"
 def preset_path(name: str) -> Path:
     """A preset shipped in ``b2fast/configs`` (copy one to start your own)."""
     return presets_dir() / name
+
+
+def _what_is_kept(out: str) -> str:
+    """How a stopped run goes on: from its last checkpoint, or from the start (none written yet)."""
+    if (Path(out) / "checkpoints" / "latest").is_file():
+        return f"the last complete checkpoint is kept: continue with --resume {out}"
+    return "no checkpoint was written yet: start again with the same command"
+
+
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # the same orderly stop as Ctrl-C: every write is atomic
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,6 +95,18 @@ def _error(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m b2fast.train``: the exit code (0 done, 1 stopped by a failure, 2 bad input, 130
+    interrupted). SIGTERM stops it like Ctrl-C while it runs."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     one_line_warnings()
     try:
@@ -114,14 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         _error(str(exc))
         return 1
     except ValueError as exc:  # found mid-run (a reward's failure, diverged weights): one line
-        _error(f"{exc}; the last complete checkpoint is kept in {cfg.out}")
+        _error(f"{exc}; {_what_is_kept(cfg.out)}")
         return 1
-    except KeyboardInterrupt:
-        if world.is_main and (Path(cfg.out) / "checkpoints" / "latest").is_file():
-            print(f"interrupted; the last complete checkpoint is kept: continue with --resume {cfg.out}",
-                  file=sys.stderr)
-        elif world.is_main:  # nothing to resume from: the same command starts the run again
-            print("interrupted before the first checkpoint; start again with the same command", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a scheduler's stop, `timeout`)
+        if world.is_main:
+            print(f"interrupted; {_what_is_kept(cfg.out)}", file=sys.stderr)
         return 130
     finally:
         distributed.shutdown()

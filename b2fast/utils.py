@@ -53,6 +53,8 @@ def load_callable(spec: str, field: str) -> Callable:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ValueError(f"{field}: cannot import module {module_name!r} ({exc})") from None
+    except Exception as exc:  # the module's own code failed: a SyntaxError, its set-up raising
+        raise ValueError(f"{field}: importing module {module_name!r} failed ({one_line(exc)})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ValueError(f"{field}: module {module_name!r} has no callable named {attr!r}")

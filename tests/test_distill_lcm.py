@@ -104,6 +104,9 @@ def test_a_short_distillation_writes_an_lcm_folder_the_policy_samples(tmp_path, 
 @pytest.mark.parametrize("argv, message", [(["--steps", "0"], "--steps"), (["--ema", "1"], "--ema"),
                                            (["--w-min", "5", "--w-max", "2"], "--w-min"),
                                            (["--trajectories", "0"], "--trajectories"),
+                                           (["--eval-images", "-1"], "--eval-images"),
+                                           (["--eval-prompts", "0"], "--eval-prompts"),
+                                           (["--device", "gpu"], "--device"),
                                            (["--teacher", "/no/such/folder"], "model.path")])
 def test_bad_arguments_fail_in_one_line(argv, message, tmp_path, capsys):
     assert distill_lcm.main([*argv, "--out", str(tmp_path / "x")]) == 2
@@ -120,8 +123,12 @@ def test_pretraining_shares_the_folder_writer_and_refuses_bad_options(tmp_path, 
                           "--device", "cpu"]) == 0
     assert (out / "unet" / "config.json").is_file() and (out / "README.md").is_file()
     assert json.loads((out / "alignment.json").read_text())["training"]["steps"] == 2
-    assert pretrain.main(["--cfg-dropout", "1", "--out", str(tmp_path / "y")]) == 2
-    assert "--cfg-dropout" in capsys.readouterr().err and not (tmp_path / "y").exists()
+    capsys.readouterr()
+    for bad, flag in ((["--cfg-dropout", "1"], "--cfg-dropout"), (["--eval-images", "-1"], "--eval-images"),
+                      (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "--device")):
+        assert pretrain.main([*bad, "--out", str(tmp_path / "y")]) == 2  # before any training
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {flag}") and err.count("\n") == 1 and not (tmp_path / "y").exists()
 
 
 def test_pretraining_continues_from_init_weights_and_weights_templates(tmp_path, capsys):

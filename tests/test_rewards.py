@@ -69,6 +69,18 @@ def test_user_reward_by_module_and_function(tmp_path, monkeypatch):
         build_reward("my_rewards_mod:brightness", {"scale": 2})
 
 
+@pytest.mark.parametrize("source, why", [("def reward(images prompts):\n    pass\n", "SyntaxError: "),
+                                         ("raise RuntimeError('no API key')\n", "RuntimeError: no API key")])
+def test_a_plugin_whose_import_fails_is_a_one_line_error(tmp_path, monkeypatch, source, why):
+    name = f"broken_plugin_{len(source)}"
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError) as info:
+        build_reward(f"{name}:reward")
+    message = str(info.value)
+    assert message.startswith(f"reward.name: importing module {name!r} failed ({why}") and "\n" not in message
+
+
 def test_score_images_turns_non_finite_into_nan_and_checks_count():
     images = torch.zeros(3, 3, 4, 4)
     with pytest.warns(RuntimeWarning, match="2 non-finite"):

@@ -219,6 +219,10 @@ def test_problems_found_at_start_up_before_models_load(tiny_sd_path, tmp_path, m
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ValueError, match="schedule.kind: 'bad_schedule:grow' gives 0 for stage 2"):
         Trainer(_cfg(tiny_sd_path, tmp_path / "a", "--schedule.kind", "bad_schedule:grow"))
+    (tmp_path / "bad_signature.py").write_text("def grow(stage):\n    return 2\n")
+    with pytest.raises(ValueError, match=r"schedule.kind: 'bad_signature:grow' failed for stage 0 \(TypeError: .*"
+                                         r"it must be f\(stage, num_stages, min_interval, max_interval\) -> int"):
+        Trainer(_cfg(tiny_sd_path, tmp_path / "a", "--schedule.kind", "bad_signature:grow"))
     with pytest.raises(ValueError, match="eval.prompt_sets: 'no_such_set'"):
         Trainer(_cfg(tiny_sd_path, tmp_path / "b", "--eval.enabled", "true", "--eval.prompt_sets", "[no_such_set]"))
     (tmp_path / "file").write_text("")
@@ -274,7 +278,23 @@ def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "stage-000000"
 
 
-def test_ctrl_c_mid_run_keeps_a_resumable_checkpoint(tiny_sd_path, tmp_path):
+def test_a_reward_with_no_finite_score_stops_the_run_in_one_line(tiny_sd_path, tmp_path):
+    (tmp_path / "nan_reward_mod.py").write_text("import torch\n\ndef all_nan(images, prompts):\n"
+                                                "    return torch.full((images.shape[0],), float('nan'))\n")
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "b2fast.train", *TINY, "--model.path", tiny_sd_path, "--out", str(out),
+                             "--reward.name", "nan_reward_mod:all_nan"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert errors[0] == ("error: stage 0: reward 'nan_reward_mod:all_nan' gave no finite score for any of the 12 "
+                         "images; fix the reward; no checkpoint was written yet: start again with the same command")
+    assert not (out / "checkpoints").exists() and not (out / "lora").exists()
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_mid_run_keeps_a_resumable_checkpoint(tiny_sd_path, tmp_path, stop):
+    """Ctrl-C, or SIGTERM (what schedulers and `timeout` send), stops with the resume line."""
     import signal
     import time
 
@@ -288,7 +308,7 @@ def test_ctrl_c_mid_run_keeps_a_resumable_checkpoint(tiny_sd_path, tmp_path):
     deadline = time.monotonic() + 240
     while not (out / "checkpoints" / "latest").is_file() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    run.send_signal(signal.SIGINT)
+    run.send_signal(getattr(signal, stop))
     _, stderr = run.communicate(timeout=120)
     assert run.returncode == 130, stderr
     assert "interrupted" in stderr and f"--resume {out}" in stderr and "Traceback" not in stderr

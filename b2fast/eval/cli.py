@@ -7,7 +7,8 @@
     python -m b2fast.eval --lora runs/x --prompts-per-set 0 --images-per-prompt 8   # every prompt
     python -m b2fast.eval --reward clipscore bertscore --reward-options '{bertscore: {captioner: ./blip}}'
 
-The policy is loaded once; the base column is sampled with the fresh adapter (LoRA B = 0, so
+With ``--lora`` on a run of ``b2fast.train``, the model, LoRA shape, prompt sets, reward and
+sampler default to the run's. The policy is loaded once; the base column is sampled with the fresh adapter (LoRA B = 0, so
 exactly the base model), then the LoRA is loaded and the same seeds are sampled again, so the
 two columns differ only by the LoRA; each difference trained − base comes with a 95% interval
 paired by prompt and bootstrapped over prompts (b2fast.eval.stats). Each reward is built once,
@@ -34,6 +35,7 @@ from b2fast.utils import (DEVICE_NAMES, LORA_WEIGHTS_NAME, ArgumentError, OneLin
 DEFAULT_MODEL = "b2fast:toy"
 DEFAULT_SETS = TOY_SETS
 DEFAULT_REWARD = "toy_align"
+SAMPLER_DEFAULTS = {"scheduler": "ddim", "num_steps": 20, "guidance_scale": 5.0, "eta": 1.0}  # without a run
 DESCRIPTION = """\
 Sample fixed-seed images per prompt from the base weights (and, with --lora, the trained
 weights, same seeds); score them with every --reward; report per prompt set and split the
@@ -77,12 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     add("--prompts-per-set", type=int, default=12, metavar="N",
         help="prompts per set and split, spread evenly over the list; 0 = all (default: %(default)s)")
     add("--seed", type=int, default=0, help="noise seed, shared by both columns (default: %(default)s)")
-    add("--num-steps", type=int, default=20, metavar="S", help="DDIM steps (default: %(default)s)")
-    add("--guidance-scale", type=float, default=5.0, metavar="W", help="CFG scale (default: %(default)s)")
-    add("--eta", type=float, default=1.0, help="DDIM eta (default: %(default)s)")
-    add("--scheduler", choices=SCHEDULERS, default="ddim",
+    run = "the --lora run's sampling.{} when its model is used, else"
+    add("--num-steps", type=int, metavar="S", help=f"sampling steps (default: {run.format('num_steps')} 20)")
+    add("--guidance-scale", type=float, metavar="W",
+        help=f"CFG scale (default: {run.format('guidance_scale')} 5.0)")
+    add("--eta", type=float, help=f"DDIM eta (default: {run.format('eta')} 1.0)")
+    add("--scheduler", choices=SCHEDULERS,
         help="'lcm' for a latent consistency model (e.g. --num-steps 4), 'rlcm' for it as RLCM's code samples "
-             "(default: %(default)s)")
+             f"(default: {run.format('scheduler')} ddim)")
     add("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N' (default: %(default)s)")
     add("--dtype", default="float32", help=f"base weights dtype, one of {', '.join(DTYPES)} (default: %(default)s)")
     add("--out", metavar="DIR", help="write eval.json, eval.csv, grid_<set>_<split>_<column>.png (one row per "
@@ -167,6 +171,16 @@ def run_config(lora: Path) -> dict:
 def _section(tree: dict, name: str) -> dict:
     section = tree.get(name)
     return section if isinstance(section, dict) else {}
+
+
+def fill_sampler(args: argparse.Namespace, run: dict) -> None:
+    """Sampler flags left out: the --lora run's (an LCM run is judged with its own few steps, as its
+    before/after table was), unless --model names another model; else DDIM's defaults."""
+    own = {k: v for k, v in _section(run, "sampling").items() if k in SAMPLER_DEFAULTS} if not args.model else {}
+    sampling = apply_dict(Config(), {"sampling": own}).sampling  # type-checked
+    for name, default in SAMPLER_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(sampling, name) if name in own else default)
 
 
 def fill_from_run(args: argparse.Namespace, run: dict) -> dict[str, dict] | None:
@@ -269,12 +283,14 @@ def write_results(out: Path, columns: dict, plan, arguments: dict) -> None:
 
 def prepare(argv: list[str]):
     """argv → (args, ModelConfig, LoRA folder or None, plan, options per reward); no model loaded."""
-    args = validate_args(_parser().parse_args(argv))
+    args = _parser().parse_args(argv)
+    lora = resolve_lora(args.lora) if args.lora else None
+    run = run_config(lora) if lora else {}
+    fill_sampler(args, run)
+    validate_args(args)
     if args.out:  # before any sampling: a run must not end unable to write its results
         check_writable(args.out, "--out", folder=True)
-    lora = resolve_lora(args.lora) if args.lora else None
-    options = fill_from_run(args, run_config(lora) if lora else {}) \
-        or parse_reward_options(args.reward_options, args.reward)
+    options = fill_from_run(args, run) or parse_reward_options(args.reward_options, args.reward)
     return args, model_config(args, lora), lora, plan_sets(args), options
 
 
@@ -375,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     from b2fast.eval.evaluator import format_comparison
 
     print(f"model {model_cfg.path}" + (f", LoRA {lora}" if lora else "") + f", device {device}, "
+          f"{args.scheduler} {args.num_steps} steps (guidance {args.guidance_scale}, eta {args.eta}), "
           f"rewards {', '.join(rewards)}, prompts {' '.join(args.prompts)}")
     columns = evaluate(args, policy, rewards, trained, plan)
     print(format_comparison(columns))

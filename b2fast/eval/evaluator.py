@@ -97,7 +97,7 @@ def mean_pairwise_distance(features: torch.Tensor, n_per_prompt: int, metric: st
     groups = features.float().view(-1, n_per_prompt, features.shape[-1])   # (P, n, D)
     if metric == "cosine":
         unit = F.normalize(groups.double(), dim=-1)
-        dist = 1 - unit @ unit.transpose(1, 2)                              # (P, n, n)
+        dist = (1 - unit @ unit.transpose(1, 2)).clamp_min(0)               # (P, n, n); cos may round past 1
     else:
         dist = torch.cdist(groups, groups)                                  # (P, n, n)
     dist.diagonal(dim1=1, dim2=2).zero_()  # a sample's distance to itself, exactly (not 1e-16)

@@ -39,7 +39,7 @@ from b2fast.core.selection import (Selection, load_tracker_state, make_tracker, 
                                    pair_stats)
 from b2fast.run.stage_table import StageTable, gather_stage_table
 from b2fast.core.update import auto_micro_batch, make_optimizer, policy_update, trained_positions
-from b2fast.utils import atomic_write, atomic_write_text, check_writable, finite_json
+from b2fast.utils import atomic_write, atomic_write_text, check_writable, finite_json, one_line
 
 PURPOSES = {"prompts": 0, "noise": 1, "shuffle": 2, "null": 3}
 FINAL_NAME = "final.json"  # written last by _finish: the run's final outputs are complete
@@ -102,7 +102,11 @@ class Trainer:
     def _check_schedule(self) -> None:
         sc, steps = self.cfg.schedule, self.cfg.sampling.num_steps
         for stage in range(sc.num_stages):
-            length = self.schedule(stage, sc.num_stages, sc.min_interval, sc.max_interval)
+            try:
+                length = self.schedule(stage, sc.num_stages, sc.min_interval, sc.max_interval)
+            except Exception as exc:  # a user's schedule function
+                raise ValueError(f"schedule.kind: {sc.kind!r} failed for stage {stage} ({one_line(exc)}); it must be "
+                                 "f(stage, num_stages, min_interval, max_interval) -> int") from None
             if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or not 1 <= length <= steps:
                 raise ValueError(f"schedule.kind: {sc.kind!r} gives {length!r} for stage {stage}; expected an "
                                  f"integer in [1, sampling.num_steps={steps}]")
@@ -190,6 +194,9 @@ class Trainer:
         interval_len = self.interval_len(stage)
         batch, table = self.sample_stage(stage, interval_len)
         sampled = time.perf_counter()
+        if not bool(torch.isfinite(table.rewards).any()):  # nothing to learn from: a broken reward, not a stage
+            raise ValueError(f"stage {stage}: reward {self.cfg.reward.name!r} gave no finite score for any of the "
+                             f"{len(table)} images; fix the reward")
         # records the stage in the history (b2) or DDPO's per-prompt buffers, then selects
         z, selection = normalize_and_select(self.history, self.cfg.selection, table.prompts, table.rewards,
                                             table.group_ids, stage_generator(self.cfg.seed, stage, "null"))
@@ -373,8 +380,9 @@ def _summary_line(r: dict) -> str:
     # an objective's own statistics, when it reports them (pair objectives: accuracy, errors)
     extra = "".join(f"  {label} {fmt(r[key])}" for key, label in
                     (("accuracy", "acc"), ("error_winner", "err+"), ("error_loser", "err-")) if r.get(key) is not None)
+    nonfinite = f" ({r['n_nonfinite']} non-finite dropped)" if r.get("n_nonfinite") else ""
     return (f"stage {r['stage']:3d}  L={r['interval_len']:2d}  reward {fmt(r['reward_mean'])} "
-            f"± {fmt(r['reward_std'])}  kept {r['n_selected']:4d}  loss {fmt(r['loss'])}  "
+            f"± {fmt(r['reward_std'])}{nonfinite}  kept {r['n_selected']:4d}  loss {fmt(r['loss'])}  "
             f"kl {fmt(r['approx_kl'])}{' (stopped)' if r.get('kl_stopped') else ''}  clip {fmt(r['clipfrac'])}"
             f"{extra}  {r['seconds']:.1f}s "
             f"(sampling {r['seconds_sampling']:.1f}s)")

@@ -256,10 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         _validate(args)
         from b2fast.core.policy import resolve_model_path
         teacher = Path(resolve_model_path(args.teacher))
+        device = resolve_device(args.device)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    device = resolve_device(args.device)
 
     def build(folder: Path) -> None:
         stats = distil(args, device, teacher, folder)

@@ -32,7 +32,7 @@ from b2fast.toy.grammar import TEMPLATES, prompts as grammar_prompts
 from b2fast.toy.model import TEXT_LENGTH, build_toy_model
 from b2fast.toy.world import sample_images
 from b2fast.distributed import resolve_device
-from b2fast.utils import atomic_write_folder, one_line_warnings
+from b2fast.utils import DEVICE_NAMES, atomic_write_folder, is_device_name, one_line_warnings
 
 
 def add_run_arguments(p: argparse.ArgumentParser, out: str, steps: int, batch_size: int, lr: float,
@@ -44,7 +44,7 @@ def add_run_arguments(p: argparse.ArgumentParser, out: str, steps: int, batch_si
     p.add_argument("--lr", type=float, default=lr, help="AdamW learning rate (default: %(default)s)")
     p.add_argument("--ema", type=float, default=ema, help="EMA decay (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of init, data and noise")
-    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
     p.add_argument("--eval-images", type=int, default=4, help="images per prompt in the final evaluation (0 skips it)")
     p.add_argument("--eval-prompts", type=int, default=12, help="prompts per template and split in the evaluation")
     p.add_argument("--guidance-scale", type=float, default=5.0, help="guidance scale of the final evaluation")
@@ -58,6 +58,12 @@ def validate_run_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--ema: got {args.ema}, expected a number in [0, 1)")
     if args.lr <= 0:
         raise ValueError(f"--lr: got {args.lr}, expected a number > 0")
+    if args.eval_images < 0:  # found only after training otherwise, and the trained model lost with it
+        raise ValueError(f"--eval-images: got {args.eval_images}, expected an integer >= 0 (0 skips the evaluation)")
+    if args.eval_prompts < 1:
+        raise ValueError(f"--eval-prompts: got {args.eval_prompts}, expected an integer >= 1")
+    if not is_device_name(args.device):
+        raise ValueError(f"--device: got {args.device!r}, expected {DEVICE_NAMES}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -266,10 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         _validate(args)
+        device = resolve_device(args.device)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    device = resolve_device(args.device)
 
     def build(folder: Path) -> None:
         stats = train(args, device, folder)
