@@ -25,7 +25,7 @@ from pathlib import Path
 from b2fast.config import Config, ConfigError, apply_dict, apply_overrides, iter_fields, load_yaml, validate
 from b2fast.prompts import SPLITS
 from b2fast.utils import (ArgumentError, OneLineParser, atomic_write_text, check_writable, finite_json, first_line,
-                          one_line_warnings, require)
+                          one_line_warnings, require, stop_on_interrupt)
 
 DEFAULT_OUT = "samples"
 # Defaults without --config or --lora: the toy world's DDIM preset (DDIM samples any diffusers
@@ -249,6 +249,7 @@ def sample_all(policy, cfg: Config, prompts: list[str], args, scored) -> list[di
     return records
 
 
+@stop_on_interrupt("the images written so far are kept in --out (samples.jsonl is written at the end)")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     one_line_warnings()

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from b2fast.config import ConfigError, apply_overrides, iter_fields, load_yaml, presets_dir, validate
-from b2fast.utils import one_line_warnings
+from b2fast.utils import one_line_warnings, stop_on_interrupt
 
 DEFAULT_PRESET = "default.yaml"
 
@@ -34,10 +32,6 @@ def _what_is_kept(out: str) -> str:
     if (Path(out) / "checkpoints" / "latest").is_file():
         return f"the last complete checkpoint is kept: continue with --resume {out}"
     return "no checkpoint was written yet: start again with the same command"
-
-
-def _stop_on_sigterm(signum, frame):
-    raise KeyboardInterrupt  # the same orderly stop as Ctrl-C: every write is atomic
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,19 +88,10 @@ def _error(message: str) -> None:
     print(f"error: {prefix}{message}", file=sys.stderr)
 
 
+@stop_on_interrupt("nothing was written yet")  # once training runs, main says what is kept
 def main(argv: list[str] | None = None) -> int:
     """``python -m b2fast.train``: the exit code (0 done, 1 stopped by a failure, 2 bad input, 130
-    interrupted). SIGTERM stops it like Ctrl-C while it runs."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
-        return _main(argv)
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    try:
-        return _main(argv)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _main(argv: list[str] | None) -> int:
+    interrupted: Ctrl-C or SIGTERM)."""
     argv = sys.argv[1:] if argv is None else argv
     one_line_warnings()
     try:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import importlib
 import json
 import math
 import os
 import re
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,6 +46,32 @@ def require(ok: bool, name: str, value, allowed: str) -> None:
     """ArgumentError "NAME: got VALUE, expected ALLOWED" unless ``ok``."""
     if not ok:
         raise ArgumentError(f"{name}: got {value!r}, expected {allowed}")
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def stop_on_interrupt(note: str) -> Callable:
+    """Decorator for a command-line ``main(argv) -> exit code``: Ctrl-C, or SIGTERM (what job
+    schedulers and ``timeout`` send) while it runs, ends it with one line, ``interrupted; NOTE``,
+    and exit code 130. Every file the product writes is written atomically, so nothing is left
+    half-written; the NOTE says what is kept."""
+    def decorate(main: Callable) -> Callable:
+        @functools.wraps(main)
+        def run(argv: list[str] | None = None) -> int:
+            in_main_thread = threading.current_thread() is threading.main_thread()  # signals need it
+            previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main_thread else None
+            try:
+                return main(argv)
+            except KeyboardInterrupt:
+                print(f"interrupted; {note}", file=sys.stderr)
+                return 130
+            finally:
+                if in_main_thread:
+                    signal.signal(signal.SIGTERM, previous)
+        return run
+    return decorate
 
 
 def load_callable(spec: str, field: str) -> Callable:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from b2fast.config import apply_overrides, load_yaml
+from b2fast.config import apply_overrides, load_yaml, validate
 from b2fast.core.selection import normalize_and_select, null_control
 from b2fast.core.update import policy_update
 from b2fast.run.trainer import Trainer, stage_generator
@@ -97,11 +97,17 @@ def consistency(grads: torch.Tensor) -> dict:
     return {"consistency": c, "se": se, "snr": snr, "stages_per_unit_snr": 1 / snr ** 2 if snr > 0 else math.inf}
 
 
-def measure(overrides: list[str], stages: int, out: Path, interval: int | None = None) -> dict:
-    """Sample ``stages`` stages at the starting weights; each stage's signal and null gradients."""
+def measure_config(overrides: list[str], stages: int, out: Path):
+    """The validated config of the measurement (a bad override: a one-line ValueError)."""
     cfg = load_yaml(preset_path("toy_ddim.yaml"))
     apply_overrides(cfg, ["--out", str(out), "--schedule.num_stages", str(max(stages, 1)), "--eval.enabled", "false",
                           "--log.progress", "false", "--log.grid_every", "0", "--log.samples", "false", *overrides])
+    return validate(cfg)
+
+
+def measure(overrides: list[str], stages: int, out: Path, interval: int | None = None) -> dict:
+    """Sample ``stages`` stages at the starting weights; each stage's signal and null gradients."""
+    cfg = measure_config(overrides, stages, out)
     shutil.rmtree(out, ignore_errors=True)
     trainer = Trainer(cfg)
     length = interval or trainer.interval_len(0)
@@ -154,6 +160,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.stages < 3:
         parser.error(f"--stages must be >= 3 (a jackknife over stages), got {args.stages}")
     if not args.table_only:
+        try:  # before anything is written
+            measure_config(overrides, args.stages, out / "scratch")
+        except ValueError as exc:
+            parser.error(str(exc))
         out.mkdir(parents=True, exist_ok=True)
         row = {"name": args.name, "overrides": shlex.join(overrides),
                **measure(overrides, args.stages, out / "scratch", args.interval)}

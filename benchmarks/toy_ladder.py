@@ -23,21 +23,29 @@ import statistics
 import sys
 from pathlib import Path
 
-from b2fast.config import apply_overrides, load_yaml
+from b2fast.config import ConfigError, apply_overrides, load_yaml, validate
 from b2fast.run.trainer import Trainer
 from b2fast.toy.ladder import RUNGS
-from b2fast.train import preset_path
 from b2fast.utils import atomic_write, atomic_write_text
 
 
-def run_rung(rung: str, seed: int, stages: int, out: Path, overrides: list[str],
-             preset: str = "toy_ddim") -> list[dict]:
+def rung_config(rung: str, seed: int, stages: int, out: Path, overrides: list[str], preset: str = "toy_ddim"):
+    """The validated config of one rung's run (a bad override or preset: a one-line ValueError)."""
     reward, source = RUNGS[rung]
-    cfg = load_yaml(preset_path(f"{preset}.yaml"))
+    try:
+        cfg = load_yaml(preset)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("--config:", "--preset:", 1)) from None
     apply_overrides(cfg, ["--reward.name", reward, "--prompts.source", source, "--seed", str(seed),
                           "--schedule.num_stages", str(stages), "--eval.enabled", "false",
                           "--log.grid_every", "0", "--log.progress", "false", "--log.samples", "false",
                           "--out", str(out), *overrides])
+    return validate(cfg)
+
+
+def run_rung(rung: str, seed: int, stages: int, out: Path, overrides: list[str],
+             preset: str = "toy_ddim") -> list[dict]:
+    cfg = rung_config(rung, seed, stages, out, overrides, preset)
     shutil.rmtree(cfg.out, ignore_errors=True)  # the script's own scratch folder
     records = Trainer(cfg).run()
     queries, curve = 0, []
@@ -103,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/ladder")
     args, overrides = p.parse_known_args(argv)
     out = Path(args.out)
+    try:  # every run's config, before anything is written
+        for rung in args.rungs:
+            rung_config(rung, args.seeds[0], args.stages, out / "scratch", overrides, args.preset)
+    except ValueError as exc:
+        p.error(str(exc))
     store = out / "ladder.json"
     results = json.loads(store.read_text()) if store.is_file() else {}
     results[args.name] = {}

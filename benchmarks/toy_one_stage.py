@@ -28,8 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from toy_compare import mean_ci  # noqa: E402  (benchmarks/ is not a package)
 
-from b2fast.config import apply_overrides, load_yaml  # noqa: E402
+from b2fast.config import apply_overrides, load_yaml, validate  # noqa: E402
 from b2fast.core.sampling import generate  # noqa: E402
+from b2fast.rewards import build_reward  # noqa: E402
 from b2fast.run.trainer import Trainer  # noqa: E402
 from b2fast.train import preset_path  # noqa: E402
 from b2fast.utils import atomic_write_text  # noqa: E402
@@ -52,13 +53,20 @@ VARIANTS = {  # name → overrides of the toy_ddim preset
 }
 
 
-def one_stage(seed: int, overrides: list[str], prompt_file: Path, reward: str, batches: int,
-              images: int, out: Path, stages: int = 1) -> dict:
+def stage_config(seed: int, overrides: list[str], prompt_file: Path, reward: str, batches: int, out: Path,
+                 stages: int = 1):
+    """The validated config of one measurement (a bad override: a one-line ValueError)."""
     cfg = load_yaml(preset_path("toy_ddim.yaml"))
     apply_overrides(cfg, ["--out", str(out), "--seed", str(seed), "--prompts.source", str(prompt_file),
                           "--reward.name", reward, "--sampling.batches_per_stage", str(batches),
                           "--schedule.num_stages", str(stages), "--eval.enabled", "false", "--log.progress", "false",
                           "--log.grid_every", "0", "--log.samples", "false", *overrides])
+    return validate(cfg)
+
+
+def one_stage(seed: int, overrides: list[str], prompt_file: Path, reward: str, batches: int,
+              images: int, out: Path, stages: int = 1) -> dict:
+    cfg = stage_config(seed, overrides, prompt_file, reward, batches, out, stages)
     shutil.rmtree(out, ignore_errors=True)
     trainer = Trainer(cfg)
     prompt = prompt_file.read_text().strip()
@@ -120,6 +128,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.stages < 1:
         parser.error(f"--stages must be >= 1, got {args.stages}")
     if not args.table_only:
+        try:  # every variant's config and the reward, before anything is written
+            build_reward(args.reward)
+            for name in args.variants:
+                stage_config(0, shlex.split(VARIANTS[name]), out / "prompt.txt", args.reward, args.batches, out)
+        except ValueError as exc:
+            parser.error(str(exc))
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "prompt.txt", args.prompt + "\n")
         for seed in args.seeds:

@@ -15,3 +15,40 @@ def test_warnings_of_a_command_are_one_line(module):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     warning_lines = [line for line in proc.stderr.splitlines() if "non-finite" in line or "ignored" in line]
     assert warning_lines == ["warning: 3 non-finite score(s) are ignored"], proc.stderr
+
+
+def test_an_interrupted_command_says_so_in_one_line_and_restores_sigterm(capsys):
+    import os
+    import signal
+
+    from b2fast.utils import stop_on_interrupt
+
+    @stop_on_interrupt("nothing was written")
+    def stopped_by(argv):
+        if argv == ["ctrl-c"]:
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)  # what a job scheduler or `timeout` sends
+        raise AssertionError("SIGTERM did not stop the command")
+
+    before = signal.getsignal(signal.SIGTERM)
+    for argv in (["ctrl-c"], ["sigterm"]):
+        assert stopped_by(argv) == 130
+        assert capsys.readouterr().err == "interrupted; nothing was written\n"
+        assert signal.getsignal(signal.SIGTERM) is before  # only while the command runs
+
+
+@pytest.mark.parametrize("command", [["-m", "b2fast.eval", "--prompts-per-set", "0", "--images-per-prompt", "64"],
+                                     ["-m", "b2fast.sample", "--prompts", "toy_spatial", "--images-per-prompt", "64"]])
+def test_sigterm_stops_eval_and_sample_without_a_traceback(command, tmp_path):
+    import os
+    import signal
+
+    proc = subprocess.Popen([sys.executable, *command, "--device", "cpu", "--out", str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    first_line = proc.stdout.readline()  # printed by main, once its handler is in place; then it loads and samples
+    assert first_line.startswith("b2fast: backends"), first_line
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted; ")

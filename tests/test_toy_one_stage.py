@@ -38,3 +38,18 @@ def test_a_stage_that_cannot_move_the_weights_gains_exactly_zero(tmp_path):
     assert row["images_trained"] == 8
     with pytest.raises(SystemExit):
         one.main(["--table-only", "--out", str(tmp_path / "nothing")])
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("toy_one_stage", ["--seeds", "0", "--variants", "nsgd", "--reward", "nosuch"], "reward.name: unknown reward 'nosuch'"),
+    ("toy_grad_snr", ["--stages", "3", "--train.lrr", "1"], "train.lrr: unknown field 'lrr'"),
+    ("toy_ladder", ["--rungs", "brightness", "--train.lrr", "1"], "train.lrr: unknown field 'lrr'"),
+    ("toy_ladder", ["--preset", "nope"], "--preset: no such file 'nope'"),
+])
+def test_bad_input_is_one_line_before_anything_is_written(script, args, message, tmp_path, capsys):
+    module = load_benchmark(script)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main([*args, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err.strip().splitlines()[-1] and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

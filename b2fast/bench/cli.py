@@ -34,7 +34,8 @@ import importlib
 import re
 import sys
 
-from b2fast.utils import DEVICE_NAMES, ArgumentError, OneLineParser, is_device_name, one_line_warnings, require
+from b2fast.utils import (DEVICE_NAMES, ArgumentError, OneLineParser, is_device_name, one_line_warnings, require,
+                          stop_on_interrupt)
 
 # suite → (module with ``measure(args) -> JSON document`` and ``format_report(document) -> text``,
 # or ``run(args)`` for a suite of suites; one-line summary)
@@ -463,6 +464,7 @@ def run_suite(name: str, args: argparse.Namespace) -> tuple[dict, str, int]:
     return doc, module.format_report(doc), int(any("error" in r for r in doc["records"]))
 
 
+@stop_on_interrupt("no table was written")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     one_line_warnings()

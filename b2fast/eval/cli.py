@@ -30,7 +30,7 @@ import yaml
 from b2fast.config import DTYPES, SCHEDULERS, Config, ModelConfig, SamplingConfig, apply_dict
 from b2fast.prompts import TOY_SETS
 from b2fast.utils import (DEVICE_NAMES, LORA_WEIGHTS_NAME, ArgumentError, OneLineParser, check_writable, first_line,
-                          is_device_name, one_line_warnings, readable_folder, require)
+                          is_device_name, one_line_warnings, readable_folder, require, stop_on_interrupt)
 
 DEFAULT_MODEL = "b2fast:toy"
 DEFAULT_SETS = TOY_SETS
@@ -372,6 +372,7 @@ def evaluate(args, policy, rewards: dict, trained: dict | None, plan) -> dict:
     return columns
 
 
+@stop_on_interrupt("no table was written (it is written when every column is sampled)")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     one_line_warnings()

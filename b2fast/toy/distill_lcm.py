@@ -40,7 +40,7 @@ from b2fast.core.policy import guidance_embedding
 from b2fast.toy.model import SCHEDULER, TEXT_LENGTH
 from b2fast.distributed import resolve_device
 from b2fast.toy.pretrain import add_run_arguments, measure_alignment, training_batch, validate_run_arguments
-from b2fast.utils import atomic_write_folder, one_line_warnings
+from b2fast.utils import atomic_write_folder, one_line_warnings, stop_on_interrupt
 
 GUIDANCE_DIM = 64       # the toy UNet's time-embedding width (4 × 16 channels)
 ORIGIN_STEPS = 50       # the LCM grid: t ∈ {19, 39, …, 999}, 20 apart
@@ -248,6 +248,7 @@ prompt for up to {args.eval_prompts} prompts per template and split, guidance sc
 """
 
 
+@stop_on_interrupt("--out is unchanged (the model is written when distillation ends)")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     one_line_warnings()

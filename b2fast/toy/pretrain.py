@@ -32,7 +32,7 @@ from b2fast.toy.grammar import TEMPLATES, prompts as grammar_prompts
 from b2fast.toy.model import TEXT_LENGTH, build_toy_model
 from b2fast.toy.world import sample_images
 from b2fast.distributed import resolve_device
-from b2fast.utils import DEVICE_NAMES, atomic_write_folder, is_device_name, one_line_warnings
+from b2fast.utils import DEVICE_NAMES, atomic_write_folder, is_device_name, one_line_warnings, stop_on_interrupt
 
 
 def add_run_arguments(p: argparse.ArgumentParser, out: str, steps: int, batch_size: int, lr: float,
@@ -266,6 +266,7 @@ def set_prediction_type(folder: Path, prediction_type: str) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
+@stop_on_interrupt("--out is unchanged (the model is written when training ends)")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     one_line_warnings()
