@@ -63,7 +63,13 @@ def parse_config(argv: list[str]):
         config_file = run / "config.yaml"  # continue with the run's own config
     else:
         config_file = preset_path(DEFAULT_PRESET)
-    cfg = load_yaml(config_file)
+    try:
+        cfg = load_yaml(config_file)
+    except ConfigError as exc:  # the run's own config.yaml: the user gave --resume, not --config
+        if args.config or run is None:
+            raise
+        raise ConfigError(f"--resume: the run's {str(exc).removeprefix('--config: ')}; repair it, or give "
+                          "--config with the run's settings") from None
     apply_overrides(cfg, overrides)
     if args.out:
         cfg.out = args.out

@@ -207,6 +207,13 @@ def test_checkpoint_folder_resume_new_run_over_old_and_lora_mismatch(tiny_sd_pat
     assert json.loads((out / "final.json").read_text()) == {"stages": 1}
     assert (out / "metrics.jsonl").read_text() == metrics
 
+    # a damaged config.yaml of the run: named as the run's, not as a --config the user never gave
+    saved = (out / "config.yaml").read_text()
+    (out / "config.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"^--resume: the run's .*config.yaml is not valid YAML.*give --config"):
+        parse_config(["--resume", str(out)])
+    (out / "config.yaml").write_text(saved)
+
     # other LoRA shape than the checkpoint's: says which setting, not "corrupt"
     result = _run_cli("--resume", str(out), "--model.lora_rank", "8")
     assert result.returncode == 2 and "model.lora_rank=4" in result.stderr and "corrupt" not in result.stderr

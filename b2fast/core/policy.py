@@ -56,6 +56,9 @@ def resolve_model_path(path: str) -> str:
     if path in (TOY, TOY_LCM):
         from b2fast.toy.model import pretrained_path
         return str(pretrained_path("pretrained" if path == TOY else "pretrained_lcm"))
+    if path.startswith("b2fast:"):
+        raise ModelLoadError(f"model.path: unknown built-in model {path!r}; the built-ins are {TOY}, {TOY_LCM} "
+                             f"and {TINY_SD}")
     local = Path(path).expanduser()
     looks_local = path.startswith((".", "/", "~")) or local.exists() or path.count("/") != 1
     if not looks_local:
