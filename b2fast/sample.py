@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
 def build_config(args: argparse.Namespace, overrides: list[str], lora: Path | None) -> Config:
     """--config, else the LoRA's run config, else the default preset; then the shorthands, then
     ``--section.field`` overrides; validated for sampling (steering allowed)."""
-    from b2fast.eval.cli import run_config
+    from b2fast.run.folders import run_config
     from b2fast.train import preset_path
 
     run = run_config(lora) if lora is not None and not args.config else {}
@@ -110,7 +110,7 @@ def build_config(args: argparse.Namespace, overrides: list[str], lora: Path | No
 
 def prepare(argv: list[str]):
     """argv → (args, Config, LoRA folder or None, prompts); no model loaded yet."""
-    from b2fast.eval.cli import resolve_lora
+    from b2fast.run.folders import resolve_lora
     from b2fast.eval.evaluator import pick_prompts
     from b2fast.prompts import load_prompts
 

@@ -76,7 +76,7 @@ def load_models(cfg, lora_paths: list[str | None]) -> dict:
     """{LoRA path: [(method prefix, policy, scored reward)]}: the base model (loaded once, shared by
     every entry), then that run's LoRA (its run's model section); None: the base model alone."""
     from b2fast.config import Config, apply_dict
-    from b2fast.eval.cli import resolve_lora, run_config
+    from b2fast.run.folders import resolve_lora, run_config
     from b2fast.sample import load
 
     policy, scored = load(cfg, None)

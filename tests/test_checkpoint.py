@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from b2fast.eval.cli import resolve_lora
+from b2fast.run.folders import resolve_lora
 from b2fast.run.checkpoint import STATE_NAME, TrainerState, find_checkpoint, save_checkpoint, save_lora_folder
 from b2fast.utils import LORA_WEIGHTS_NAME, atomic_write_text
 

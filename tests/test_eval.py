@@ -13,7 +13,7 @@ import torch
 import b2fast.eval.cli
 import b2fast.eval.evaluator
 import b2fast.rewards
-from b2fast.eval.cli import main, parse_reward_options, resolve_lora
+from b2fast.eval.cli import main, parse_reward_options
 from b2fast.eval.evaluator import EvalRow, image_diversity, mean_pairwise_distance
 from b2fast.prompts import TOY_SETS
 from b2fast.utils import atomic_write_text, current_umask
@@ -146,21 +146,6 @@ def test_perturbed_lora_changes_the_numbers(tiny_sd_path, prompt_file, loras, tm
     assert any(base[key] != trained[key] for key in ROWS)
 
 
-def test_resolve_lora_accepts_run_and_checkpoint_folders(loras, tmp_path):
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    ckpt = run / "checkpoints" / "stage-000001"
-    ckpt.mkdir()
-    (ckpt / "pytorch_lora_weights.safetensors").write_bytes((loras / "untrained" /
-                                                             "pytorch_lora_weights.safetensors").read_bytes())
-    (run / "checkpoints" / "latest").write_text("stage-000001\n")
-    assert resolve_lora(str(run)) == ckpt                 # no lora/ yet: the latest checkpoint
-    (run / "lora").mkdir()
-    (run / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"")
-    assert resolve_lora(str(run)) == run / "lora"         # a finished run: its final LoRA
-    assert resolve_lora(str(ckpt)) == ckpt
-
-
 def test_lora_shape_and_model_come_from_its_run(tiny_sd_path, prompt_file, loras, tmp_path, capsys):
     run = tmp_path / "run"
     (run / "lora").mkdir(parents=True)
@@ -191,38 +176,6 @@ def test_prompts_and_reward_default_to_the_runs(tiny_sd_path, loras, tmp_path, c
     assert main(common) == 2
     assert "quality: expected an integer in [1, 100], got 0" in _error_line(capsys)
     assert main([*common, "--reward", "jpeg_incompressibility"]) == 0
-
-
-def test_the_sampler_defaults_to_the_runs_unless_another_model_is_named(loras, tmp_path):
-    from b2fast.eval.cli import prepare
-
-    run = tmp_path / "run"
-    (run / "lora").mkdir(parents=True)
-    (run / "lora" / "pytorch_lora_weights.safetensors").write_bytes((loras / "untrained" /
-                                                                     "pytorch_lora_weights.safetensors").read_bytes())
-    (run / "config.yaml").write_text("model:\n  path: b2fast:toy-lcm\nsampling:\n  scheduler: lcm\n  num_steps: 4\n"
-                                     "  guidance_scale: 3.5\n")
-    args = prepare(["--lora", str(run)])[0]
-    assert (args.scheduler, args.num_steps, args.guidance_scale, args.eta) == ("lcm", 4, 3.5, 1.0)
-    args = prepare(["--lora", str(run), "--num-steps", "8"])[0]          # a flag given wins
-    assert (args.scheduler, args.num_steps) == ("lcm", 8)
-    args = prepare(["--lora", str(run), "--model", "b2fast:toy"])[0]    # another model: DDIM's defaults
-    assert (args.scheduler, args.num_steps, args.guidance_scale) == ("ddim", 20, 5.0)
-    args = prepare([])[0]
-    assert (args.scheduler, args.num_steps, args.guidance_scale, args.eta) == ("ddim", 20, 5.0, 1.0)
-
-
-@pytest.mark.parametrize("content", ["model: [unclosed\n", "- a list\n", ""])
-def test_unreadable_run_config_is_an_error_not_a_silent_default(tiny_sd_path, loras, tmp_path, capsys, content):
-    run = tmp_path / "run"
-    (run / "lora").mkdir(parents=True)
-    (run / "lora" / "pytorch_lora_weights.safetensors").write_bytes((loras / "untrained" /
-                                                                     "pytorch_lora_weights.safetensors").read_bytes())
-    (run / "config.yaml").write_text(content)
-    assert main(["--lora", str(run), "--device", "cpu"]) == 2
-    line = _error_line(capsys)
-    assert line.startswith(f"error: --lora: cannot read the run's settings from {run / 'config.yaml'} (")
-    assert "repair the file, or remove it and give --model and --reward" in line
 
 
 def test_default_eval_sets_follow_every_source_of_the_run(tmp_path):
