@@ -41,7 +41,7 @@ def test_a_stage_that_cannot_move_the_weights_gains_exactly_zero(tmp_path):
 
 
 @pytest.mark.parametrize("script, args, message", [
-    ("toy_one_stage", ["--seeds", "0", "--variants", "nsgd", "--reward", "nosuch"], "reward.name: unknown reward 'nosuch'"),
+    ("toy_one_stage", ["--seeds", "0", "--variants", "nsgd", "--reward", "nosuch"], "unknown reward 'nosuch'"),
     ("toy_grad_snr", ["--stages", "3", "--train.lrr", "1"], "train.lrr: unknown field 'lrr'"),
     ("toy_ladder", ["--rungs", "brightness", "--train.lrr", "1"], "train.lrr: unknown field 'lrr'"),
     ("toy_ladder", ["--preset", "nope"], "--preset: no such file 'nope'"),

@@ -8,12 +8,13 @@
     python -m b2fast.eval --reward clipscore bertscore --reward-options '{bertscore: {captioner: ./blip}}'
 
 With ``--lora`` on a run of ``b2fast.train``, the model, LoRA shape, prompt sets, reward and
-sampler default to the run's. The policy is loaded once; the base column is sampled with the fresh adapter (LoRA B = 0, so
-exactly the base model), then the LoRA is loaded and the same seeds are sampled again, so the
-two columns differ only by the LoRA; each difference trained − base comes with a 95% interval
-paired by prompt and bootstrapped over prompts (b2fast.eval.stats). Each reward is built once,
-and the images of a (set, split, column) are sampled once and scored by every reward. Bad arguments stop before any
-model loads, with a one-line message naming the argument (exit code 2).
+sampler default to the run's. The policy is loaded once; the base column is sampled with the
+fresh adapter (LoRA B = 0, so exactly the base model), then the LoRA is loaded and the same seeds
+are sampled again, so the two columns differ only by the LoRA; each difference trained − base
+comes with a 95% interval paired by prompt and bootstrapped over prompts (b2fast.eval.stats).
+Each reward is built once, and the images of a (set, split, column) are sampled once and scored
+by every reward. Bad arguments stop before any model loads, with a one-line message naming the
+argument (exit code 2).
 """
 from __future__ import annotations
 
