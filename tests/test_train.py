@@ -291,7 +291,8 @@ def test_a_reward_with_no_finite_score_stops_the_run_in_one_line(tiny_sd_path, t
     out = tmp_path / "run"
     result = subprocess.run([sys.executable, "-m", "b2fast.train", *TINY, "--model.path", tiny_sd_path,
                              "--out", str(out), "--reward.name", "nan_reward_mod:all_nan"],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)})
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 1 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert errors[0] == ("error: stage 0: reward 'nan_reward_mod:all_nan' gave no finite score for any of the 12 "
