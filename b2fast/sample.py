@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--batch", type=int, default=16, metavar="N", help="images per sampling batch; FK: N // particles "
                                                            "prompts per batch, at least one (default: %(default)s)")
     add("--out", default=DEFAULT_OUT, metavar="DIR", help="output folder (default: %(default)s)")
-    add("--no-progress", action="store_true", help="no progress bar")
+    add("--no-progress", action="store_true", help="no progress bars (sampling, model loading)")
     return p
 
 
@@ -132,12 +132,16 @@ def prepare(argv: list[str]):
     return args, cfg, lora, prompts
 
 
-def load(cfg: Config, lora: Path | None):
-    """(policy with the LoRA loaded, reward wrapped for FK or None)."""
+def load(cfg: Config, lora: Path | None, progress: bool = True):
+    """(policy with the LoRA loaded, reward wrapped for FK or None); ``progress=False`` also hides
+    the libraries' loading bars."""
     import torch
 
     from b2fast import ops
-    from b2fast.core.policy import Policy, resolve_model_path
+    from b2fast.core.policy import Policy, hide_loading_progress, resolve_model_path
+
+    if not progress:
+        hide_loading_progress()
     from b2fast.distributed import resolve_device
     from b2fast.rewards import build_reward, score_images
 
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         args, cfg, lora, prompts = prepare(argv)
         from b2fast import backends
         print(f"b2fast: backends {backends()}")
-        policy, scored = load(cfg, lora)
+        policy, scored = load(cfg, lora, progress=not args.no_progress)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     except (ValueError, FileNotFoundError, ConfigError) as exc:  # argument, config, model, LoRA, reward
