@@ -12,6 +12,12 @@ import b2fast
 from b2fast import ops
 
 
+@pytest.fixture(autouse=True)
+def no_forced_backend(monkeypatch):
+    """These tests start with no backend forced, whatever B2FAST_BACKEND the shell sets."""
+    monkeypatch.setattr(ops, "_forced", None)
+
+
 def test_import_and_version():
     assert isinstance(b2fast.__version__, str) and b2fast.__version__.count(".") == 2
 

@@ -112,10 +112,12 @@ _GOT = "index must be a 1-D int64 tensor on cpu, got "
     ({"index": [0, 2]}, _GOT + "list"),
     ({"index": _INDEX.to("meta")}, _GOT + "torch.int64 of shape (2,) on meta"),
     ({"latents": _LATENTS[:0]}, "index has 2 entries but latents has no rows"),
-    ({"out": torch.empty(3, 4, 5)}, "out must be (2, 4, 5) torch.float32 on cpu, got (3, 4, 5)"),
+    ({"out": torch.empty(3, 4, 5)}, "out must be a contiguous (2, 4, 5) torch.float32 tensor on cpu, got (3, 4, 5)"),
     ({"out": torch.empty(2, 4, 5), "cache_dtype": torch.float16},
-     "out must be (2, 4, 5) torch.float16"),
+     "out must be a contiguous (2, 4, 5) torch.float16"),
     ({"out": _LATENTS[1:]}, "out must not overlap latents"),
+    # refused by every backend alike (the C++ kernels cannot write strided rows; the others could)
+    ({"out": torch.empty(2, 5, 4).transpose(1, 2)}, "got (2, 4, 5) torch.float32 on cpu, not contiguous"),
 ])
 def test_rejects_bad_arguments(change, message):
     args = {"latents": _LATENTS, "index": _INDEX, "cache_dtype": None, "out": None, **change}

@@ -91,6 +91,7 @@ def test_stage_grid_gives_each_prompt_group_its_labelled_row(tmp_path):
     assert (picture[4 + 132:4 + 260, 260 + 3 * 132:260 + 3 * 132 + 128] == np.array(BACKGROUND)).all()  # 3 only
 
 
+@pytest.mark.usefixtures("one_thread")  # restored afterwards: later tests keep their thread count
 @pytest.mark.parametrize("resume", [False, True])
 def test_trainer_writes_before_after_grid_and_intervals(tmp_path, capsys, resume):
     """One short stage on the toy model: images/before_after.png holds the evaluation's first
@@ -100,7 +101,6 @@ def test_trainer_writes_before_after_grid_and_intervals(tmp_path, capsys, resume
     from b2fast.run.trainer import Trainer
     from b2fast.train import preset_path
 
-    torch.set_num_threads(1)
     overrides = ["--out", str(tmp_path), "--device", "cpu", "--prompts.source", "toy_attribute",
                  "--schedule.num_stages", "1", "--schedule.min_interval", "2", "--schedule.max_interval", "2",
                  "--sampling.num_steps", "4", "--sampling.batches_per_stage", "1", "--sampling.prompts_per_batch", "2",

@@ -152,3 +152,9 @@ def test_bertscore_idf_and_last_layer_options(model_folders):
     scores = reward(_images(3, seed=3), PROMPTS[:3])
     assert scores.shape == (3,) and torch.isfinite(scores).all()
     torch.testing.assert_close(reward.score_captions(PROMPTS, PROMPTS), torch.ones(5), atol=1e-5, rtol=0)
+    # each option changes the scores of the same caption pairs (were one ignored, they would not)
+    captions, references = PROMPTS[:4], PROMPTS[1:]
+    plain = build_reward("bertscore", _options(model_folders)).score_captions(captions, references)
+    idf_only = build_reward("bertscore", _options(model_folders, idf=True)).score_captions(captions, references)
+    all_layers = build_reward("bertscore", _options(model_folders, num_layers=None)).score_captions(captions, references)
+    assert not torch.allclose(plain, idf_only) and not torch.allclose(plain, all_layers)

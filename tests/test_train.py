@@ -316,6 +316,7 @@ def test_ctrl_c_mid_run_keeps_a_resumable_checkpoint(tiny_sd_path, tmp_path, sto
     deadline = time.monotonic() + 240
     while not (out / "checkpoints" / "latest").is_file() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
+    assert (out / "checkpoints" / "latest").is_file(), f"no checkpoint within 240 s (exit code {run.poll()})"
     run.send_signal(getattr(signal, stop))
     _, stderr = run.communicate(timeout=120)
     assert run.returncode == 130, stderr
@@ -346,6 +347,35 @@ def test_tensorboard_logging_or_a_clear_error(tmp_path):
     logger.log({"stage": 0, "reward_mean": 0.5, "loss": None})
     logger.close()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_tensorboard_logger_writes_each_number_at_its_stage(tmp_path, monkeypatch):
+    """What the logger hands to SummaryWriter (a recording stand-in: tensorboard is optional)."""
+    import types
+
+    from b2fast.run.outputs import TensorBoardLogger
+
+    calls = []
+
+    class SummaryWriter:
+        def __init__(self, folder):
+            calls.append(("open", folder))
+
+        def add_scalar(self, key, value, step):
+            calls.append((key, value, step))
+
+        def flush(self):
+            calls.append(("flush",))
+
+        def close(self):
+            calls.append(("close",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
+    logger = TensorBoardLogger(tmp_path)
+    logger.log({"stage": 3, "reward_mean": 0.5, "loss": None, "n_selected": 7, "note": "text"})
+    logger.close()
+    assert calls == [("open", str(tmp_path / "tensorboard")), ("reward_mean", 0.5, 3), ("n_selected", 7, 3),
+                     ("flush",), ("close",)]
 
 
 CAPTIONING_REWARD = '''

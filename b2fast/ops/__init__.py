@@ -409,6 +409,15 @@ def ddim_logprob(eps_uncond: torch.Tensor | None, eps_cond: torch.Tensor, guidan
         reduction)
 
 
+def _check_out(op: str, out: torch.Tensor, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    """A preallocated output: the right shape, dtype and device, and contiguous (every backend
+    writes rows of it in place, so all of them take the same buffers)."""
+    if tuple(out.shape) != shape or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise ValueError(f"{op}: out must be a contiguous {shape} {dtype} tensor on {device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}"
+                         f"{'' if out.is_contiguous() else ', not contiguous'}")
+
+
 def branch_fork(latents: torch.Tensor, branches: int, cache_dtype: torch.dtype,
                 out: torch.Tensor | None = None,
                 group_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -426,14 +435,14 @@ def branch_fork(latents: torch.Tensor, branches: int, cache_dtype: torch.dtype,
     shape = (latents.shape[0] * branches, *latents.shape[1:])
     if out is None:
         out = torch.empty(shape, dtype=cache_dtype, device=latents.device)
-    elif tuple(out.shape) != shape or out.dtype != cache_dtype or out.device != latents.device:
-        raise ValueError(f"{op}: out must be {shape} {cache_dtype} on {latents.device}, got "
-                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    else:
+        _check_out(op, out, shape, cache_dtype, latents.device)
     if group_ids is None:
         group_ids = torch.empty(shape[0], dtype=torch.int64, device=latents.device)
-    elif tuple(group_ids.shape) != shape[:1] or group_ids.dtype != torch.int64:
-        raise ValueError(f"{op}: group_ids must be int64 of shape ({shape[0]},), got "
-                         f"{group_ids.dtype} of shape {tuple(group_ids.shape)}")
+    elif tuple(group_ids.shape) != shape[:1] or group_ids.dtype != torch.int64 or not group_ids.is_contiguous():
+        raise ValueError(f"{op}: group_ids must be contiguous int64 of shape ({shape[0]},), got "
+                         f"{group_ids.dtype} of shape {tuple(group_ids.shape)}"
+                         f"{'' if group_ids.is_contiguous() else ', not contiguous'}")
     _impl(op, latents)(latents, branches, out, group_ids)
     return out, group_ids
 
@@ -466,13 +475,12 @@ def fork_index(latents: torch.Tensor, index: torch.Tensor, cache_dtype: torch.dt
     shape = (index.shape[0], *latents.shape[1:])
     if out is None:
         out = torch.empty(shape, dtype=cache_dtype, device=latents.device)
-    elif tuple(out.shape) != shape or out.dtype != cache_dtype or out.device != latents.device:
-        raise ValueError(f"{op}: out must be {shape} {cache_dtype} on {latents.device}, got "
-                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
-    # (not while torch.compile traces, where the check would break the graph: the compiled
-    # kernels check again when they run, and the reference gathers into a temporary anyway)
-    elif out.numel() and not torch.compiler.is_compiling() and torch._C._overlaps(out, latents):
-        raise ValueError(f"{op}: out must not overlap latents (rows still to be read would be "
-                         "overwritten); write into another buffer")
+    else:
+        _check_out(op, out, shape, cache_dtype, latents.device)
+        # (not while torch.compile traces, where the check would break the graph: the compiled
+        # kernels check again when they run, and the reference gathers into a temporary anyway)
+        if out.numel() and not torch.compiler.is_compiling() and torch._C._overlaps(out, latents):
+            raise ValueError(f"{op}: out must not overlap latents (rows still to be read would be "
+                             "overwritten); write into another buffer")
     _impl(op, latents)(latents, index, out)
     return out
