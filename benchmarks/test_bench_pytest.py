@@ -58,12 +58,18 @@ def loaded(cfg, folder, device) -> dict:
 @pytest.mark.benchmark(group="sample")
 @pytest.mark.parametrize("method", ["b2fast", "baseline"])
 def test_sample_batch(benchmark, loaded, cfg, device, method):
-    policy, prompts = loaded[method], loaded["prompts"]
+    policy, prompts, s = loaded[method], loaded["prompts"], cfg.sampling
     gen = torch.Generator(device).manual_seed(0)
     if method == "b2fast":
-        benchmark(sample_branches, policy, prompts, torch.arange(len(prompts)), INTERVAL, cfg.sampling, gen)
+        batch = benchmark(sample_branches, policy, prompts, torch.arange(len(prompts)), INTERVAL, s, gen)
+        latents, log_probs, images = batch.latents, batch.log_probs, batch.images
     else:
-        benchmark(baseline_sample, policy, prompts, INTERVAL, cfg.sampling, gen)
+        branches = benchmark(baseline_sample, policy, prompts, INTERVAL, s, gen)
+        latents, log_probs, images = (torch.cat(part) for part in zip(*branches))
+    # the same work on either path (their noise streams differ, so not the same numbers)
+    n = len(prompts) * s.branches
+    assert latents.shape == (n, INTERVAL, *policy.latent_shape) and log_probs.shape == (n, INTERVAL)
+    assert images.shape[0] == n and torch.isfinite(log_probs).all() and torch.isfinite(images).all()
 
 
 @pytest.mark.benchmark(group="decode")
@@ -72,9 +78,11 @@ def test_decode(benchmark, loaded, cfg, device, method):
     policy, s = loaded[method], cfg.sampling
     latents = torch.randn((s.prompts_per_batch * s.branches, *policy.latent_shape), device=device)
     if method == "b2fast":
-        benchmark(policy.decode, latents)
+        images = benchmark(policy.decode, latents)
     else:
-        benchmark(lambda: [policy.decode(c) for c in latents.split(s.prompts_per_batch)])
+        images = torch.cat(benchmark(lambda: [policy.decode(c) for c in latents.split(s.prompts_per_batch)]))
+    one_by_one = torch.cat([policy.decode(x[None]) for x in latents])  # the same images, whatever the batch
+    torch.testing.assert_close(images, one_by_one, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.benchmark(group="train")
