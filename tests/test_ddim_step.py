@@ -286,10 +286,18 @@ def _op_args(cfg=True, clip=None, out=torch.float16):
     return (eps_u, eps_c, 5.0, x_t, noise, table, step, out, clip, True)
 
 
-@needs_cpp
+def _registered_ops(name: str, skip_backend):
+    """The torch.ops namespace of backend ``name``'s registered ops (cpp, or Triton under
+    TRITON_INTERPRET=1 on the CPU), or a skip saying why it is not live here."""
+    if name not in ops.available_backends("ddim_step_with_logprob", "cpu"):
+        skip_backend(name, "cpu", f"{name} not live on the CPU: {ops._backend_unavailable(name)}")
+    return getattr(torch.ops, ops._NAMESPACES[name])
+
+
+@pytest.mark.parametrize("name", ["cpp", "triton"])
 @pytest.mark.parametrize("kwargs", [{}, {"cfg": False}, {"clip": 1.0}, {"out": torch.float32}])
-def test_cpp_op_passes_opcheck(kwargs):
-    torch.library.opcheck(torch.ops.b2fast.ddim_step_with_logprob.default, _op_args(**kwargs))
+def test_registered_step_passes_opcheck(name, kwargs, skip_backend):
+    torch.library.opcheck(_registered_ops(name, skip_backend).ddim_step_with_logprob.default, _op_args(**kwargs))
 
 
 @needs_cpp
@@ -486,15 +494,15 @@ def test_step_replays_in_a_cuda_graph(name):
             assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
 
 
-@needs_cpp
+@pytest.mark.parametrize("name", ["cpp", "triton"])
 @pytest.mark.parametrize("cfg, clip", [(True, None), (False, None), (True, 1.0)])
-def test_cpp_training_ops_pass_opcheck(cfg, clip):
+def test_registered_training_ops_pass_opcheck(name, cfg, clip, skip_backend):
+    registered = _registered_ops(name, skip_backend)
     eps_u, eps_c, w, x_t, noise, table, step, *_ = _op_args(cfg=cfg)
     x_prev = noise.to(torch.float16)
-    torch.library.opcheck(torch.ops.b2fast.ddim_logprob.default,
-                          (eps_u, eps_c, w, x_t, x_prev, table, step, clip, True))
+    torch.library.opcheck(registered.ddim_logprob.default, (eps_u, eps_c, w, x_t, x_prev, table, step, clip, True))
     grad = torch.randn(eps_c.shape[0])
-    torch.library.opcheck(torch.ops.b2fast.ddim_logprob_backward.default,
+    torch.library.opcheck(registered.ddim_logprob_backward.default,
                           (grad, eps_u, eps_c, w, x_t, x_prev, table, step, clip, False))
     out, ids = torch.empty(9, 4, 5, 7, dtype=torch.float16), torch.empty(9, dtype=torch.int64)
-    torch.library.opcheck(torch.ops.b2fast.branch_fork_out.default, (eps_c, 3, out, ids))
+    torch.library.opcheck(registered.branch_fork_out.default, (eps_c, 3, out, ids))
