@@ -1,5 +1,6 @@
 """The shipped toy LCM (``b2fast:toy-lcm``): it loads as an LCM policy, its 4-step alignment
-matches its model card, and it is within 0.1 toy_align of its 20-step DDIM teacher."""
+matches its model card (a regression check against the card's own measurement), it is within 0.1
+toy_align of its 20-step DDIM teacher, and the default run on it learns where its null does not."""
 import json
 from argparse import Namespace
 
@@ -51,44 +52,36 @@ def test_four_steps_match_the_card_and_score_within_0_1_of_the_teacher(card):
     assert _mean_score(rows) >= _mean_score(card["alignment"][TEACHER]) - 0.1, (_mean_score(rows), card)
 
 
+# A short run of the default setting (the toy LCM, the whole chain from stage 0, lr 1e-2) on the
+# colour_fill rung of the reward ladder (attribute prompts: every pixel close to the colour the
+# prompt names), with 16-trajectory optimizer steps so that 10 stages of 128 images make ~20 steps.
+LEARNING_RUN = ["--schedule.num_stages", "10", "--sampling.batches_per_stage", "4", "--train.trajectories_per_step",
+                "16", "--reward.name", "toy_colour_fill", "--prompts.source", "toy_attribute"]
+
+
 def _last_stage_rewards(tmp_path, *extra: str) -> float:
-    """Mean stage reward of the last 3 of 10 stages of B² on the toy LCM at its measured lr."""
+    """Mean stage reward of the last 3 of the learning run's 10 stages."""
     from b2fast.config import apply_overrides, load_yaml
     from b2fast.run.trainer import Trainer
     from b2fast.train import preset_path
 
-    cfg = load_yaml(preset_path("toy_ddim.yaml"))
-    apply_overrides(cfg, ["--out", str(tmp_path), "--device", "cpu", "--model.path", "b2fast:toy-lcm",
-                          "--sampling.scheduler", "lcm", "--sampling.num_steps", "4", "--schedule.min_interval", "2",
-                          "--schedule.max_interval", "4", "--train.lr", "3e-3", "--eval.enabled", "false",
-                          "--log.progress", "false", "--log.grid_every", "0", *extra])
+    cfg = load_yaml(preset_path("default.yaml"))
+    apply_overrides(cfg, ["--out", str(tmp_path), "--device", "cpu", "--eval.enabled", "false",
+                          "--log.progress", "false", "--log.grid_every", "0", "--log.samples", "false",
+                          *LEARNING_RUN, *extra])
     records = Trainer(cfg).run()
     return float(np.mean([r["reward_mean"] for r in records[-3:]]))
 
 
-@pytest.fixture(scope="module")
-def null_reward(tmp_path_factory):
-    """B²-DiffuRL's null control (advantages shuffled) on the toy LCM, seed 0, at its lr."""
-    return _last_stage_rewards(tmp_path_factory.mktemp("null"), "--selection.null_control", "shuffle")
-
-
-def test_short_b2_run_on_the_lcm_keeps_training_reward_above_its_null_control(tmp_path, null_reward):
-    """README, "Latent consistency models": over 5 seeds the last stages' reward of this run
-    minus its null's (advantages shuffled) is +0.034 [+0.004, +0.064], every seed positive;
-    this is seed 0 (+0.061 when measured)."""
+def test_a_short_default_run_learns_and_its_null_control_does_not(tmp_path):
+    """Every run draws the same prompts and noise per stage (generators seeded by seed, stage and
+    purpose), so the runs differ only by their updates: ``zero`` (advantages 0) never moves the
+    weights, the base model's rewards; ``shuffle`` (advantages permuted within each stage) makes
+    steps of the same size that carry no signal. Measured, seeds 0-4 (2-core CPU; last 3 stages):
+    signal − zero +0.031, +0.026, +0.032, +0.027, +0.032; shuffle − zero −0.002, +0.000, +0.005,
+    −0.001, +0.002. This is seed 0."""
+    zero = _last_stage_rewards(tmp_path / "zero", "--selection.null_control", "zero")
     signal = _last_stage_rewards(tmp_path / "signal")
-    assert signal > null_reward, (signal, null_reward)
-
-
-# objective -> its lr, chosen on seed 0's training reward (README, "The paper's comparison")
-OBJECTIVE_LRS = {"d3po": "1e-3", "dro": "1e-3", "dro_unpaired": "1e-3", "diffusion_dpo": "1e-2"}
-
-
-@pytest.mark.parametrize("objective", list(OBJECTIVE_LRS))
-def test_each_objective_keeps_training_reward_above_the_null_control(tmp_path, null_reward, objective):
-    """README, "The paper's comparison on the toy world": over 5 seeds each objective's
-    last-stage reward minus B²-DiffuRL's null is +0.024 to +0.041 (D3PO's and DRO's intervals
-    exclude 0); this is seed 0, where they measured +0.031 (d3po), +0.034 (dro), +0.024
-    (dro_unpaired) and +0.040 (diffusion_dpo)."""
-    reward = _last_stage_rewards(tmp_path, "--train.objective", objective, "--train.lr", OBJECTIVE_LRS[objective])
-    assert reward > null_reward, (objective, reward, null_reward)
+    shuffled = _last_stage_rewards(tmp_path / "shuffle", "--selection.null_control", "shuffle")
+    assert signal - zero >= 0.015, (signal, zero)       # learns by a margin
+    assert shuffled - zero <= 0.010, (shuffled, zero)   # its null control does not
