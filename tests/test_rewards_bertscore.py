@@ -154,7 +154,6 @@ def test_bertscore_idf_and_last_layer_options(model_folders):
     torch.testing.assert_close(reward.score_captions(PROMPTS, PROMPTS), torch.ones(5), atol=1e-5, rtol=0)
     # each option changes the scores of the same caption pairs (were one ignored, they would not)
     captions, references = PROMPTS[:4], PROMPTS[1:]
-    plain = build_reward("bertscore", _options(model_folders)).score_captions(captions, references)
-    idf_only = build_reward("bertscore", _options(model_folders, idf=True)).score_captions(captions, references)
-    all_layers = build_reward("bertscore", _options(model_folders, num_layers=None)).score_captions(captions, references)
+    plain, idf_only, all_layers = (build_reward("bertscore", _options(model_folders, **extra)).score_captions(
+        captions, references) for extra in ({}, {"idf": True}, {"num_layers": None}))
     assert not torch.allclose(plain, idf_only) and not torch.allclose(plain, all_layers)
