@@ -201,3 +201,19 @@ def test_replays_in_a_cuda_graph(name):
             index.copy_(torch.randint(0, 6, (6,), generator=gen, device="cuda"))
             graph.replay()
             assert torch.equal(out, latents.index_select(0, index).half())
+
+
+def test_branch_fork_rejects_bad_arguments():
+    """The B² fork (index = repeat(arange(P), K)) checks its buffers as fork_index does."""
+    latents = torch.randn(3, 4, 5, 7)
+    with pytest.raises(ValueError, match="branches must be an int >= 1"):
+        ops.branch_fork(latents, 0, torch.float32)
+    with pytest.raises(ValueError, match=r"out must be a contiguous \(6, 4, 5, 7\) torch.float16"):
+        ops.branch_fork(latents, 2, torch.float16, out=torch.empty(6, 4, 5, 7))
+    with pytest.raises(ValueError, match="group_ids must be contiguous int64"):
+        ops.branch_fork(latents, 2, torch.float32, group_ids=torch.empty(6, dtype=torch.int32))
+    # strided buffers are refused before any backend runs, so every backend takes the same ones
+    with pytest.raises(ValueError, match="not contiguous"):
+        ops.branch_fork(latents, 2, torch.float32, out=torch.empty(6, 4, 7, 5).transpose(2, 3))
+    with pytest.raises(ValueError, match="not contiguous"):
+        ops.branch_fork(latents, 2, torch.float32, group_ids=torch.empty(12, dtype=torch.int64)[::2])
