@@ -61,12 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     fields = "\n".join(f"  --{name} (default: {default!r})\n      {help}" for name, default, help in iter_fields(preset)
                        if name.startswith(SAMPLER_FIELDS))
     _, examples, settings = __doc__.split("\n\n")[:3]
+    epilog = (f"examples:\n{examples}\n\n{settings}\n\n{FILES}\n\nconfig fields the sampler reads (override any "
+              f"as --section.field VALUE; defaults shown: the {SAMPLER_PRESET} preset's, used without --config or "
+              f"--lora):\n{fields}")
     p = OneLineParser(prog="python -m b2fast.sample", formatter_class=argparse.RawDescriptionHelpFormatter,
-                allow_abbrev=False, description="Sample images of prompts with fixed seeds (base weights or a "
-                                                 "trained LoRA), plain or FK-steered by a reward.",
-                epilog=f"examples:\n{examples}\n\n{settings}\n\n{FILES}\n\nconfig fields the sampler reads "
-                       f"(override any as --section.field VALUE; defaults shown: the {SAMPLER_PRESET} preset's, "
-                       f"used without --config or --lora):\n{fields}")
+                      allow_abbrev=False, epilog=epilog, description="Sample images of prompts with fixed seeds "
+                      "(base weights or a trained LoRA), plain or FK-steered by a reward.")
     add = p.add_argument
     add("--prompt", action="append", default=[], metavar="TEXT", help="a prompt; repeat for several")
     add("--prompts", metavar="SET_OR_FILE", help="built-in prompt set(s) and/or prompt file(s), as prompts.source "

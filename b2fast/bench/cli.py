@@ -346,8 +346,8 @@ def _add_sd_arguments(p: argparse.ArgumentParser, suite: str) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m b2fast.bench", formatter_class=argparse.RawDescriptionHelpFormatter,
-                description=__doc__.split("\n\n")[2],
-                epilog="examples:\n" + __doc__.split("\n\n")[1])
+                        description=__doc__.split("\n\n")[2],
+                        epilog="examples:\n" + __doc__.split("\n\n")[1])
     sub = p.add_subparsers(dest="suite", metavar="SUITE", required=True,
                            parser_class=OneLineParser)
     kernels = sub.add_parser("kernels", help=SUITES["kernels"][1], description=KERNELS_HELP,

@@ -56,8 +56,8 @@ marks an interval that contains 0. More prompts narrow it: --prompts-per-set 0 t
 
 def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m b2fast.eval", formatter_class=argparse.RawDescriptionHelpFormatter,
-                description=DESCRIPTION,
-                epilog="examples:\n" + __doc__.split("\n\n")[1])  # the usage lines of the docstring
+                        description=DESCRIPTION,
+                        epilog="examples:\n" + __doc__.split("\n\n")[1])  # the usage lines of the docstring
     add = p.add_argument
     add("--model", help="hub id, diffusers folder, 'b2fast:tiny-sd', 'b2fast:toy' or 'b2fast:toy-lcm' "
                         f"(default: the model of the --lora run when it has a config.yaml, else {DEFAULT_MODEL!r})")
@@ -124,7 +124,7 @@ def parse_reward_options(text: str, names: list[str]) -> dict[str, dict]:
         options = None
     keyed = "a YAML/JSON mapping keyed by reward name, e.g. '{clipscore: {batch_size: 16}}'"
     require(isinstance(options, dict), "--reward-options", text,
-             keyed + (", or the reward's own options, e.g. '{quality: 80}'" if len(names) == 1 else ""))
+            keyed + (", or the reward's own options, e.g. '{quality: 80}'" if len(names) == 1 else ""))
     if len(names) == 1 and set(options) != {names[0]}:
         return {names[0]: options}
     for key, value in options.items():
