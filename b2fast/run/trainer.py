@@ -119,13 +119,17 @@ class Trainer:
             for split in ev.splits:
                 load_prompts(name, split, field="eval.prompt_sets")
 
+    def _in_this_run(self, checkpoint: Path) -> bool:
+        """Whether ``checkpoint`` (OUT/checkpoints/stage-N) belongs to the run in this output folder."""
+        return checkpoint.parent.parent.resolve() == self.out.resolve()
+
     def _check_out(self, checkpoint: Path | None) -> None:
         """The output folder must be writable, and hold no other run than the one resumed. A run
         stopped before its first checkpoint cannot be resumed, so a new run may start over it:
         its partial metrics and samples are dropped (the rest is overwritten as the run goes)."""
         check_writable(self.out, "out", folder=True)
         holds_run = (self.out / "checkpoints" / "latest").is_file()
-        resumed_here = checkpoint is not None and checkpoint.parent.parent.resolve() == self.out.resolve()
+        resumed_here = checkpoint is not None and self._in_this_run(checkpoint)
         if holds_run and not resumed_here:
             raise ValueError(f"out: {str(self.out)!r} already holds a run; continue it with --resume {self.out}, "
                              "or choose another --out")
@@ -143,7 +147,7 @@ class Trainer:
         if self.world.is_main:
             truncate_metrics(self.out, state.stage)
             print(f"resumed from {ckpt} at stage {self.start_stage}")
-            if ckpt.parent.parent.resolve() == self.out.resolve() and (dropped := adopt_checkpoint(ckpt)):
+            if self._in_this_run(ckpt) and (dropped := adopt_checkpoint(ckpt)):
                 print(f"removed the later checkpoints of the continuation this resume abandons: {', '.join(dropped)}")
             changed = [c for c in differences(state.config, to_dict(self.cfg)) if not c.startswith(_RUN_ONLY)]
             if changed:
@@ -194,7 +198,9 @@ class Trainer:
         interval_len = self.interval_len(stage)
         batch, table = self.sample_stage(stage, interval_len)
         sampled = time.perf_counter()
-        if not bool(torch.isfinite(table.rewards).any()):  # nothing to learn from: a broken reward, not a stage
+        rewards = table.rewards
+        finite = rewards[torch.isfinite(rewards)]
+        if finite.numel() == 0:  # nothing to learn from: a broken reward, not a stage
             raise ValueError(f"stage {stage}: reward {self.cfg.reward.name!r} gave no finite score for any of the "
                              f"{len(table)} images; fix the reward")
         # records the stage in the history (b2) or DDPO's per-prompt buffers, then selects
@@ -211,8 +217,6 @@ class Trainer:
                                   self.cfg.sampling, stage_generator(self.cfg.seed, stage, "shuffle"), bar,
                                   self.world, table.local_rows)
         self._check_finite(stage, stats)
-        rewards = table.rewards
-        finite = rewards[torch.isfinite(rewards)]
         record = {"stage": stage, "interval_len": interval_len, "trained_steps": trained,
                   "reward_mean": float(finite.mean()) if finite.numel() else None,
                   "reward_std": float(finite.std()) if finite.numel() > 1 else 0.0,

@@ -32,7 +32,8 @@ from b2fast.toy.grammar import TEMPLATES, prompts as grammar_prompts
 from b2fast.toy.model import TEXT_LENGTH, build_toy_model
 from b2fast.toy.world import sample_images
 from b2fast.distributed import resolve_device
-from b2fast.utils import DEVICE_NAMES, atomic_write_folder, is_device_name, one_line_warnings, stop_on_interrupt
+from b2fast.utils import (DEVICE_NAMES, atomic_write_folder, is_device_name, one_line_warnings, require,
+                          stop_on_interrupt)
 
 
 def add_run_arguments(p: argparse.ArgumentParser, out: str, steps: int, batch_size: int, lr: float,
@@ -58,12 +59,10 @@ def validate_run_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--ema: got {args.ema}, expected a number in [0, 1)")
     if args.lr <= 0:
         raise ValueError(f"--lr: got {args.lr}, expected a number > 0")
-    if args.eval_images < 0:  # found only after training otherwise, and the trained model lost with it
-        raise ValueError(f"--eval-images: got {args.eval_images}, expected an integer >= 0 (0 skips the evaluation)")
-    if args.eval_prompts < 1:
-        raise ValueError(f"--eval-prompts: got {args.eval_prompts}, expected an integer >= 1")
-    if not is_device_name(args.device):
-        raise ValueError(f"--device: got {args.device!r}, expected {DEVICE_NAMES}")
+    # found only after training otherwise, and the trained model lost with it
+    require(args.eval_images >= 0, "--eval-images", args.eval_images, "an integer >= 0 (0 skips the evaluation)")
+    require(args.eval_prompts >= 1, "--eval-prompts", args.eval_prompts, "an integer >= 1")
+    require(is_device_name(args.device), "--device", args.device, DEVICE_NAMES)
 
 
 def _parser() -> argparse.ArgumentParser:
