@@ -16,7 +16,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-from b2fast.utils import DEVICE_NAMES, is_device_name
+from b2fast.utils import DEVICE_NAMES, did_you_mean, is_device_name
 
 # Kernel backends of b2fast.ops (kept here too so the config stays torch-free).
 BACKENDS = ("auto", "cuda", "triton", "cpp", "torch")
@@ -227,9 +227,8 @@ DIST_BACKENDS = ("auto", "nccl", "gloo")
 class DistributedConfig:
     backend: str = _f("auto", "torch.distributed backend under torchrun: 'auto' (nccl on GPUs, gloo on CPUs), "
                               "'nccl' or 'gloo'")
-    timeout_s: float = _f(1800.0, "seconds a rank waits in a collective before the job stops with an error "
-                                  "(a crashed or stalled rank); must exceed the before/after evaluation, "
-                                  "which rank 0 runs alone")
+    timeout_s: float = _f(1800.0, "seconds a rank waits in a collective before the job stops with an error (a crashed "
+                          "or stalled rank); must exceed the before/after evaluation, which rank 0 runs alone")
 
 
 @dataclass
@@ -295,7 +294,8 @@ def _resolve(cfg: Config, dotted: str) -> tuple[Any, str, Any]:
         if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
             where = ".".join(parts[:i]) or "config"
             known = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
-            raise ConfigError(f"{dotted}: unknown field {part!r} in {where}; known: {', '.join(known)}")
+            hint = did_you_mean(part, known)
+            raise ConfigError(f"{dotted}: unknown field {part!r} in {where}{hint}; known: {', '.join(known)}")
         if i < len(parts) - 1:
             node = getattr(node, part)
     annotation = get_type_hints(type(node))[parts[-1]]
@@ -337,8 +337,7 @@ def presets_dir() -> Path:
 
 
 def find_config(path: str | Path) -> Path:
-    """A YAML file, or the name of a shipped preset: ``sd15_clipscore`` or ``sd15_clipscore.yaml``
-    work from any folder."""
+    """A YAML file, or a shipped preset's name (``sd15_clipscore`` or ``sd15_clipscore.yaml``, any folder)."""
     path = Path(path)
     if path.is_file() or path.parent != Path("."):
         return path
@@ -350,8 +349,9 @@ def load_yaml(path: str | Path, cfg: Config | None = None) -> Config:
     """Read a YAML config (a file or a shipped preset's name) over the defaults (or over ``cfg``)."""
     path = find_config(path)
     if not path.is_file():
-        shipped = ", ".join(sorted(p.stem for p in presets_dir().glob("*.yaml")))
-        raise ConfigError(f"--config: no such file {str(path)!r}; give a YAML file or a shipped preset ({shipped})")
+        shipped = sorted(p.stem for p in presets_dir().glob("*.yaml"))
+        raise ConfigError(f"--config: no such file {str(path)!r}{did_you_mean(path.stem, shipped)}; give a YAML "
+                          f"file or a shipped preset ({', '.join(shipped)})")
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
@@ -417,9 +417,9 @@ def iter_fields(node: Any = None, prefix: str = ""):
 # ---------------------------------------------------------------------------------------------
 # Validation: every rule in one place, run before any model loads.
 
-def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+def _check(ok: bool, name: str, value: Any, allowed: str, choices=()) -> None:
     if not ok:
-        raise ConfigError(f"{name}: got {value!r}, expected {allowed}")
+        raise ConfigError(f"{name}: got {value!r}{did_you_mean(value, choices)}, expected {allowed}")
 
 
 _CHOICES = {"model.dtype": DTYPES, "model.attention": ATTENTION, "model.compile_mode": COMPILE_MODES,
@@ -444,7 +444,7 @@ def validate(cfg: Config, training: bool = True) -> Config:
     for name, value in values.items():
         _check(not isinstance(value, float) or math.isfinite(value), name, value, "a finite number")
     for name, choices in _CHOICES.items():
-        _check(values[name] in choices, name, values[name], f"one of {choices}")
+        _check(values[name] in choices, name, values[name], f"one of {choices}", choices)
     for name, low in _AT_LEAST.items():
         _check(values[name] >= low, name, values[name], f"an integer >= {low}")
     _check(0 <= cfg.seed < 2 ** 63, "seed", cfg.seed, "an integer in [0, 2**63)")

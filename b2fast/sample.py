@@ -118,8 +118,8 @@ def prepare(argv: list[str]):
     require(args.images_per_prompt >= 1, "--images-per-prompt", args.images_per_prompt, "an integer >= 1")
     require(args.max_prompts >= 0, "--max-prompts", args.max_prompts, "an integer >= 0 (0 = all)")
     require(args.batch >= 1, "--batch", args.batch, "an integer >= 1")
-    require(args.split in SPLITS, "--split", args.split, f"one of {SPLITS}")
-    require(args.keep in KEEP, "--keep", args.keep, f"one of {KEEP}")
+    require(args.split in SPLITS, "--split", args.split, f"one of {SPLITS}", SPLITS)
+    require(args.keep in KEEP, "--keep", args.keep, f"one of {KEEP}", KEEP)
     require(all(p.strip() for p in args.prompt), "--prompt", args.prompt, "non-empty prompt texts")
     check_writable(args.out, "--out", folder=True)
     lora = resolve_lora(args.lora) if args.lora else None

@@ -3,6 +3,7 @@ atomic file and folder writes. Standard library only, so every ``--help`` stays 
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import functools
 import importlib
@@ -30,6 +31,17 @@ def is_device_name(name: str) -> bool:
     return re.fullmatch(r"auto|cpu|cuda(:\d+)?", name) is not None
 
 
+def did_you_mean(word: object, choices) -> str:
+    """' (did you mean 'X'?)' naming the choice closest to a mistyped ``word``; '' when none is close.
+    A prefix that the word and every choice share (``b2fast:``) is not counted as a likeness."""
+    if not isinstance(word, str):
+        return ""
+    skip = len(os.path.commonprefix([word, *map(str, choices)]))
+    tails = {str(c)[skip:]: str(c) for c in choices}
+    close = difflib.get_close_matches(word[skip:], list(tails), n=1, cutoff=0.6)
+    return f" (did you mean {tails[close[0]]!r}?)" if close else ""
+
+
 class ArgumentError(ValueError):
     """A command-line argument is invalid; the message names it."""
 
@@ -39,13 +51,18 @@ class OneLineParser(argparse.ArgumentParser):
     'error:' line (exit code 2) instead of the usage text."""
 
     def error(self, message: str):
+        if message.startswith("unrecognized arguments: "):
+            for flag in (a.partition("=")[0] for a in message.split(": ", 1)[1].split() if a.startswith("--")):
+                hint = did_you_mean(flag, self._option_string_actions)
+                message += f"; {flag}{hint}" if hint else ""
         raise ArgumentError(message)
 
 
-def require(ok: bool, name: str, value, allowed: str) -> None:
-    """ArgumentError "NAME: got VALUE, expected ALLOWED" unless ``ok``."""
+def require(ok: bool, name: str, value, allowed: str, choices=()) -> None:
+    """ArgumentError "NAME: got VALUE, expected ALLOWED" unless ``ok`` (with the closest of
+    ``choices`` when VALUE looks like a typo of one)."""
     if not ok:
-        raise ArgumentError(f"{name}: got {value!r}, expected {allowed}")
+        raise ArgumentError(f"{name}: got {value!r}{did_you_mean(value, choices)}, expected {allowed}")
 
 
 def _raise_interrupt(signum, frame):

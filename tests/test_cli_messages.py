@@ -1,8 +1,16 @@
-"""What the command-line entry points print, whatever the command: one-line warnings."""
+"""What the command-line entry points print, whatever the command: one-line warnings, interrupts and
+mistyped names answered with the closest valid one."""
 import subprocess
 import sys
 
 import pytest
+
+from b2fast.config import Config, apply_overrides, load_yaml, validate
+from b2fast.core.policy import resolve_model_path
+from b2fast.core.schedule import resolve_schedule, stage_lr
+from b2fast.eval.cli import _parser
+from b2fast.rewards import build_reward
+from b2fast.utils import require
 
 
 @pytest.mark.parametrize("module", ["b2fast.train", "b2fast.eval.cli", "b2fast.bench.cli"])
@@ -52,3 +60,35 @@ def test_sigterm_stops_eval_and_sample_without_a_traceback(command, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("interrupted; ")
+
+
+@pytest.mark.parametrize("mistake, hint", [
+    (lambda: apply_overrides(Config(), ["--train.lrr", "1e-3"]), "unknown field 'lrr' in train (did you mean 'lr'?)"),
+    (lambda: apply_overrides(Config(), ["--trian.lr=1e-3"]), "unknown field 'trian' in config (did you mean 'train'?)"),
+    (lambda: validate(apply_overrides(Config(), ["--sampling.scheduler", "lcmm"])), "got 'lcmm' (did you mean 'lcm'?)"),
+    (lambda: load_yaml("defualt"), "no such file 'defualt' (did you mean 'default'?)"),
+    (lambda: build_reward("toy_alignn"), "unknown reward 'toy_alignn' (did you mean 'toy_align'?)"),
+    (lambda: resolve_schedule("linearr"), "unknown schedule 'linearr' (did you mean 'linear'?)"),
+    (lambda: stage_lr(1.0, "cosin", 0, 10), "got 'cosin' (did you mean 'cosine'?)"),
+    (lambda: resolve_model_path("b2fast:toy_lcm"), "'b2fast:toy_lcm' (did you mean 'b2fast:toy-lcm'?)"),
+    (lambda: _parser().parse_args(["--lorra", "x"]),
+     "unrecognized arguments: --lorra x; --lorra (did you mean '--lora'?)"),
+    (lambda: require(False, "--split", "tset", "one of train, test", ("train", "test")),
+     "got 'tset' (did you mean 'test'?)"),
+])
+def test_a_mistyped_name_is_answered_with_the_closest_valid_one(mistake, hint):
+    with pytest.raises(ValueError) as raised:
+        mistake()
+    assert hint in str(raised.value) and "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("mistake", [
+    lambda: apply_overrides(Config(), ["--train.zzzz", "1"]),
+    lambda: load_yaml("nothing_like_a_preset"),
+    lambda: resolve_model_path("b2fast:zzz"),          # the shared "b2fast:" prefix is no likeness
+    lambda: _parser().parse_args(["--zzzz"]),
+])
+def test_a_name_close_to_nothing_gets_no_guess(mistake):
+    with pytest.raises(ValueError) as raised:
+        mistake()
+    assert "did you mean" not in str(raised.value)

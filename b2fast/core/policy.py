@@ -18,7 +18,7 @@ from b2fast.config import ModelConfig
 from b2fast.core.cuda_graphs import CapturedCalls
 from b2fast.ops.reference.ddim import SQRT_1M_AB, SQRT_AB, add_noise
 from b2fast.core.schedule import StepTable, build_lcm_table, build_step_table
-from b2fast.utils import LORA_WEIGHTS_NAME, first_line
+from b2fast.utils import LORA_WEIGHTS_NAME, did_you_mean, first_line
 
 TINY_SD = "b2fast:tiny-sd"
 TOY = "b2fast:toy"  # the pretrained toy-world model shipped inside the package
@@ -57,7 +57,8 @@ def resolve_model_path(path: str) -> str:
         from b2fast.toy.model import pretrained_path
         return str(pretrained_path("pretrained" if path == TOY else "pretrained_lcm"))
     if path.startswith("b2fast:"):
-        raise ModelLoadError(f"model.path: unknown built-in model {path!r}; the built-ins are {TOY}, {TOY_LCM} "
+        hint = did_you_mean(path, (TOY, TOY_LCM, TINY_SD))
+        raise ModelLoadError(f"model.path: unknown built-in model {path!r}{hint}; the built-ins are {TOY}, {TOY_LCM} "
                              f"and {TINY_SD}")
     local = Path(path).expanduser()
     looks_local = path.startswith((".", "/", "~")) or local.exists() or path.count("/") != 1

@@ -15,7 +15,7 @@ import torch
 from b2fast.config import LR_SCHEDULES
 from b2fast.ops.reference.ddim import (DIR_COEF, LOG_SIGMA, SIGMA, SQRT_1M_AB, SQRT_AB,
                                        SQRT_AB_PREV, TABLE_COLUMNS)
-from b2fast.utils import load_callable
+from b2fast.utils import did_you_mean, load_callable
 
 
 @dataclass
@@ -187,7 +187,8 @@ def stage_lr(lr: float, kind: str, stage: int, num_stages: int, warmup_stages: i
         return lr * warmup
     if kind == "cosine":
         return lr * warmup * 0.5 * (1.0 + math.cos(math.pi * stage / num_stages))
-    raise ValueError(f"train.lr_schedule: got {kind!r}, expected one of {LR_SCHEDULES}")
+    raise ValueError(f"train.lr_schedule: got {kind!r}{did_you_mean(kind, LR_SCHEDULES)}, "
+                     f"expected one of {LR_SCHEDULES}")
 
 
 def resolve_schedule(name: str) -> IntervalSchedule:
@@ -195,6 +196,6 @@ def resolve_schedule(name: str) -> IntervalSchedule:
     if name in BUILTIN_SCHEDULES:
         return BUILTIN_SCHEDULES[name]
     if ":" not in name:
-        raise ValueError(f"schedule.kind: unknown schedule {name!r}; use one of "
+        raise ValueError(f"schedule.kind: unknown schedule {name!r}{did_you_mean(name, BUILTIN_SCHEDULES)}; use one of "
                          f"{sorted(BUILTIN_SCHEDULES)} or 'module:function'")
     return load_callable(name, "schedule.kind")

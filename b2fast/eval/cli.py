@@ -105,7 +105,7 @@ def validate_args(a: argparse.Namespace) -> argparse.Namespace:
     require(a.num_steps >= 1, "--num-steps", a.num_steps, "an integer >= 1")
     require(a.guidance_scale >= 0, "--guidance-scale", a.guidance_scale, "a number >= 0")
     require(0 <= a.eta <= 1, "--eta", a.eta, "a number in [0, 1]")
-    require(a.dtype in DTYPES, "--dtype", a.dtype, f"one of {DTYPES}")
+    require(a.dtype in DTYPES, "--dtype", a.dtype, f"one of {DTYPES}", DTYPES)
     require(is_device_name(a.device), "--device", a.device, DEVICE_NAMES)
     for split in a.splits:
         require(split in ("train", "test", "all"), "--splits", split, "'train', 'test' or 'all'")
@@ -128,7 +128,7 @@ def parse_reward_options(text: str, names: list[str]) -> dict[str, dict]:
     if len(names) == 1 and set(options) != {names[0]}:
         return {names[0]: options}
     for key, value in options.items():
-        require(key in names, "--reward-options", key, f"one of the --reward names {names} ({keyed})")
+        require(key in names, "--reward-options", key, f"one of the --reward names {names} ({keyed})", names)
         require(isinstance(value, dict), f"--reward-options {key}", value, "a mapping of that reward's options")
     return {name: options.get(name, {}) for name in names}
 

@@ -12,7 +12,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from b2fast.utils import load_callable, one_line
+from b2fast.utils import did_you_mean, load_callable, one_line
 
 
 class Reward(Protocol):
@@ -73,8 +73,8 @@ def build_reward(name: str, options: dict | None = None, device: str | torch.dev
         if options:
             raise ValueError(f"reward.options: a 'module:function' reward takes no options, got {options}")
         return fn
-    raise ValueError(f"reward.name: unknown reward {name!r}; use one of {available_rewards()} "
-                     "or 'module:function'")
+    raise ValueError(f"reward.name: unknown reward {name!r}{did_you_mean(name, _REGISTRY)}; use one of "
+                     f"{available_rewards()} or 'module:function'")
 
 
 def reward_label(reward: Reward) -> str:
