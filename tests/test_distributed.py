@@ -42,8 +42,9 @@ def _env(**extra) -> dict:
 
 
 def _train(*args, ranks: int = 1) -> subprocess.CompletedProcess:
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
-                 "--master-port", str(_free_port())] if ranks > 1 else [sys.executable])
+    # --standalone: torchrun binds a free port itself (no window for another process to take it)
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
+                if ranks > 1 else [sys.executable])
     done = subprocess.run([*launcher, "-m", "b2fast.train", *ARGS, *args], capture_output=True, text=True,
                           env=_env(), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
