@@ -22,7 +22,8 @@ import json
 import sys
 from pathlib import Path
 
-from b2fast.config import Config, ConfigError, apply_dict, apply_overrides, iter_fields, load_yaml, validate
+from b2fast.config import (Config, ConfigError, apply_dict, apply_overrides, iter_fields, load_yaml, presets_dir,
+                           validate)
 from b2fast.prompts import SPLITS
 from b2fast.utils import (ArgumentError, OneLineParser, atomic_write_text, check_writable, finite_json, first_line,
                           one_line_warnings, require, stop_on_interrupt)
@@ -55,9 +56,8 @@ writes each prompt and seed's highest-reward particle; --keep all writes every p
 
 
 def _parser() -> argparse.ArgumentParser:
-    from b2fast.train import preset_path
 
-    preset = load_yaml(preset_path(SAMPLER_PRESET))
+    preset = load_yaml(presets_dir() / SAMPLER_PRESET)
     fields = "\n".join(f"  --{name} (default: {default!r})\n      {help}" for name, default, help in iter_fields(preset)
                        if name.startswith(SAMPLER_FIELDS))
     _, examples, settings = __doc__.split("\n\n")[:3]
@@ -94,13 +94,12 @@ def build_config(args: argparse.Namespace, overrides: list[str], lora: Path | No
     """--config, else the LoRA's run config, else the default preset; then the shorthands, then
     ``--section.field`` overrides; validated for sampling (steering allowed)."""
     from b2fast.run.folders import run_config
-    from b2fast.train import preset_path
 
     run = run_config(lora) if lora is not None and not args.config else {}
     if args.config:
         cfg = load_yaml(args.config)
     else:  # the run's own settings (its config.yaml is a whole config), else the toy-world preset
-        cfg = apply_dict(Config(), run) if run else load_yaml(preset_path(SAMPLER_PRESET))
+        cfg = apply_dict(Config(), run) if run else load_yaml(presets_dir() / SAMPLER_PRESET)
     if args.reward and args.reward != cfg.reward.name:
         cfg.reward.options = {}  # another reward's options would not fit
     shorthand = [item for flag, name in SHORTHANDS if getattr(args, flag) is not None

@@ -22,11 +22,6 @@ from b2fast.utils import one_line_warnings, stop_on_interrupt
 DEFAULT_PRESET = "default.yaml"
 
 
-def preset_path(name: str) -> Path:
-    """A preset shipped in ``b2fast/configs`` (copy one to start your own)."""
-    return presets_dir() / name
-
-
 def _what_is_kept(out: str) -> str:
     """How a stopped run goes on: from its last checkpoint, or from the start (none written yet)."""
     if (Path(out) / "checkpoints" / "latest").is_file():
@@ -62,7 +57,7 @@ def parse_config(argv: list[str]):
     elif run is not None and (run / "config.yaml").is_file():
         config_file = run / "config.yaml"  # continue with the run's own config
     else:
-        config_file = preset_path(DEFAULT_PRESET)
+        config_file = presets_dir() / DEFAULT_PRESET
     try:
         cfg = load_yaml(config_file)
     except ConfigError as exc:  # the run's own config.yaml: the user gave --resume, not --config

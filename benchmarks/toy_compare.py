@@ -74,7 +74,7 @@ from b2fast.config import Config, apply_overrides, load_yaml, validate
 from b2fast.eval.stats import PairedDifference, mean_ci, paired_difference
 from b2fast.run.checkpoint import load_checkpoint
 from b2fast.run.trainer import Trainer
-from b2fast.train import preset_path
+from b2fast.config import presets_dir
 from b2fast.utils import atomic_write, atomic_write_text, finite_json
 
 # The toy LCM policy: 4 LCM steps, interval 2 -> 4 (the whole chain for a constant schedule).
@@ -110,7 +110,7 @@ def make_config(method: str, seed: int, out: Path, extra: list[str], lr: float |
     (``POLICIES``), ``extra`` and the method's own overrides. With evaluation on, every stage's
     checkpoint is written and kept, so that any stage can be evaluated afterwards."""
     preset, overrides = METHODS[method]
-    cfg = load_yaml(preset_path(preset))
+    cfg = load_yaml(presets_dir() / preset)
     run_lr = METHOD_LRS.get(method) if lr is None else lr
     apply_overrides(cfg, ["--seed", str(seed), "--out", str(out / run_name(method, seed, lr)),
                           "--log.progress", "false", *(["--train.lr", repr(run_lr)] if run_lr is not None else []),

@@ -42,7 +42,7 @@ from b2fast.config import apply_overrides, load_yaml, validate
 from b2fast.core.selection import normalize_and_select, null_control
 from b2fast.core.update import policy_update
 from b2fast.run.trainer import Trainer, stage_generator
-from b2fast.train import preset_path
+from b2fast.config import presets_dir
 
 
 class GradientRecorder(torch.optim.Optimizer):
@@ -99,7 +99,7 @@ def consistency(grads: torch.Tensor) -> dict:
 
 def measure_config(overrides: list[str], stages: int, out: Path):
     """The validated config of the measurement (a bad override: a one-line ValueError)."""
-    cfg = load_yaml(preset_path("toy_ddim.yaml"))
+    cfg = load_yaml(presets_dir() / "toy_ddim.yaml")
     apply_overrides(cfg, ["--out", str(out), "--schedule.num_stages", str(max(stages, 1)), "--eval.enabled", "false",
                           "--log.progress", "false", "--log.grid_every", "0", "--log.samples", "false", *overrides])
     return validate(cfg)

@@ -32,7 +32,7 @@ from b2fast.config import apply_overrides, load_yaml, validate  # noqa: E402
 from b2fast.core.sampling import generate  # noqa: E402
 from b2fast.rewards import build_reward  # noqa: E402
 from b2fast.run.trainer import Trainer  # noqa: E402
-from b2fast.train import preset_path  # noqa: E402
+from b2fast.config import presets_dir  # noqa: E402
 from b2fast.utils import atomic_write_text  # noqa: E402
 
 ONE_STEP = "--train.trajectories_per_step 4096 --train.epochs 1"
@@ -56,7 +56,7 @@ VARIANTS = {  # name → overrides of the toy_ddim preset
 def stage_config(seed: int, overrides: list[str], prompt_file: Path, reward: str, batches: int, out: Path,
                  stages: int = 1):
     """The validated config of one measurement (a bad override: a one-line ValueError)."""
-    cfg = load_yaml(preset_path("toy_ddim.yaml"))
+    cfg = load_yaml(presets_dir() / "toy_ddim.yaml")
     apply_overrides(cfg, ["--out", str(out), "--seed", str(seed), "--prompts.source", str(prompt_file),
                           "--reward.name", reward, "--sampling.batches_per_stage", str(batches),
                           "--schedule.num_stages", str(stages), "--eval.enabled", "false", "--log.progress", "false",

@@ -3,7 +3,6 @@ import pytest
 
 from b2fast.config import (Config, ConfigError, apply_overrides, dump_yaml, iter_fields, load_yaml, presets_dir,
                            validate)
-from b2fast.train import preset_path
 
 
 def test_defaults_are_the_reference_settings():
@@ -82,7 +81,7 @@ def test_bad_yaml_files(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(p.name for p in presets_dir().glob("*.yaml")))
 def test_shipped_presets_validate(name):
-    validate(load_yaml(preset_path(name)))
+    validate(load_yaml(presets_dir() / name))
 
 
 def test_every_field_is_documented():
@@ -107,7 +106,7 @@ def test_config_that_is_not_utf8(tmp_path):
 
 def test_config_takes_a_shipped_preset_by_name_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    by_name, by_file = load_yaml("tiny_sd_jpeg"), load_yaml(preset_path("tiny_sd_jpeg.yaml"))
+    by_name, by_file = load_yaml("tiny_sd_jpeg"), load_yaml(presets_dir() / "tiny_sd_jpeg.yaml")
     assert by_name == by_file and by_name.model.path == "b2fast:tiny-sd"
     assert load_yaml("tiny_sd_jpeg.yaml") == by_file
     presets = r"\(default, .*tiny_sd_jpeg, toy_ddim, toy_ddpo\)"

@@ -14,13 +14,13 @@ from safetensors.torch import load_file
 
 from b2fast.distributed import World, resolve_device
 from b2fast.run.stage_table import gather_stage_table
-from b2fast.train import preset_path
+from b2fast.config import presets_dir
 
 # One stage of 4 batches (2 per rank); a fixed interval so the schedule ignores num_stages.
 # adam_eps 1 makes the first AdamW steps linear in the gradient (update ≈ lr·g), so the weights
 # compare the gradients themselves; with eps 1e-8 the update is ≈ lr·sign(g) and hides both a
 # wrong gradient scale and, for near-zero entries, magnifies float rounding.
-ARGS = ["--config", str(preset_path("tiny_sd_jpeg.yaml")), "--sampling.num_steps", "6",
+ARGS = ["--config", str(presets_dir() / "tiny_sd_jpeg.yaml"), "--sampling.num_steps", "6",
         "--sampling.branches", "3", "--sampling.prompts_per_batch", "2", "--sampling.batches_per_stage", "4",
         "--schedule.min_interval", "3", "--schedule.max_interval", "3", "--train.micro_batch", "8",
         "--train.trajectories_per_step", "4", "--train.lr", "1e-2", "--train.adam_eps", "1",

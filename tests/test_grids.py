@@ -99,18 +99,18 @@ def test_trainer_writes_before_after_grid_and_intervals(tmp_path, capsys, resume
     for a second stage, the evaluation before training is read back, its images included."""
     from b2fast.config import apply_overrides, load_yaml
     from b2fast.run.trainer import Trainer
-    from b2fast.train import preset_path
+    from b2fast.config import presets_dir
 
     overrides = ["--out", str(tmp_path), "--device", "cpu", "--prompts.source", "toy_attribute",
                  "--schedule.num_stages", "1", "--schedule.min_interval", "2", "--schedule.max_interval", "2",
                  "--sampling.num_steps", "4", "--sampling.batches_per_stage", "1", "--sampling.prompts_per_batch", "2",
                  "--sampling.branches", "2", "--eval.prompt_sets", "[toy_attribute]", "--eval.prompts_per_set", "2",
                  "--eval.images_per_prompt", "2", "--log.progress", "false", "--log.grid_every", "1"]
-    Trainer(apply_overrides(load_yaml(preset_path("toy_ddim.yaml")), overrides)).run()
+    Trainer(apply_overrides(load_yaml(presets_dir() / "toy_ddim.yaml"), overrides)).run()
     if resume:
         (tmp_path / "images" / "before_after.png").unlink()
         overrides[overrides.index("--schedule.num_stages") + 1] = "2"
-        Trainer(apply_overrides(load_yaml(preset_path("toy_ddim.yaml")), overrides), resume=str(tmp_path)).run()
+        Trainer(apply_overrides(load_yaml(presets_dir() / "toy_ddim.yaml"), overrides), resume=str(tmp_path)).run()
     result = json.loads((tmp_path / "eval.json").read_text())
     assert [(d["split"], d["metric"]) for d in result["differences"]] == [
         ("train", "toy_align"), ("train", "toy_align_success"), ("test", "toy_align"), ("test", "toy_align_success")]

@@ -21,7 +21,7 @@ from b2fast.core.update import _pair_log_probs, trained_positions
 from b2fast.run.trainer import Trainer
 from b2fast.testing.lcm import copy_as_lcm
 from b2fast.testing.tiny_sd import SD_SCHEDULER
-from b2fast.train import preset_path
+from b2fast.config import presets_dir
 
 COND_DIM = 32
 
@@ -99,7 +99,7 @@ def test_b2_branches_on_an_lcm_are_on_policy_and_skip_the_deterministic_last_ste
 
 @pytest.mark.parametrize("scheduler, trained", [("lcm", [2, 3]), ("rlcm", [3, 4])])
 def test_a_training_stage_runs_on_an_lcm(tiny_lcm, tmp_path, scheduler, trained):
-    cfg = load_yaml(preset_path("tiny_sd_jpeg.yaml"))
+    cfg = load_yaml(presets_dir() / "tiny_sd_jpeg.yaml")
     apply_overrides(cfg, ["--out", str(tmp_path / "run"), "--device", "cpu", "--model.path", tiny_lcm,
                           "--sampling.scheduler", scheduler, "--sampling.num_steps", "4", "--schedule.min_interval", "3",
                           "--schedule.max_interval", "4", "--schedule.num_stages", "2",

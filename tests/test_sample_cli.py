@@ -117,10 +117,10 @@ def test_fk_keeps_every_particle_or_the_best_one(tmp_path):
 def test_lora_run_folder_gives_its_settings_and_weights(tmp_path):
     from b2fast.config import ModelConfig, dump_yaml, load_yaml
     from b2fast.core.policy import Policy
-    from b2fast.train import preset_path
+    from b2fast.config import presets_dir
 
     run = tmp_path / "run"
-    cfg = load_yaml(preset_path("toy_ddim.yaml"))
+    cfg = load_yaml(presets_dir() / "toy_ddim.yaml")
     cfg.sampling.num_steps, cfg.model.lora_rank = 3, 2
     run.mkdir()
     (run / "config.yaml").write_text(dump_yaml(cfg))

@@ -14,7 +14,7 @@ from b2fast.config import apply_overrides, load_yaml
 from b2fast.core.selection import normalize_and_select
 from b2fast.core.update import policy_update
 from b2fast.run.trainer import Trainer, stage_generator
-from b2fast.train import preset_path
+from b2fast.config import presets_dir
 
 snr = load_benchmark("toy_grad_snr")
 TINY = ["--sampling.num_steps", "4", "--schedule.min_interval", "2", "--schedule.max_interval", "4",
@@ -46,7 +46,7 @@ def test_identical_gradients_are_all_signal_and_opposite_ones_none():
 
 
 def test_stage_gradient_is_the_step_policy_update_takes_and_moves_nothing(tmp_path):
-    cfg = load_yaml(preset_path("toy_ddim.yaml"))
+    cfg = load_yaml(presets_dir() / "toy_ddim.yaml")
     apply_overrides(cfg, ["--out", str(tmp_path / "run"), "--eval.enabled", "false", "--log.progress", "false",
                           "--train.weight_decay", "0", "--reward.name", "toy_colour_fill", *TINY])
     trainer = Trainer(cfg)

@@ -63,9 +63,9 @@ def _last_stage_rewards(tmp_path, *extra: str) -> float:
     """Mean stage reward of the last 3 of the learning run's 10 stages."""
     from b2fast.config import apply_overrides, load_yaml
     from b2fast.run.trainer import Trainer
-    from b2fast.train import preset_path
+    from b2fast.config import presets_dir
 
-    cfg = load_yaml(preset_path("default.yaml"))
+    cfg = load_yaml(presets_dir() / "default.yaml")
     apply_overrides(cfg, ["--out", str(tmp_path), "--device", "cpu", "--eval.enabled", "false",
                           "--log.progress", "false", "--log.grid_every", "0", "--log.samples", "false",
                           *LEARNING_RUN, *extra])

@@ -12,7 +12,7 @@ from b2fast.eval.evaluator import evaluate_sets
 from b2fast.core.policy import Policy, resolve_model_path
 from b2fast.rewards import build_reward
 from b2fast.toy.model import pretrained_path
-from b2fast.train import preset_path
+from b2fast.config import presets_dir
 from b2fast.run.trainer import Trainer
 
 
@@ -47,7 +47,7 @@ def test_short_toy_ddim_run_trains_and_evaluates_before_and_after(tmp_path, caps
     README, "The 20-step DDIM toy run": at this budget it does not; the learning test is
     tests/test_toy_lcm_model.py): the LoRA is trained, the same images are evaluated before and
     after, and the tables come in that order."""
-    cfg = load_yaml(preset_path("toy_ddim.yaml"))
+    cfg = load_yaml(presets_dir() / "toy_ddim.yaml")
     apply_overrides(cfg, ["--out", str(tmp_path), "--device", "cpu", "--prompts.source", "toy_attribute",
                           "--schedule.num_stages", "4", "--sampling.batches_per_stage", "2",
                           "--eval.prompt_sets", "[toy_attribute]", "--eval.splits", "[train]",

@@ -67,9 +67,9 @@ def zero_lora(folder: Path) -> Path:
 
     from b2fast.config import load_yaml
     from b2fast.core.policy import Policy
-    from b2fast.train import preset_path
+    from b2fast.config import presets_dir
 
-    cfg = load_yaml(preset_path("toy_ddim.yaml"))
+    cfg = load_yaml(presets_dir() / "toy_ddim.yaml")
     Policy(cfg.model, torch.device("cpu"), 4, 1.0).save_lora(folder)
     return folder
 

@@ -8,18 +8,18 @@ import shutil
 import pytest
 import torch
 
-from b2fast.config import ConfigError, apply_overrides, load_yaml
-from b2fast.train import main, parse_config, preset_path
+from b2fast.config import ConfigError, apply_overrides, load_yaml, presets_dir
+from b2fast.train import main, parse_config
 from b2fast.run.trainer import Trainer
 
-TINY = ["--config", str(preset_path("tiny_sd_jpeg.yaml")), "--sampling.num_steps", "6", "--sampling.branches", "3", "--sampling.prompts_per_batch", "2",
+TINY = ["--config", str(presets_dir() / "tiny_sd_jpeg.yaml"), "--sampling.num_steps", "6", "--sampling.branches", "3", "--sampling.prompts_per_batch", "2",
         "--sampling.batches_per_stage", "2", "--schedule.num_stages", "3", "--schedule.min_interval", "2",
         "--schedule.max_interval", "4", "--train.micro_batch", "16", "--train.trajectories_per_step", "4",
         "--train.lr", "1e-2", "--device", "cpu", "--log.progress", "false", "--log.grid_every", "1"]
 
 
 def _cfg(tiny_sd_path, out, *extra):
-    cfg = load_yaml(preset_path("tiny_sd_jpeg.yaml"))
+    cfg = load_yaml(presets_dir() / "tiny_sd_jpeg.yaml")
     return apply_overrides(cfg, [*TINY[2:], "--model.path", tiny_sd_path, "--out", str(out), *extra])
 
 
@@ -184,7 +184,7 @@ def test_checkpoint_folder_resume_new_run_over_old_and_lora_mismatch(tiny_sd_pat
     cfg, resume = parse_config(["--resume", str(out / "checkpoints" / "stage-000000"), "--schedule.num_stages", "2"])
     assert cfg.out == str(out) and cfg.model.path == tiny_sd_path and cfg.sampling.num_steps == 6
     # ... also with another config file, whose own `out` names some other folder
-    cfg, _ = parse_config(["--config", str(preset_path("tiny_sd_jpeg.yaml")), "--resume", str(out)])
+    cfg, _ = parse_config(["--config", str(presets_dir() / "tiny_sd_jpeg.yaml"), "--resume", str(out)])
     assert cfg.out == str(out) and cfg.model.path == "b2fast:tiny-sd"
 
     # resuming one run into another run's folder is refused too

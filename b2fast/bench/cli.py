@@ -406,7 +406,7 @@ def validate_rewards(a: argparse.Namespace) -> argparse.Namespace:
 def suite_config(quick: bool, overrides: list[str], preset: str | None = None, toy: bool = False):
     """The validated config of an SD suite: the defaults (or ``preset``; ``toy``: the built-in
     default of ``python -m b2fast.train``), then --quick's, then the command line's overrides."""
-    from b2fast.config import Config, apply_overrides, load_yaml, validate
+    from b2fast.config import Config, apply_overrides, load_yaml, presets_dir, validate
 
     for arg in overrides:
         key = arg[2:].partition("=")[0] if arg.startswith("--") else ""
@@ -414,8 +414,7 @@ def suite_config(quick: bool, overrides: list[str], preset: str | None = None, t
             raise ArgumentError(f"--{key}: not allowed here; the benchmark builds its own random-weight "
                                 "models (SD 1.x, clipscore ViT-H-14)")
     if toy:
-        from b2fast.train import preset_path
-        preset = preset or str(preset_path("toy_ddim.yaml"))
+        preset = preset or str(presets_dir() / "toy_ddim.yaml")
     cfg = load_yaml(preset) if preset else Config()
     if quick:
         apply_overrides(cfg, ["--sampling.batches_per_stage", "1"] if toy else QUICK_CONFIG)
