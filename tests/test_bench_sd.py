@@ -296,3 +296,30 @@ def test_flop_count_includes_cpu_scaled_dot_product_attention():
     assert bench_common.flop_count(lambda: attention(q, k, v)) == forward > 0
     both = bench_common.flop_count(lambda: attention(q, k, v).sum().backward())
     assert both == forward + sdpa_backward_flop_count(q.shape, q.shape, k.shape, v.shape)
+
+
+def test_the_train_suites_two_methods_make_the_same_update():
+    """The train suite's speed-up compares the same work: one optimizer step of b2fast's update and
+    one of the baseline's, on the same trajectories from the same LoRA, move the weights alike.
+    ``adam_eps`` 1 makes the first AdamW step about lr·g, so the weights compare the gradients."""
+    from functools import partial
+
+    from b2fast.bench.sd import SILENT, load_policy, model_folder
+    from b2fast.bench.train import baseline_update, one_epoch_config, synthetic_trajectories
+    from b2fast.core.update import make_optimizer, policy_update
+
+    cfg = bench.parse_args(["train", "--quick", "--device", "cpu", "--train.adam_eps", "1", "--train.micro_batch",
+                            "3", "--train.trajectories_per_step", "8"]).cfg
+    folder, data, moved = model_folder(cfg, True), None, []
+    for baseline in (False, True):
+        policy = load_policy(cfg, folder, torch.device("cpu"), baseline)
+        before = [p.detach().clone() for p in policy.lora_parameters()]
+        data = data or synthetic_trajectories(policy, cfg, 4, 8, torch.Generator().manual_seed(0))
+        update = baseline_update if baseline else partial(policy_update, progress=SILENT)
+        update(policy, make_optimizer(policy.lora_parameters(), cfg.train), *data, one_epoch_config(cfg, policy, data[0]),
+               cfg.sampling, torch.Generator().manual_seed(1))
+        moved.append([p.detach() - b for p, b in zip(policy.lora_parameters(), before)])
+    scale = max(float(d.abs().max()) for d in moved[0])
+    assert scale > 0
+    for fast, plain in zip(*moved):
+        torch.testing.assert_close(fast, plain, rtol=1e-3, atol=1e-3 * scale)
