@@ -316,8 +316,9 @@ def test_the_train_suites_two_methods_make_the_same_update():
         before = [p.detach().clone() for p in policy.lora_parameters()]
         data = data or synthetic_trajectories(policy, cfg, 4, 8, torch.Generator().manual_seed(0))
         update = baseline_update if baseline else partial(policy_update, progress=SILENT)
-        update(policy, make_optimizer(policy.lora_parameters(), cfg.train), *data, one_epoch_config(cfg, policy, data[0]),
-               cfg.sampling, torch.Generator().manual_seed(1))
+        optimizer = make_optimizer(policy.lora_parameters(), cfg.train)
+        update(policy, optimizer, *data, one_epoch_config(cfg, policy, data[0]), cfg.sampling,
+               torch.Generator().manual_seed(1))
         moved.append([p.detach() - b for p, b in zip(policy.lora_parameters(), before)])
     scale = max(float(d.abs().max()) for d in moved[0])
     assert scale > 0
