@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from b2fast.utils import did_you_mean
+
 if TYPE_CHECKING:
     import torch
 
@@ -169,6 +171,12 @@ def _known(source: str) -> bool:
     return source in _BUILTIN or Path(source).is_file()
 
 
+def _not_a_source(field: str, name: str, within: str = "") -> ValueError:
+    sets = available_prompt_sets()
+    return ValueError(f"{field}: {name!r}{within}{did_you_mean(name, sets)} is neither a built-in prompt set {sets} "
+                      "nor an existing file")
+
+
 def split_sources(source: str, field: str = "prompts.source") -> list[str]:
     """The sources named by ``source``: itself when it is a built-in set or an existing file, else
     its comma-separated parts when every part is one (a one-line error names the first that is not)."""
@@ -180,8 +188,7 @@ def split_sources(source: str, field: str = "prompts.source") -> list[str]:
     parts = [part.strip() for part in source.split(",")]
     for part in parts:
         if not part or not _known(part):
-            raise ValueError(f"{field}: {part!r} (in {source!r}) is neither a built-in prompt set "
-                             f"{available_prompt_sets()} nor an existing file")
+            raise _not_a_source(field, part, f" (in {source!r})")
     return parts
 
 
@@ -207,8 +214,7 @@ def _load_one(source: str, split: str, field: str) -> list[str]:
         return _select(_BUILTIN[source](), split)
     path = Path(source)
     if not path.is_file():
-        raise ValueError(f"{field}: {source!r} is neither a built-in prompt set "
-                         f"{available_prompt_sets()} nor an existing file")
+        raise _not_a_source(field, source)
     data = _parse_file(path, field)
     if isinstance(data, dict):
         if split != "all" and split not in data:

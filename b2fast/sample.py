@@ -125,7 +125,12 @@ def prepare(argv: list[str]):
     cfg = build_config(args, overrides, lora)
     prompts = [p.strip() for p in args.prompt]
     if args.prompts:
-        prompts += pick_prompts(load_prompts(args.prompts, args.split, field="--prompts"), args.max_prompts)
+        try:
+            loaded = load_prompts(args.prompts, args.split, field="--prompts")
+        except ValueError as exc:
+            looks_like_text = " " in args.prompts.strip() and not Path(args.prompts).exists()
+            raise ArgumentError(f"{exc}{'; a prompt text goes in --prompt' if looks_like_text else ''}") from None
+        prompts += pick_prompts(loaded, args.max_prompts)
     if not prompts:
         raise ArgumentError("no prompts: give --prompt TEXT (repeatable) and/or --prompts SET_OR_FILE")
     return args, cfg, lora, prompts

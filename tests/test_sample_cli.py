@@ -54,6 +54,8 @@ def test_runs_as_a_module():
     (["--prompt", "x", "--steer", "fk", "--steer.potential", "sum"], "steer.potential"),
     (["--prompt", "x", "--steer", "fk", "--sampling.eta", "0"], "sampling.eta"),
     (["--prompts", "no_such_set"], "--prompts"),
+    (["--prompts", "toy_spatil"], "'toy_spatil' (did you mean 'toy_spatial'?) is neither a built-in prompt set"),
+    (["--prompts", "a red circle"], "nor an existing file; a prompt text goes in --prompt"),
     (["--prompt", "x", "--lora", "/no/such/run"], "--lora"),
     (["--prompt", "x", "--model", "/no/such/model"], "model.path"),
 ])
