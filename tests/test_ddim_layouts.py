@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_ddim_step import Backend, backend, schedule  # noqa: F401  (backend: the fixture)
+from test_ddim_step import backend, schedule  # noqa: F401  (backend: the fixture)
 
 from b2fast import ops
 
