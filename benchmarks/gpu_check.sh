@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs a CUDA GPU, in one go, with every log and JSON written to one folder:
-#   1. the test suite on the GPU (the CUDA and Triton kernel backends, CUDA-graph capture and
-#      replay, the GPU paths of the fast-path and benchmark tests),
+#   1. the test suite on the GPU: every test marked gpu (the CUDA and Triton kernel backends,
+#      CUDA-graph capture and replay), then the GPU paths of the build, fast-path, sampling and
+#      benchmark tests and the Triton kernels compiled for the other architectures,
 #   2. compute-sanitizer (memcheck) over the CUDA kernels' tests,
 #   3. python -m b2fast.bench kernels --large (a batch of more than 1 GB of traffic),
 #   4. python -m b2fast.bench all (kernels, rewards, sample, train, stage; the stage composed from
@@ -27,8 +28,11 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=c
 status=0
 want() { [[ ",$steps," == *",$1,"* ]]; }
 if want tests; then
-  python -m pytest -q -rs tests/test_ddim_step.py tests/test_build.py tests/test_fast_path.py \
-    tests/test_sampling.py tests/test_bench.py 2>&1 | tee "$out/tests.log" || status=1
+  # every test marked gpu, then the files whose unmarked tests take their GPU paths when CUDA is there
+  { python -m pytest -q -rs -m gpu tests; marked=$?
+    python -m pytest -q -rs -m "not gpu" tests/test_build.py tests/test_fast_path.py tests/test_sampling.py \
+      tests/test_bench.py tests/test_triton_compile.py; unmarked=$?
+    [ "$marked" -eq 0 ] && [ "$unmarked" -eq 0 ]; } 2>&1 | tee "$out/tests.log" || status=1
 fi
 if want sanitizer; then
   if command -v compute-sanitizer >/dev/null; then
