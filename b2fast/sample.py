@@ -56,7 +56,6 @@ writes each prompt and seed's highest-reward particle; --keep all writes every p
 
 
 def _parser() -> argparse.ArgumentParser:
-
     preset = load_yaml(presets_dir() / SAMPLER_PRESET)
     fields = "\n".join(f"  --{name} (default: {default!r})\n      {help}" for name, default, help in iter_fields(preset)
                        if name.startswith(SAMPLER_FIELDS))
