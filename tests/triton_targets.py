@@ -41,7 +41,7 @@ def ddim_pointers(kernel: str, eps: str, cache: str, table: str) -> dict[str, st
                             "grad_ec_ptr": eps}}[kernel]
 
 
-def compile_one(kernel, pointers: dict, constexprs: dict, arch: int, num_warps: int = 4) -> dict:
+def compile_one(kernel, pointers: dict, constexprs: dict, arch: int, options: dict) -> dict:
     fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
     signature = {}
     for param in fn.params:
@@ -55,7 +55,7 @@ def compile_one(kernel, pointers: dict, constexprs: dict, arch: int, num_warps: 
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     target = triton.backends.compiler.GPUTarget("cuda", arch, 32)
     try:
-        compiled = triton.compile(source, target=target, options={**_common.LAUNCH_OPTIONS, "num_warps": num_warps})
+        compiled = triton.compile(source, target=target, options=options)
     except Exception as exc:  # noqa: BLE001 - reported, the test names it
         return {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
     ptx = compiled.asm["ptx"]
@@ -65,30 +65,31 @@ def compile_one(kernel, pointers: dict, constexprs: dict, arch: int, num_warps: 
 
 
 def cases():
-    """(kernel name, kernel, case label, pointer dtypes, constexprs, num_warps) at the main arch."""
-    blocks = [(c.kwargs["BLOCK"], c.num_warps) for c in _common.GPU_BLOCK_CONFIGS]
+    """(kernel name, kernel, case label, pointer dtypes, constexprs, compile options as launched)."""
+    blocks = [(c.kwargs["BLOCK"], {**_common.LAUNCH_OPTIONS, "num_warps": c.num_warps})
+              for c in _common.GPU_BLOCK_CONFIGS]
     ddim = {"step": ddim_step._ddim_step_kernel, "logprob_fwd": ddim_logprob._logprob_fwd_kernel,
             "logprob_bwd": ddim_logprob._logprob_bwd_kernel}
     for name, kernel in ddim.items():
         for eps, cache, table in DDIM_CASES:
             for flags in (True, False):
-                for block, warps in blocks:
+                for block, options in blocks:
                     consts = {"HAS_UNCOND": flags, "CLIP": flags, "ACC": TL[_acc(eps)], "BLOCK": block}
                     if name == "logprob_bwd":
                         consts["MEAN"] = flags
                     yield (name, kernel, f"eps {eps}, latents {cache}, table {table}, flags {flags}, BLOCK {block}",
-                           ddim_pointers(name, eps, cache, table), consts, warps)
+                           ddim_pointers(name, eps, cache, table), consts, options)
     for name, kernel, pointers in (("branch_fork", branch_fork._branch_fork_kernel, ("src_ptr", "out_ptr")),
                                    ("fork_index", fork_index._fork_index_kernel, ("src_ptr", "out_ptr"))):
         for src, out in FORK_CASES:
-            for block, warps in blocks:
+            for block, options in blocks:
                 types = {pointers[0]: src, pointers[1]: out, "gid_ptr": "i64", "idx_ptr": "i64"}
                 yield (name, kernel, f"latents {src} -> {out}, BLOCK {block}", types,
-                       {"ACC": TL[_acc(src)], "BLOCK": block}, warps)
+                       {"ACC": TL[_acc(src)], "BLOCK": block}, options)
     for acc in ("fp32", "fp64"):
         for mean in (True, False):
             yield ("finish", _common._finish_kernel, f"log p {acc}, mean {mean}",
-                   {"partial_ptr": "fp64", "log_prob_ptr": acc}, {"MEAN": mean, "BLOCK_P": 64}, 4)
+                   {"partial_ptr": "fp64", "log_prob_ptr": acc}, {"MEAN": mean, "BLOCK_P": 64}, {})
 
 
 def kernel_names() -> list[str]:
@@ -108,13 +109,13 @@ def main() -> int:
         return 3
     print(json.dumps({"kernels": kernel_names()}))
     first = set()
-    for name, kernel, label, pointers, consts, warps in cases():
+    for name, kernel, label, pointers, consts, options in cases():
         fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
         qualified = f"{fn.__module__}.{fn.__name__}"
         archs = [MAIN_ARCH] + ([] if name in first else list(OTHER_ARCHS))
         first.add(name)
         for arch in archs:
-            result = compile_one(kernel, pointers, consts, arch, warps)
+            result = compile_one(kernel, pointers, consts, arch, options)
             print(json.dumps({"kernel": name, "qualified": qualified, "case": label, "arch": arch, **result}),
                   flush=True)
     return 0
