@@ -16,8 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from b2fast.config import ConfigError, apply_overrides, iter_fields, load_yaml, presets_dir, validate
-from b2fast.utils import one_line_warnings, stop_on_interrupt
+from b2fast.config import Config, ConfigError, apply_overrides, iter_fields, load_yaml, presets_dir, validate
+from b2fast.utils import did_you_mean, one_line_warnings, stop_on_interrupt
 
 DEFAULT_PRESET = "default.yaml"
 
@@ -41,6 +41,17 @@ def _parser() -> argparse.ArgumentParser:
                f"several of them first (see b2fast/configs/{DEFAULT_PRESET}):\n{fields}")
 
 
+def _refuse_mistyped_options(parser: argparse.ArgumentParser, overrides: list[str]) -> None:
+    """``--resme`` is neither a config field nor an option: name the option it is close to (config
+    fields get their own hint when the overrides are applied)."""
+    fields = {f"--{name}" for name in vars(Config())}
+    options = [o for o in parser._option_string_actions if o.startswith("--")]
+    for flag in (arg.partition("=")[0] for arg in overrides if arg.startswith("--") and "." not in arg):
+        hint = did_you_mean(flag, options) if flag not in fields else ""
+        if hint:
+            raise ConfigError(f"{flag}: unknown option{hint}")
+
+
 def parse_config(argv: list[str]):
     """argv → (validated Config, resume path or None). Raises ConfigError on bad input."""
     parser = _parser()
@@ -49,6 +60,7 @@ def parse_config(argv: list[str]):
     parser.add_argument("--out", help="output directory (same as --out in the config)")
     parser.add_argument("--resume", metavar="DIR", help="run folder or checkpoint folder to continue from")
     args, overrides = parser.parse_known_args(argv)
+    _refuse_mistyped_options(parser, overrides)
     if args.out is not None and not args.out.strip():
         raise ConfigError("--out: empty; give an output folder")
     run = run_folder(args.resume) if args.resume else None  # a run folder, when it is one

@@ -5,11 +5,13 @@ import sys
 
 import pytest
 
+from b2fast.bench.cli import parse_args as bench_args
 from b2fast.config import Config, apply_overrides, load_yaml, validate
 from b2fast.core.policy import resolve_model_path
 from b2fast.core.schedule import resolve_schedule, stage_lr
 from b2fast.eval.cli import _parser
 from b2fast.rewards import build_reward
+from b2fast.train import parse_config
 from b2fast.utils import require
 
 
@@ -75,6 +77,9 @@ def test_sigterm_stops_eval_and_sample_without_a_traceback(command, tmp_path):
      "unrecognized arguments: --lorra x; --lorra (did you mean '--lora'?)"),
     (lambda: require(False, "--split", "tset", "one of train, test", ("train", "test")),
      "got 'tset' (did you mean 'test'?)"),
+    (lambda: parse_config(["--resme", "runs/x"]), "--resme: unknown option (did you mean '--resume'?)"),
+    (lambda: parse_config(["--outt", "runs/x"]), "--outt: unknown option (did you mean '--out'?)"),
+    (lambda: bench_args(["kernels", "--devce", "cpu"]), "--devce (did you mean '--device'?)"),
 ])
 def test_a_mistyped_name_is_answered_with_the_closest_valid_one(mistake, hint):
     with pytest.raises(ValueError) as raised:
@@ -87,6 +92,8 @@ def test_a_mistyped_name_is_answered_with_the_closest_valid_one(mistake, hint):
     lambda: load_yaml("nothing_like_a_preset"),
     lambda: resolve_model_path("b2fast:zzz"),          # the shared "b2fast:" prefix is no likeness
     lambda: _parser().parse_args(["--zzzz"]),
+    lambda: parse_config(["--zzzz", "1"]),
+    lambda: bench_args(["kernels", "--zzzz"]),
 ])
 def test_a_name_close_to_nothing_gets_no_guess(mistake):
     with pytest.raises(ValueError) as raised:

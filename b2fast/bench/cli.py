@@ -373,6 +373,7 @@ def _parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_argument(every)
     _add_common_arguments(every, "every suite's --quick: tiny models and settings (a CPU, seconds)")
+    p.suites = sub.choices  # each suite's parser, for its own errors
     return p
 
 
@@ -442,12 +443,13 @@ VALIDATORS = {"kernels": validate_kernels, "rewards": validate_rewards, "sample"
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """argv → checked options; the SD suites' unrecognised arguments are config overrides
     (``args.overrides``, applied in ``args.cfg``), any other suite's are an error."""
-    args, extra = _parser().parse_known_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
     if args.suite in SD_SUITES:
         args.overrides = extra
         args.cfg = suite_config(args.quick, extra, args.config, toy=getattr(args, "model", None) == "toy")
-    elif extra:
-        raise ArgumentError(f"unrecognized arguments: {' '.join(extra)}")
+    elif extra:  # the suite's parser names the closest of its own options
+        parser.suites[args.suite].error(f"unrecognized arguments: {' '.join(extra)}")
     if args.json:  # before anything is measured: a long run must not end unable to write its records
         from b2fast.utils import check_writable
         check_writable(args.json, "--json")
