@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from b2fast.config import Config, ConfigError, apply_overrides, iter_fields, load_yaml, presets_dir, validate
-from b2fast.utils import did_you_mean, one_line_warnings, stop_on_interrupt
+from b2fast.utils import one_line_warnings, option_hint, stop_on_interrupt
 
 DEFAULT_PRESET = "default.yaml"
 
@@ -45,9 +45,8 @@ def _refuse_mistyped_options(parser: argparse.ArgumentParser, overrides: list[st
     """``--resme`` is neither a config field nor an option: name the option it is close to (config
     fields get their own hint when the overrides are applied)."""
     fields = {f"--{name}" for name in vars(Config())}
-    options = [o for o in parser._option_string_actions if o.startswith("--")]
     for flag in (arg.partition("=")[0] for arg in overrides if arg.startswith("--") and "." not in arg):
-        hint = did_you_mean(flag, options) if flag not in fields else ""
+        hint = option_hint(parser, flag) if flag not in fields else ""
         if hint:
             raise ConfigError(f"{flag}: unknown option{hint}")
 

@@ -42,6 +42,11 @@ def did_you_mean(word: object, choices) -> str:
     return f" (did you mean {tails[close[0]]!r}?)" if close else ""
 
 
+def option_hint(parser: argparse.ArgumentParser, flag: str) -> str:
+    """:func:`did_you_mean` over the long options of ``parser`` (``--lorra`` → '--lora')."""
+    return did_you_mean(flag, [o for o in parser._option_string_actions if o.startswith("--")])
+
+
 class ArgumentError(ValueError):
     """A command-line argument is invalid; the message names it."""
 
@@ -53,7 +58,7 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
         if message.startswith("unrecognized arguments: "):
             for flag in (a.partition("=")[0] for a in message.split(": ", 1)[1].split() if a.startswith("--")):
-                hint = did_you_mean(flag, self._option_string_actions)
+                hint = option_hint(self, flag)
                 message += f"; {flag}{hint}" if hint else ""
         raise ArgumentError(message)
 
